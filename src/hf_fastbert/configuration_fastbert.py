@@ -40,6 +40,9 @@ class FastBertConfig(BertConfig):
             `"bert"`: the teacher is BERT's own classification head (pooler + dropout + linear, the parameter names of
             [`BertForSequenceClassification`]), so fine-tuned BERT classifiers load unchanged. `"branch"`: the
             teacher has the students' architecture, as in the paper.
+        branches_distilled (`bool`, *optional*, defaults to `False`):
+            Set by [`FastBertDistillationTrainer`] once the students have been self-distilled from the teacher. Until
+            then the students are untrained and early exits are meaningless; model cards say so.
 
     Example:
 
@@ -58,6 +61,7 @@ class FastBertConfig(BertConfig):
     branch_num_attention_heads: int = 2
     uncertainty_top_k: int | None = None
     teacher_head: str = "bert"
+    branches_distilled: bool = False
 
     def __post_init__(self, **kwargs):
         # A plain BERT config.json carries model_type="bert"; it must not shadow ours.
@@ -80,6 +84,8 @@ class FastBertConfig(BertConfig):
         top_k = self.uncertainty_top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2):
             raise ValueError(f"`uncertainty_top_k` must be None or an integer >= 2, got {top_k!r}.")
+        if not isinstance(self.branches_distilled, bool):
+            raise ValueError(f"`branches_distilled` must be a bool, got {self.branches_distilled!r}.")
         if self.teacher_head not in TEACHER_HEADS:
             raise ValueError(f"`teacher_head` must be one of {TEACHER_HEADS}, got {self.teacher_head!r}.")
         if self.problem_type in ("regression", "multi_label_classification") or self.num_labels < 2:
