@@ -1,0 +1,357 @@
+"""Model cards for FastBERT models: Hub metadata, usage with a chosen speed, and the speed/accuracy trade-off.
+
+`save_pretrained` copies this module next to the modeling code (the model's `push_to_hub` imports it), so it imports
+only the standard library, huggingface_hub and its siblings; matplotlib is imported lazily inside a `try` block.
+"""
+
+import math
+import os
+import tempfile
+from numbers import Real
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCardData
+
+from .configuration_fastbert import validate_speed
+
+
+RESULT_KEYS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
+PLOT_FILENAME = "accuracy_vs_speedup.png"
+CARD_TAGS = ("fastbert", "early-exit", "hf-fastbert")
+NOT_DISTILLED_TAG = "fastbert-not-distilled"
+PAPER_URL = "https://aclanthology.org/2020.acl-main.537/"
+
+_CITATION = """```bibtex
+@inproceedings{liu-etal-2020-fastbert,
+    title = "{F}ast{BERT}: a Self-distilling {BERT} with Adaptive Inference Time",
+    author = "Liu, Weijie and Zhou, Peng and Wang, Zhiruo and Zhao, Zhe and Deng, Haotang and Ju, Qi",
+    booktitle = "Proceedings of the 58th Annual Meeting of the Association for Computational Linguistics",
+    year = "2020",
+    pages = "6035--6044",
+}
+```"""
+
+
+def _as_name_list(value, name: str) -> list[str] | None:
+    """None, a string or a sequence of non-empty strings -> None or a list; anything else -> ValueError."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"`{name}` must be a non-empty string or a list of non-empty strings, got {value!r}.")
+    return list(values)
+
+
+def _check_results(results, num_layers: int) -> list[dict] | None:
+    """Validate evaluation results; return them as plain floats sorted by speed."""
+    if results is None:
+        return None
+    if not isinstance(results, list | tuple) or not results:
+        raise ValueError(f"`results` must be a non-empty list of dicts with keys {RESULT_KEYS}, got {results!r}.")
+    rows = []
+    for index, row in enumerate(results):
+        if not isinstance(row, dict) or set(RESULT_KEYS) - set(row):
+            raise ValueError(f"`results[{index}]` must be a dict with keys {RESULT_KEYS}, got {row!r}.")
+        for key in RESULT_KEYS:
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"`results[{index}]['{key}']` must be a finite number, got {value!r}.")
+        validate_speed(row["speed"], name=f"results[{index}]['speed']")
+        if not 0.0 <= row["accuracy"] <= 1.0:
+            raise ValueError(f"`results[{index}]['accuracy']` must be a fraction in [0, 1], got {row['accuracy']!r}.")
+        if not 1.0 <= row["mean_exit_layer"] <= num_layers:
+            raise ValueError(
+                f"`results[{index}]['mean_exit_layer']` must be in [1, {num_layers}] (the model's layers), "
+                f"got {row['mean_exit_layer']!r}."
+            )
+        if row["flops_speedup"] <= 0:
+            raise ValueError(f"`results[{index}]['flops_speedup']` must be positive, got {row['flops_speedup']!r}.")
+        rows.append({key: float(row[key]) for key in RESULT_KEYS})
+    return sorted(rows, key=lambda row: row["speed"])
+
+
+def _fastbert_config(model):
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "fastbert":
+        raise ValueError(
+            "A FastBERT model card needs a FastBERT model (config.model_type == 'fastbert'), got "
+            f"{type(model).__name__} with model_type={getattr(config, 'model_type', None)!r}."
+        )
+    return config
+
+
+def _results_table(rows: list[dict]) -> str:
+    lines = ["| speed | accuracy | mean exit layer | FLOPs speedup |", "|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['speed']:g} | {100 * row['accuracy']:.2f}% | {row['mean_exit_layer']:.2f} | "
+            f"{row['flops_speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_results(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against FLOPs speedup, one point per speed, written as a PNG (no pyplot global state)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("The model card's plot needs matplotlib: `pip install matplotlib`.") from error
+
+    figure = Figure(figsize=(5.5, 4), dpi=100)
+    axes = figure.subplots()
+    speedups = [row["flops_speedup"] for row in rows]
+    accuracies = [100 * row["accuracy"] for row in rows]
+    axes.plot(speedups, accuracies, marker="o")
+    for row, x, y in zip(rows, speedups, accuracies, strict=True):
+        axes.annotate(f"speed {row['speed']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("FLOPs speedup over full depth (x)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png", metadata={"Software": None})
+
+
+def _usage(repo_id: str, config) -> str:
+    speed = 0.1 if config.speed == 0 else config.speed
+    return f"""## Usage
+
+`speed` in [0, 1] is the early-exit threshold: a sample leaves at the first layer whose student's normalized
+uncertainty is below it. `0` runs every layer (plain BERT); higher values are faster and may be less accurate.
+This model's default is `config.speed = {config.speed:g}`.
+
+### With the hf-fastbert plugin (`pip install hf-fastbert`)
+
+```python
+import hf_fastbert  # noqa: F401  registers FastBERT with the Auto classes and gives pipelines `speed`
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{repo_id}", speed={speed:g})
+classifier("A gripping, beautifully shot film.", return_exit_layer=True)
+classifier(["Too long.", "A gem."], speed=0.5)  # per-call speed
+```
+
+### Without the plugin (`trust_remote_code=True`)
+
+The repository ships its modeling code. The pipeline runs at the model's `config.speed`: choose it when loading.
+
+```python
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+config = AutoConfig.from_pretrained("{repo_id}", trust_remote_code=True, speed={speed:g})
+classifier = pipeline("text-classification", model="{repo_id}", config=config, trust_remote_code=True)
+classifier("A gripping, beautifully shot film.")
+
+# Or call the model, choosing the speed per call:
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
+model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+outputs = model(**tokenizer(["Too long.", "A gem."], padding=True, return_tensors="pt"), speed={speed:g})
+outputs.logits, outputs.exit_layers  # exit_layers: the 1-based layer each sample left at
+```
+"""
+
+
+def render_model_card(
+    model,
+    *,
+    repo_id: str | None = None,
+    base_model=None,
+    datasets=None,
+    results=None,
+    tags=None,
+    plot_filename: str | None = None,
+) -> str:
+    """
+    The text of a FastBERT model card (README.md), YAML metadata included. See [`write_model_card`].
+
+    Args:
+        plot_filename (`str`, *optional*):
+            Relative path of the accuracy/speedup plot to link from the results section.
+    """
+    config = _fastbert_config(model)
+    base_models = _as_name_list(base_model, "base_model")
+    dataset_names = _as_name_list(datasets, "datasets")
+    extra_tags = _as_name_list(tags, "tags") or []
+    rows = _check_results(results, config.num_hidden_layers)
+    repo_id = repo_id or "<namespace>/<repo-name>"
+    distilled = config.branches_distilled is True
+
+    card_tags = list(CARD_TAGS) + ([] if distilled else [NOT_DISTILLED_TAG])
+    card_tags += [tag for tag in extra_tags if tag not in card_tags]
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=card_tags,
+        base_model=base_models[0] if base_models and len(base_models) == 1 else base_models,
+        datasets=dataset_names,
+    )
+    labels = [str(config.id2label[index]) for index in sorted(config.id2label)]
+    uncertainty = "normalized entropy of the predicted distribution"
+    if config.uncertainty_top_k is not None and config.uncertainty_top_k < config.num_labels:
+        uncertainty = f"normalized entropy of the top-{config.uncertainty_top_k} probabilities, renormalized"
+
+    parts = [
+        f"---\n{metadata.to_yaml()}\n---\n",
+        f"# {repo_id.split('/')[-1]}\n",
+        f"A [FastBERT]({PAPER_URL}) text classifier made with the `hf-fastbert` plugin for Transformers: BERT with "
+        "a small student classifier after each layer but the last, self-distilled from the final (teacher) "
+        "classifier, so that at inference each input leaves at the first layer that is confident enough.\n",
+    ]
+    if not distilled:
+        parts.append(
+            "> **Not distilled.** The student classifiers of this model were never self-distilled from the teacher "
+            "(`config.branches_distilled` is false): early exits (`speed > 0`) use untrained students and their "
+            "predictions are meaningless. Use `speed=0` (plain BERT), or distill the students first with "
+            "`hf_fastbert.FastBertDistillationTrainer`.\n"
+        )
+    details = [
+        f"- Layers: {config.num_hidden_layers} (students after layers 1-{config.num_hidden_layers - 1})",
+        f"- Labels ({config.num_labels}): {', '.join(f'`{label}`' for label in labels)}",
+        f"- Default speed: `{config.speed:g}`",
+        f"- Exit criterion: {uncertainty} < speed",
+        f"- Teacher head: `{config.teacher_head}`; student width {config.branch_hidden_size}, "
+        f"{config.branch_num_attention_heads} attention heads",
+        f"- Students self-distilled: {'yes' if distilled else '**no**'}",
+    ]
+    if base_models:
+        details.append(f"- Base model: {', '.join(f'[{m}](https://huggingface.co/{m})' for m in base_models)}")
+    if dataset_names:
+        details.append(f"- Data: {', '.join(dataset_names)}")
+    parts.append("\n".join(details) + "\n")
+    parts.append(_usage(repo_id, config))
+    if rows:
+        section = [
+            "## Speed and accuracy\n",
+            "Measured on held-out data: accuracy, mean exit layer and FLOPs speedup over running every layer, at "
+            "each speed.\n",
+            _results_table(rows) + "\n",
+        ]
+        if plot_filename:
+            section.append(f"![Accuracy against FLOPs speedup]({plot_filename})\n")
+        parts.append("\n".join(section))
+    parts.append(f"## Citation\n\n{_CITATION}\n")
+    return "\n".join(parts)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never leaves a half-written file."""
+    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(Path(tmp_name))
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+def write_model_card(
+    save_directory,
+    model,
+    *,
+    base_model=None,
+    datasets=None,
+    results=None,
+    repo_id: str | None = None,
+    tags=None,
+) -> Path:
+    """
+    Write the model card (README.md) of a FastBERT model into `save_directory`, and with `results` the plot
+    `accuracy_vs_speedup.png` next to it.
+
+    The card holds Hub metadata (library_name, tags `fastbert` and `early-exit`, pipeline_tag, base_model and
+    datasets when known), the model's settings, usage snippets with a chosen speed (with the plugin, and without it
+    through `trust_remote_code=True`) and, when `results` is given, a table of speed / accuracy / mean exit layer /
+    FLOPs speedup and the plot. A model whose `config.branches_distilled` is false is labelled as not distilled.
+    Everything is validated before anything is written.
+
+    Args:
+        save_directory (`str` or `os.PathLike`):
+            Folder to write into (created if missing), usually the one `save_pretrained` wrote.
+        model ([`FastBertForSequenceClassification`]):
+            The model (or anything with a FastBERT `config`).
+        base_model (`str` or `list[str]`, *optional*):
+            Hub id(s) of the checkpoint(s) the model was fine-tuned from.
+        datasets (`str` or `list[str]`, *optional*):
+            Hub id(s) or names of the training data.
+        results (`list[dict]`, *optional*):
+            Evaluation results, one dict per speed with keys `speed`, `accuracy` (a fraction in [0, 1]),
+            `mean_exit_layer` and `flops_speedup`.
+        repo_id (`str`, *optional*):
+            The Hub repository the card is for, used in the usage snippets.
+        tags (`str` or `list[str]`, *optional*):
+            Extra Hub tags.
+
+    Returns:
+        `pathlib.Path`: the path of the README.md written.
+
+    Example:
+
+    ```python
+    >>> from hf_fastbert.modelcard import write_model_card
+
+    >>> results = [{"speed": 0.0, "accuracy": 0.81, "mean_exit_layer": 6.0, "flops_speedup": 1.0}]
+    >>> write_model_card("out/fastbert-rt", model, base_model="bert-base-uncased", results=results)
+    ```"""
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`save_directory` must be a folder, got the file {str(directory)!r}.")
+    text = render_model_card(
+        model,
+        repo_id=repo_id,
+        base_model=base_model,
+        datasets=datasets,
+        results=results,
+        tags=tags,
+        plot_filename=PLOT_FILENAME if results is not None else None,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    if results is not None:
+        title = f"{repo_id.split('/')[-1]}: accuracy vs speedup" if repo_id else "Accuracy vs FLOPs speedup"
+        rows = _check_results(results, model.config.num_hidden_layers)
+        _write_atomically(directory / PLOT_FILENAME, lambda path: _plot_results(rows, path, title))
+    readme = directory / "README.md"
+    _write_atomically(readme, lambda path: path.write_text(text, encoding="utf-8"))
+    return readme
+
+
+def push_model_to_hub(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+):
+    """
+    What `FastBertForSequenceClassification.push_to_hub` runs: [`~PreTrainedModel.push_to_hub`] (same arguments, same
+    result: a `CommitInfo`) with the FastBERT model card of [`write_model_card`] instead of the generic one.
+
+    The repository is created if needed (an existing one is reused); weights, config and modeling code come from
+    `save_pretrained`, the card and the files are uploaded in one commit.
+    """
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+    model_tags = list(getattr(model, "model_tags", None) or [])
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    with tempfile.TemporaryDirectory() as work_dir:
+        model.save_pretrained(work_dir, max_shard_size=max_shard_size)
+        write_model_card(work_dir, model, repo_id=repo_id, tags=(model_tags + tags) or None)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or "Upload model",
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = ["push_model_to_hub", "render_model_card", "write_model_card"]
