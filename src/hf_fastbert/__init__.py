@@ -4,25 +4,32 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .configuration_fastbert import FastBertConfig
 from .flops import bert_flops, fastbert_flops
+from .modelcard import write_model_card
 from .modeling_fastbert import (
     FastBertForSequenceClassification,
     FastBertSequenceClassifierOutput,
     normalized_entropy,
 )
+from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, register_text_classification_pipeline
 
 
 __version__ = "0.1.0"
 
-# The only global change the package makes: the Auto classes learn the "fastbert" model type.
+# The only global changes the package makes: the Auto classes learn the "fastbert" model type, and the
+# "text-classification" pipeline learns FastBERT's `speed` (stock behaviour for every other model).
 AutoConfig.register(FastBertConfig.model_type, FastBertConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(FastBertConfig, FastBertForSequenceClassification, exist_ok=True)
+register_text_classification_pipeline()
 
 __all__ = [
     "FastBertConfig",
     "FastBertForSequenceClassification",
     "FastBertSequenceClassifierOutput",
+    "FastBertTextClassificationPipeline",
     "__version__",
     "bert_flops",
     "fastbert_flops",
     "normalized_entropy",
+    "pipeline",
+    "write_model_card",
 ]
