@@ -99,12 +99,14 @@ def test_regression_and_multi_label_are_refused(overrides):
         tiny_config(**overrides)
 
 
-def test_plain_bert_config_loads_as_fastbert(tmp_path):
+def test_plain_bert_config_loads_as_fastbert(tmp_path, caplog):
     BertModel(tiny_config()).config.save_pretrained(tmp_path)  # written with model_type "fastbert"
     data = json.loads((tmp_path / "config.json").read_text())
     data["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(data))
+    caplog.set_level(logging.WARNING)
     config = FastBertConfig.from_pretrained(tmp_path, num_labels=5, speed=0.3)
+    assert "model of type" not in caplog.text
     assert config.model_type == "fastbert" and config.to_dict()["model_type"] == "fastbert"
     assert (config.num_labels, config.speed, config.hidden_size) == (5, 0.3, 32)
 

@@ -63,6 +63,13 @@ class FastBertConfig(BertConfig):
     teacher_head: str = "bert"
     branches_distilled: bool = False
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "bert":  # a BERT checkpoint is a FastBERT one with default settings
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def __post_init__(self, **kwargs):
         # A plain BERT config.json carries model_type="bert"; it must not shadow ours.
         kwargs.pop("model_type", None)
