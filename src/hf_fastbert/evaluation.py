@@ -1,0 +1,315 @@
+"""Accuracy, exit layers and FLOPs speed-up of FastBERT at many speeds from one full-depth pass.
+
+Exit decisions are a pure function of every classifier's logits: one forward pass with `output_all_logits=True` gives
+the prediction, exit layer and FLOPs of every sample at every speed, exactly as the early-exit engine would compute
+them. These helpers turn such a pass into metrics.
+"""
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .configuration_fastbert import validate_speed
+from .flops import bert_flops, fastbert_flops
+from .modeling_fastbert import first_confident_layer, normalized_entropy
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _as_tensor(values) -> torch.Tensor:
+    return values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+
+
+def _check_speeds(speeds) -> list[float]:
+    speeds = [speeds] if isinstance(speeds, (int, float)) else list(speeds)
+    if not speeds:
+        raise ValueError("`speeds` must contain at least one speed.")
+    for speed in speeds:
+        validate_speed(speed, name="speeds")
+    return [float(speed) for speed in speeds]
+
+
+def exits_at_speed(all_logits: torch.Tensor, speed: float, top_k: int | None = None):
+    """
+    What early-exit inference at `speed` returns for each sample, from every classifier's logits.
+
+    Args:
+        all_logits: (N, L, C) logits of the students (layers 1 .. L-1) then the teacher.
+        speed: exit threshold in [0, 1].
+        top_k: `config.uncertainty_top_k`.
+
+    Returns:
+        `(predictions, exit_layers)`: (N,) predicted class and (N,) 1-based exit layer.
+    """
+    num_samples, num_layers = all_logits.shape[:2]
+    if speed == 0:
+        exit_layers = torch.full((num_samples,), num_layers, dtype=torch.long)
+    else:
+        exit_layers = first_confident_layer(normalized_entropy(all_logits[:, :-1], top_k), speed)  # (N,)
+    chosen = all_logits[torch.arange(num_samples), exit_layers - 1]  # (N, C)
+    return chosen.argmax(dim=-1), exit_layers
+
+
+def metrics_at_speeds(
+    all_logits, seq_lengths, config, speeds: Iterable[float] = DEFAULT_SPEEDS, labels=None
+) -> list[dict]:
+    """
+    Accuracy, mean exit layer and FLOPs speed-up at each speed, from one full-depth pass.
+
+    Args:
+        all_logits (`torch.Tensor` or `np.ndarray` of shape `(N, L, C)`):
+            Logits of every classifier, students first then the teacher (`output_all_logits=True`).
+        seq_lengths (`torch.Tensor` or `np.ndarray` of shape `(N,)`):
+            Real token count of each sample (the attention mask's row sums); FLOPs grow with it.
+        config ([`FastBertConfig`]):
+            The model's config (layer sizes for FLOPs, `uncertainty_top_k` for the exit rule).
+        speeds (`Iterable[float]`, *optional*, defaults to 0.0, 0.1, ..., 0.9):
+            Speeds to report, each in [0, 1].
+        labels (`torch.Tensor` or `np.ndarray` of shape `(N,)`, *optional*):
+            Class indices. Without them `accuracy` is `None`.
+
+    Returns:
+        `list[dict]`, one per speed, with keys `speed`, `accuracy` (fraction in [0, 1]), `mean_exit_layer` (1-based;
+        `num_hidden_layers` = full depth) and `flops_speedup` (FLOPs of `BertForSequenceClassification` with the same
+        backbone divided by the FLOPs early-exit inference spends, summed over the samples).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_fastbert import FastBertConfig
+    >>> from hf_fastbert.evaluation import metrics_at_speeds
+
+    >>> config = FastBertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    >>> all_logits = torch.tensor([[[4.0, -4.0], [3.0, -3.0]], [[0.1, 0.0], [-2.0, 2.0]]])  # (N=2, L=2, C=2)
+    >>> rows = metrics_at_speeds(all_logits, torch.tensor([8, 8]), config, speeds=[0.0, 0.5], labels=[0, 1])
+    >>> [(row["speed"], row["accuracy"], row["mean_exit_layer"]) for row in rows]
+    [(0.0, 1.0, 2.0), (0.5, 1.0, 1.5)]
+    ```"""
+    speeds = _check_speeds(speeds)
+    all_logits = _as_tensor(all_logits).float()
+    seq_lengths = _as_tensor(seq_lengths).long()
+    if all_logits.ndim != 3 or all_logits.shape[1] != config.num_hidden_layers:
+        raise ValueError(
+            f"`all_logits` must have shape (N, num_hidden_layers={config.num_hidden_layers}, num_labels), "
+            f"got {tuple(all_logits.shape)}."
+        )
+    if seq_lengths.shape != all_logits.shape[:1]:
+        raise ValueError(f"`seq_lengths` must have shape ({all_logits.shape[0]},), got {tuple(seq_lengths.shape)}.")
+    if labels is not None:
+        labels = _as_tensor(labels).long().reshape(-1)
+        if labels.shape != seq_lengths.shape:
+            raise ValueError(f"`labels` must have shape ({all_logits.shape[0]},), got {tuple(labels.shape)}.")
+    if all_logits.shape[0] == 0:
+        raise ValueError("Cannot compute metrics on zero samples.")
+
+    baseline = bert_flops(config, seq_lengths).sum().item()
+    results = []
+    for speed in speeds:
+        predictions, exit_layers = exits_at_speed(all_logits, speed, config.uncertainty_top_k)
+        flops = fastbert_flops(config, seq_lengths, exit_layers, branches_ran=speed > 0).sum().item()
+        accuracy = None if labels is None else (predictions == labels).double().mean().item()
+        results.append(
+            {
+                "speed": speed,
+                "accuracy": accuracy,
+                "mean_exit_layer": exit_layers.double().mean().item(),
+                "flops_speedup": baseline / flops,
+            }
+        )
+    return results
+
+
+def flatten_speed_metrics(results: Sequence[dict]) -> dict[str, float]:
+    """
+    Flat metric names for `Trainer` logs: `accuracy` (full depth, when labels were given) and, per speed `s`,
+    `accuracy_speed_{s}`, `mean_exit_layer_speed_{s}`, `flops_speedup_speed_{s}`.
+    """
+    metrics = {}
+    for row in results:
+        suffix = f"speed_{row['speed']:g}"
+        for key in ("accuracy", "mean_exit_layer", "flops_speedup"):
+            if row[key] is not None:
+                metrics[f"{key}_{suffix}"] = row[key]
+    return metrics
+
+
+class FastBertMetrics:
+    r"""
+    A ready, offline `compute_metrics` for the [`Trainer`]: accuracy, mean exit layer and FLOPs speed-up at one or
+    more speeds (no `evaluate.load`, no Hub).
+
+    With [`FastBertDistillationTrainer`], the predictions are `(all_logits, seq_lengths, per_branch_kl)` and every
+    speed is reported from one full-depth pass. With the stock [`Trainer`] (stage 2), the model returns `(logits,
+    exit_layers, flops)` at its own `config.speed`: the metrics are then reported at that speed only, and the FLOPs
+    speed-up needs the token lengths, which it reads from the inputs when the training arguments have
+    `include_for_metrics=["inputs"]` (tokens different from `pad_token_id`).
+
+    Args:
+        config ([`FastBertConfig`]):
+            The model's config.
+        speeds (`Iterable[float]`, *optional*, defaults to `(0.0, 0.1, 0.5)`):
+            Speeds to report.
+        pad_token_id (`int`, *optional*):
+            Padding token id, to count token lengths from the inputs; defaults to `config.pad_token_id`.
+
+    Returns (when called on an `EvalPrediction`):
+        `dict[str, float]`: `accuracy` (the teacher's, at full depth) and, per speed `s`, `accuracy_speed_{s}`,
+        `mean_exit_layer_speed_{s}` and `flops_speedup_speed_{s}` (the `Trainer` adds the `eval_` prefix).
+
+    Example:
+
+    ```python
+    >>> from hf_fastbert import FastBertDistillationTrainer, FastBertMetrics
+
+    >>> trainer = FastBertDistillationTrainer(
+    ...     model=model, args=args, train_dataset=train, eval_dataset=dev,
+    ...     compute_metrics=FastBertMetrics(model.config, speeds=[0.0, 0.1, 0.5]),
+    ... )
+    ```"""
+
+    def __init__(self, config, speeds: Iterable[float] = (0.0, 0.1, 0.5), pad_token_id: int | None = None):
+        self.config = config
+        self.speeds = _check_speeds(speeds)
+        self.pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        predictions = eval_pred.predictions
+        predictions = predictions if isinstance(predictions, (tuple, list)) else (predictions,)
+        labels = eval_pred.label_ids
+        first = np.asarray(predictions[0])
+        if first.ndim == 3:  # FastBertDistillationTrainer: (all_logits, seq_lengths, per_branch_kl)
+            return self._from_all_logits(first, np.asarray(predictions[1]), labels)
+
+        # Stock Trainer: (logits, exit_layers, flops[, all_logits]) at the model's own speed.
+        seq_lengths = self._lengths_from_inputs(getattr(eval_pred, "inputs", None))
+        all_logits = next((np.asarray(p) for p in predictions if np.ndim(p) == 3), None)
+        if all_logits is not None and seq_lengths is not None:
+            return self._from_all_logits(all_logits, seq_lengths, labels)
+        metrics = {}
+        if labels is not None:
+            metrics["accuracy"] = float((first.argmax(-1) == np.asarray(labels).reshape(-1)).mean())
+        if len(predictions) >= 3:
+            exit_layers, flops = np.asarray(predictions[1]), np.asarray(predictions[2])
+            metrics["mean_exit_layer"] = float(exit_layers.mean())
+            if seq_lengths is not None:
+                baseline = bert_flops(self.config, torch.as_tensor(seq_lengths)).sum().item()
+                metrics["flops_speedup"] = baseline / float(flops.astype(np.float64).sum())
+        return metrics
+
+    def _from_all_logits(self, all_logits, seq_lengths, labels) -> dict[str, float]:
+        results = metrics_at_speeds(all_logits, seq_lengths, self.config, self.speeds, labels=labels)
+        metrics = flatten_speed_metrics(results)
+        if labels is not None:
+            teacher = np.asarray(all_logits)[:, -1].argmax(-1)
+            metrics["accuracy"] = float((teacher == np.asarray(labels).reshape(-1)).mean())
+        return metrics
+
+    def _lengths_from_inputs(self, inputs):
+        if inputs is None:
+            return None
+        inputs = np.asarray(inputs)
+        # The Trainer pads across batches with -100.
+        return ((inputs != self.pad_token_id) & (inputs != -100)).sum(axis=-1)
+
+
+def _pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `input_ids` (with `pad_token_id`), `attention_mask` and `token_type_ids` (with 0)."""
+    batch = {}
+    for key, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in features[0]:
+            rows = [torch.as_tensor(feature[key], dtype=torch.long) for feature in features]
+            batch[key] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = (batch["input_ids"] != pad_token_id).long()
+    return batch
+
+
+@torch.no_grad()
+def predict_all_logits(model, dataset, batch_size: int = 32, progress: bool = False):
+    """
+    One full-depth pass over a tokenized dataset with `output_all_logits=True`.
+
+    Args:
+        model ([`FastBertForSequenceClassification`]):
+            The model; it is put in eval mode and run on its own device.
+        dataset (`datasets.Dataset` or a sequence of dicts):
+            Rows with `input_ids` (and optionally `attention_mask`, `token_type_ids`, `labels` or `label`), unpadded,
+            e.g. from [`hf_fastbert.data.prepare_dataset`].
+        batch_size (`int`, *optional*, defaults to 32):
+            Samples per forward pass.
+        progress (`bool`, *optional*, defaults to `False`):
+            Show a progress bar.
+
+    Returns:
+        `(all_logits, seq_lengths, labels)`: (N, L, C) float32 CPU tensor, (N,) int64 token lengths, and (N,) int64
+        labels or `None` when the dataset has no label column.
+    """
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("The evaluation dataset is empty.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    model.eval()
+    device = next(model.parameters()).device
+    pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    all_logits, seq_lengths, labels = [], [], []
+    for start in tqdm(range(0, num_samples, batch_size), desc="Evaluating", disable=not progress):
+        rows = dataset[start : start + batch_size]
+        features = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+        batch = _pad_batch(features, pad_token_id)
+        label_key = "labels" if "labels" in rows else "label" if "label" in rows else None
+        if label_key is not None:
+            labels.append(torch.as_tensor(rows[label_key], dtype=torch.long))
+        output = model(**{key: value.to(device) for key, value in batch.items()}, output_all_logits=True)
+        all_logits.append(output.all_logits.float().cpu())  # (b, L, C)
+        seq_lengths.append(batch["attention_mask"].sum(dim=1))  # (b,)
+    labels = torch.cat(labels) if labels else None
+    return torch.cat(all_logits), torch.cat(seq_lengths), labels
+
+
+def evaluate_speeds(
+    model, dataset, speeds: Iterable[float] = DEFAULT_SPEEDS, batch_size: int = 32, progress: bool = False
+) -> list[dict]:
+    """
+    Accuracy, mean exit layer and FLOPs speed-up of `model` on `dataset` at every speed, from ONE full-depth pass.
+
+    Args:
+        model ([`FastBertForSequenceClassification`]): The model.
+        dataset: A tokenized dataset (see [`predict_all_logits`]).
+        speeds (`Iterable[float]`, *optional*, defaults to 0.0, 0.1, ..., 0.9): Speeds to report.
+        batch_size (`int`, *optional*, defaults to 32): Samples per forward pass.
+        progress (`bool`, *optional*, defaults to `False`): Show a progress bar.
+
+    Returns:
+        `list[dict]` with keys `speed`, `accuracy` (`None` without labels), `mean_exit_layer`, `flops_speedup`: the
+        format `hf_fastbert.modelcard.write_model_card(results=...)` takes.
+
+    Example:
+
+    ```python
+    >>> from hf_fastbert import evaluate_speeds
+
+    >>> for row in evaluate_speeds(model, test_dataset, speeds=[0.0, 0.1, 0.5]):
+    ...     print(row)
+    ```"""
+    speeds = _check_speeds(speeds)
+    all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=progress)
+    return metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
+
+
+__all__ = [
+    "DEFAULT_SPEEDS",
+    "FastBertMetrics",
+    "evaluate_speeds",
+    "exits_at_speed",
+    "flatten_speed_metrics",
+    "metrics_at_speeds",
+    "predict_all_logits",
+]

@@ -1,0 +1,271 @@
+"""FastBERT's self-distillation stage as a `Trainer`: the students learn the frozen teacher's soft labels.
+
+Stage 2 (fine-tuning backbone + teacher) needs nothing special: the stock `Trainer` on a
+`FastBertForSequenceClassification` with labels minimizes the teacher's cross-entropy. Stage 3 is
+[`FastBertDistillationTrainer`].
+"""
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .evaluation import flatten_speed_metrics, metrics_at_speeds
+from .modeling_fastbert import FastBertForSequenceClassification, normalized_entropy
+from .training_args_fastbert import validate_temperature
+
+
+logger = logging.getLogger(__name__)
+
+# Mean normalized entropy of the teacher above which it looks like it was never fine-tuned (near-uniform outputs).
+UNTRAINED_TEACHER_ENTROPY = 0.9
+
+
+def branch_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """
+    Per-sample KL(teacher || student) of every student.
+
+    Args:
+        student_logits: (B, L-1, C) logits of the students.
+        teacher_logits: (B, C) logits of the teacher.
+        temperature: softmax temperature of both; the result is multiplied by its square.
+
+    Returns:
+        (B, L-1) float32 KL divergences (nats).
+    """
+    student_log_probs = (student_logits.float() / temperature).log_softmax(dim=-1)  # (B, L-1, C)
+    teacher_log_probs = (teacher_logits.float() / temperature).log_softmax(dim=-1)[:, None]  # (B, 1, C)
+    kl = F.kl_div(student_log_probs, teacher_log_probs.expand_as(student_log_probs), log_target=True, reduction="none")
+    return kl.sum(dim=-1) * temperature**2  # (B, L-1)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    FastBERT's self-distillation loss: KL(teacher || student) averaged over the batch, summed over the students.
+
+    Args:
+        student_logits: (B, L-1, C) logits of the students (layers 1 .. L-1).
+        teacher_logits: (B, C) logits of the teacher; treated as constants (detached).
+        temperature: softmax temperature; the loss is scaled by its square (Hinton et al.) so gradients keep their
+            size. The paper uses 1.
+
+    Returns:
+        `(loss, per_branch_kl)`: the scalar loss and the (L-1,) batch-mean KL of each student.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_fastbert.trainer_fastbert import distillation_loss
+
+    >>> teacher = torch.tensor([[2.0, -1.0]])
+    >>> loss, per_branch = distillation_loss(teacher[:, None].repeat(1, 3, 1), teacher)
+    >>> float(loss), per_branch.tolist()
+    (0.0, [0.0, 0.0, 0.0])
+    ```"""
+    if student_logits.ndim != 3 or teacher_logits.ndim != 2 or student_logits.shape[::2] != teacher_logits.shape:
+        raise ValueError(
+            "Expected student_logits (B, L-1, C) and teacher_logits (B, C), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
+        )
+    per_branch_kl = branch_kl(student_logits, teacher_logits.detach(), temperature).mean(dim=0)  # (L-1,)
+    return per_branch_kl.sum(), per_branch_kl
+
+
+class FastBertDistillationTrainer(Trainer):
+    r"""
+    FastBERT's self-distillation (stage 3): backbone and teacher are frozen, each student classifier learns the
+    teacher's soft labels with KL(teacher || student) summed over the students ([`distillation_loss`]).
+
+    - Frozen: every parameter but `model.branches` gets `requires_grad=False` at construction, so the optimizer
+      never sees them (they stay bit-for-bit unchanged) and no autograd graph is built through the backbone: only the
+      students' own layers are differentiated. The frozen modules also run in eval mode (no dropout), so the
+      students learn from the same hidden states and teacher outputs they will see at inference.
+    - Labels are not needed and, when present, not used by the loss (the paper has no label term): any unlabeled
+      in-domain text works. In `evaluate()` labels, when present, give accuracy, mean exit layer and FLOPs speed-up
+      at `args.eval_speeds` (or whatever `compute_metrics` reports, e.g. [`FastBertMetrics`]).
+    - `evaluate()` reports `eval_loss` (the distillation loss) and `eval_kl_branch_{layer}` per student; training
+      logs report `kl_branch_{layer}` next to `loss`.
+    - Multi-process (DDP): only the students train and all of them get gradients, so `ddp_find_unused_parameters`
+      is set to `False` when left unset.
+    - Once a training step has run, `model.config.branches_distilled` is `True`, so saved checkpoints carry it.
+
+    Works with plain [`TrainingArguments`] and with [`FastBertTrainingArguments`] (temperature, eval speeds). The
+    paper's setting: learning rate 2e-4, 5 epochs.
+
+    Args:
+        model ([`FastBertForSequenceClassification`]):
+            A model whose backbone and teacher were fine-tuned (stage 2). Anything else raises a `ValueError`.
+        args, train_dataset, eval_dataset, processing_class, data_collator, callbacks, ...:
+            As in [`Trainer`]. Datasets hold `input_ids` (`attention_mask`, `token_type_ids`), with or without
+            `labels`.
+
+    Example:
+
+    ```python
+    >>> from hf_fastbert import FastBertDistillationTrainer, FastBertTrainingArguments
+
+    >>> args = FastBertTrainingArguments("out/distill", learning_rate=2e-4, num_train_epochs=5)
+    >>> trainer = FastBertDistillationTrainer(
+    ...     model=fine_tuned_model, args=args, train_dataset=unlabeled, eval_dataset=dev, processing_class=tokenizer
+    ... )
+    >>> trainer.train()
+    >>> trainer.save_model()  # config.branches_distilled is now True
+    ```"""
+
+    def __init__(self, model=None, args=None, *trainer_args, **kwargs):
+        if not isinstance(model, FastBertForSequenceClassification):
+            raise ValueError(
+                "FastBertDistillationTrainer distills the students of a FastBERT model: `model` must be a "
+                f"FastBertForSequenceClassification (fine-tuned first), got {type(model).__name__}."
+            )
+        if kwargs.get("model_init") is not None:
+            raise ValueError("FastBertDistillationTrainer does not support `model_init`: pass the fine-tuned model.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "FastBertDistillationTrainer computes the distillation loss itself: drop compute_loss_func."
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in model.branches.parameters():
+            parameter.requires_grad_(True)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        # The loss is a per-batch mean computed here, not by the model: the Trainer scales it for accumulation.
+        self.model_accepts_loss_kwargs = False
+        if self.args.ddp_find_unused_parameters is None:
+            self.args.ddp_find_unused_parameters = False  # every trainable parameter (the students) gets a gradient
+        self.temperature = getattr(self.args, "distillation_temperature", 1.0)
+        validate_temperature(self.temperature)
+        self.eval_speeds = list(getattr(self.args, "eval_speeds", [0.0, 0.1, 0.5]))
+        self.speed_results = None  # list of dicts from the last labelled evaluation, for the model card
+        self._kl_sum = None
+        self._kl_steps = 0
+        self._teacher_checked = False
+
+    def _frozen_modules_eval(self, model):
+        """Put every module but the students in eval mode (no dropout in the frozen backbone and teacher)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        for module in unwrapped.children():
+            if module is not unwrapped.branches:
+                module.eval()
+
+    def _check_teacher(self, teacher_logits: torch.Tensor):
+        self._teacher_checked = True
+        uncertainty = normalized_entropy(
+            teacher_logits, self.accelerator.unwrap_model(self.model).config.uncertainty_top_k
+        )
+        if uncertainty.mean().item() > UNTRAINED_TEACHER_ENTROPY:
+            logger.warning(
+                "The teacher's predictions are almost uniform (mean normalized entropy %.2f on the first batch): it "
+                "looks like it was never fine-tuned. Fine-tune backbone + teacher on labelled data first (stage 2, "
+                "the stock Trainer), or the students will learn nothing useful.",
+                uncertainty.mean().item(),
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The distillation loss of the batch (labels, if any, are dropped: the loss does not use them)."""
+        inputs = {key: value for key, value in inputs.items() if key not in ("labels", "label", "label_ids")}
+        if model.training:
+            self._frozen_modules_eval(model)
+        outputs = model(**inputs, output_all_logits=True)
+        all_logits = outputs.all_logits  # (B, L, C): students with grad, teacher without
+        loss, per_branch_kl = distillation_loss(all_logits[:, :-1], all_logits[:, -1], self.temperature)
+        if model.training:
+            if not self._teacher_checked:
+                self._check_teacher(all_logits[:, -1].detach())
+            kl = per_branch_kl.detach()
+            self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
+            self._kl_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.accelerator.unwrap_model(model).config.branches_distilled = True
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """
+        Returns `(loss, (all_logits, seq_lengths, per_sample_kl), labels)`: every classifier's logits (B, L, C), the
+        real token lengths (B,) and each sample's KL per student (B, L-1), so that metrics at every speed and the
+        per-student KL come out of one pass. `labels` is `None` for unlabeled data.
+        """
+        inputs = self._prepare_inputs(inputs)
+        has_labels = bool(self.label_names) and all(inputs.get(name) is not None for name in self.label_names)
+        labels = inputs[self.label_names[0]].detach() if has_labels else None
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        all_logits = outputs.all_logits.detach()  # (B, L, C)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            seq_lengths = torch.full(all_logits.shape[:1], inputs["input_ids"].shape[1], device=all_logits.device)
+        else:
+            seq_lengths = mask.sum(dim=1)  # (B,)
+        per_sample_kl = branch_kl(all_logits[:, :-1], all_logits[:, -1], self.temperature)  # (B, L-1)
+        return loss, (all_logits, seq_lengths, per_sample_kl), labels
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        predictions = output.predictions
+        if not isinstance(predictions, (tuple, list)) or len(predictions) != 3:
+            return output
+        all_logits, seq_lengths, per_sample_kl = (np.asarray(p) for p in predictions)
+        for layer, value in enumerate(per_sample_kl.mean(axis=0), start=1):
+            output.metrics[f"{metric_key_prefix}_kl_branch_{layer}"] = float(value)
+        if output.label_ids is not None:
+            config = self.accelerator.unwrap_model(self.model).config
+            self.speed_results = metrics_at_speeds(
+                all_logits, seq_lengths, config, self.eval_speeds, labels=output.label_ids
+            )
+            if self.compute_metrics is None:
+                for key, value in flatten_speed_metrics(self.speed_results).items():
+                    output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._kl_steps:
+            # Called on every process when training logs: average the students' KL since the last log everywhere.
+            kl = self.accelerator.reduce(self._kl_sum / self._kl_steps, reduction="mean")
+            for layer, value in enumerate(kl.tolist(), start=1):
+                logs[f"kl_branch_{layer}"] = value
+            self._kl_sum, self._kl_steps = None, 0
+        super().log(logs, start_time)
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ):
+        """The FastBERT model card ([`hf_fastbert.modelcard.write_model_card`]), with the last labelled evaluation's
+        speed / accuracy / mean exit layer / FLOPs speed-up table when there is one."""
+        if not self.is_world_process_zero():
+            return
+        from .modelcard import write_model_card
+
+        write_model_card(
+            self.args.output_dir,
+            self.accelerator.unwrap_model(self.model),
+            base_model=finetuned_from,
+            datasets=dataset,
+            results=self.speed_results,
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            tags=tags,
+        )
+
+
+__all__ = ["FastBertDistillationTrainer", "branch_kl", "distillation_loss"]
