@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .configuration_fastbert import FastBertConfig
+from .evaluation import FastBertMetrics, evaluate_speeds
 from .flops import bert_flops, fastbert_flops
 from .modelcard import write_model_card
 from .modeling_fastbert import (
@@ -11,6 +12,9 @@ from .modeling_fastbert import (
     normalized_entropy,
 )
 from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, register_text_classification_pipeline
+from .trainer_fastbert import FastBertDistillationTrainer, distillation_loss
+from .training import train_fastbert
+from .training_args_fastbert import FastBertTrainingArguments
 
 
 __version__ = "0.1.0"
@@ -23,13 +27,19 @@ register_text_classification_pipeline()
 
 __all__ = [
     "FastBertConfig",
+    "FastBertDistillationTrainer",
     "FastBertForSequenceClassification",
+    "FastBertMetrics",
     "FastBertSequenceClassifierOutput",
     "FastBertTextClassificationPipeline",
+    "FastBertTrainingArguments",
     "__version__",
     "bert_flops",
+    "distillation_loss",
+    "evaluate_speeds",
     "fastbert_flops",
     "normalized_entropy",
     "pipeline",
+    "train_fastbert",
     "write_model_card",
 ]
