@@ -59,7 +59,9 @@ def fastbert_dir(tmp_path_factory):
 def bert_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert")
-    BertForSequenceClassification(BertConfig(**tiny_kwargs(branch_hidden_size=None))).save_pretrained(path)
+    settings = tiny_kwargs()
+    del settings["branch_hidden_size"]
+    BertForSequenceClassification(BertConfig(**settings)).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -199,3 +201,99 @@ def test_predict_bad_input(fastbert_dir, bert_dir, tmp_path, capsys):
     assert "not FastBERT" in err and len(err.strip().splitlines()) == 1
     assert main(["predict", str(tmp_path), "a good movie"]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    return write_csv(tmp_path_factory.mktemp("data") / "dev.csv", sentences(40))
+
+
+DATA_ARGS = ["--text-column", "sentence", "--label-column", "sentiment", "--batch-size", "16"]
+
+
+def test_sweep_writes_table_files_and_luha(fastbert_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    speeds = ["0", "0.3", "0.6", "0.9"]
+    assert main(["sweep", str(fastbert_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", *speeds,
+                 "--output-dir", str(out), "--luha-bins", "5"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "flops_speedup" in printed and "0.9000" in printed
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [row["speed"] for row in rows] == [0.0, 0.3, 0.6, 0.9]
+    assert rows[0]["flops_speedup"] == 1.0 and rows[0]["mean_exit_layer"] == 3.0
+    assert rows[-1]["flops_speedup"] > 1.0 and rows[-1]["mean_exit_layer"] < 3.0
+    with open(out / "sweep.csv") as handle:
+        assert [float(row["accuracy"]) for row in csv.DictReader(handle)] == [row["accuracy"] for row in rows]
+    luha = list(csv.DictReader(open(out / "luha.csv")))
+    assert len(luha) == 3 * 5 and sum(int(row["samples"]) for row in luha if row["layer"] == "1") == 40
+    for name in ("sweep.png", "luha.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_reports_wall_time(fastbert_dir, data_csv, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    assert main(["evaluate", str(fastbert_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", "0", "0.8",
+                 "--output", str(output)]) == 0  # fmt: skip
+    assert "wall_speedup" in capsys.readouterr().out
+    rows = json.loads(output.read_text())
+    assert [row["speed"] for row in rows] == [0.0, 0.8]
+    assert rows[0]["wall_speedup"] == 1.0 and all(row["wall_time_s"] > 0 for row in rows)
+
+
+def test_calibrate_and_save(fastbert_dir, data_csv, tmp_path, capsys):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(fastbert_dir, model_dir)
+    assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS,
+                 "--max-accuracy-drop", "1.0", "--save"]) == 0  # fmt: skip
+    assert "calibrated speed: 0.99" in capsys.readouterr().out
+    assert json.loads((model_dir / "config.json").read_text())["speed"] == 0.99
+    assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS, "--target-speedup", "50"]) == 1
+    assert "reaches a 50.0x FLOPs speed-up" in capsys.readouterr().err
+    assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS]) == 2  # no criterion
+
+
+def test_evaluation_bad_data(fastbert_dir, data_csv, tmp_path, capsys):
+    assert main(["sweep", str(fastbert_dir), "--dataset", str(tmp_path / "missing.csv")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", str(fastbert_dir), "--dataset", str(data_csv), "--text-column", "review"]) == 1
+    err = capsys.readouterr().err
+    assert "no column 'review'" in err and len(err.strip().splitlines()) == 1  # before the model is loaded
+    bad_labels = write_csv(tmp_path / "bad.csv", [{"sentence": "a good movie", "sentiment": "meh"}])
+    assert main(["sweep", str(fastbert_dir), "--dataset", str(bad_labels), *DATA_ARGS]) == 1
+    assert "outside the label set" in capsys.readouterr().err
+
+
+def test_train_from_local_files(bert_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", sentences(64, seed=1))
+    dev = write_csv(tmp_path / "dev.csv", sentences(32, seed=2))
+    unlabeled = tmp_path / "unlabeled.json"
+    unlabeled.write_text("\n".join(json.dumps({"sentence": row["sentence"]}) for row in sentences(16, seed=3)))
+    out = tmp_path / "model"
+    args = ["train", "--model", str(bert_dir), "--dataset", str(train), "--validation-file", str(dev),
+            "--unlabeled-file", str(unlabeled), *DATA_ARGS, "--output-dir", str(out), "--epochs", "1",
+            "--distill-epochs", "1", "--max-length", "16", "--speeds", "0", "0.5", "--luha-bins", "4"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Speed sweep on 32 held-out examples" in printed and "mean_exit_layer" in printed
+    rows = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [row["speed"] for row in rows] == [0.0, 0.5]
+    assert len(list(csv.DictReader(open(out / "sweep" / "luha.csv")))) == 3 * 4
+    assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "luha.png").is_file()
+    model = FastBertForSequenceClassification.from_pretrained(out)
+    assert model.config.branches_distilled and set(model.config.label2id) == {"neg", "pos"}
+    # the trained folder is a FastBERT model the other commands take
+    assert main(["predict", str(out), "a good movie", "--speed", "0.5"]) == 0
+
+
+def test_train_bad_input(bert_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", sentences(8))
+    out = tmp_path / "out"
+    common = ["--model", str(bert_dir), "--output-dir", str(out)]
+    assert main(["train", *common, "--dataset", str(tmp_path / "none.csv")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", *common, "--dataset", str(train), "--text-column", "review"]) == 1
+    assert "no column 'review'" in capsys.readouterr().err
+    assert main(["train", *common, "--dataset", str(train), "--epochs", "-1"]) == 2
+    assert not out.exists()  # nothing half-written

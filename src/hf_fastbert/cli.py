@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .configuration_fastbert import validate_speed
@@ -29,6 +30,12 @@ SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9
 CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99
 EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
 RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
+# The offline demo: sized to finish in ~10 minutes on 2 CPU cores (fine-tuning ~2.3 s per batch of 32 at length 64).
+DEMO_TRAINING = dict(
+    max_train_samples=2560, max_eval_samples=1000, epochs=1.0, learning_rate=5e-5, distill_epochs=2.0, max_length=64
+)
+# User data: the paper's recipe (3 epochs at 2e-5, then 5 distillation epochs at 2e-4).
+PAPER_TRAINING = dict(epochs=3.0, learning_rate=2e-5, distill_epochs=5.0, max_length=128)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +222,16 @@ def _positive_int(value):
     return number
 
 
+def _non_negative_float(value):
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return number
+
+
 def _positive_float(value):
     try:
         number = float(value)
@@ -249,7 +266,8 @@ def _add_data_arguments(parser, *, split_default="validation"):
         help="Hub dataset name (e.g. rotten_tomatoes) or a local .csv/.json/.jsonl/.parquet file. "
         "Default: the offline demo data (Rotten Tomatoes held-out snippets).",
     )
-    group.add_argument("--split", default=split_default, help="Split of a Hub dataset to use.")
+    group.add_argument("--dataset-config", help="Configuration of a Hub dataset (e.g. sst2 for glue).")
+    group.add_argument("--split", default=split_default, help="Split to use (ignored for a local file).")
     group.add_argument("--text-column", default="text", help="Column holding the text.")
     group.add_argument("--text-pair-column", help="Second text column, for sentence-pair tasks.")
     group.add_argument("--label-column", default="label", help="Column holding the labels.")
@@ -287,24 +305,59 @@ def build_parser():
         help="Hub dataset name (rotten_tomatoes) or a local .csv/.json/.jsonl/.parquet training file. "
         "Default: the demo's Rotten Tomatoes snippets.",
     )
-    train.add_argument("--validation-file", help="Local validation file (default: the dataset's validation split).")
-    train.add_argument("--unlabeled-file", help="Extra unlabeled text file(s) for self-distillation.", nargs="+")
+    train.add_argument("--dataset-config", help="Configuration of a Hub dataset (e.g. sst2 for glue).")
+    train.add_argument("--validation-file", help="Local validation file to go with a local --dataset file.")
+    train.add_argument(
+        "--eval-split", default="validation", help="Held-out split for the final sweep (a local file's: validation)."
+    )
+    train.add_argument(
+        "--unlabeled-file",
+        nargs="+",
+        help="Extra unlabeled texts (.csv/.json/.parquet, same text column) to distill on.",
+    )
     train.add_argument("--text-column", default="text", help="Column holding the text.")
     train.add_argument("--text-pair-column", help="Second text column, for sentence-pair tasks.")
     train.add_argument("--label-column", default="label", help="Column holding the labels.")
     train.add_argument("--output-dir", default="outputs/fastbert", help="Where the model and results go.")
-    train.add_argument("--max-length", type=_positive_int, default=64, help="Truncate inputs to N tokens.")
-    train.add_argument("--max-train-samples", type=_positive_int, help="Use only N training examples.")
-    train.add_argument("--max-eval-samples", type=_positive_int, help="Use only N validation examples.")
-    train.add_argument("--epochs", type=_positive_float, default=1.0, help="Fine-tuning epochs (stage 1).")
-    train.add_argument("--learning-rate", type=_positive_float, default=5e-5, help="Fine-tuning learning rate.")
-    train.add_argument("--distill-epochs", type=_positive_float, default=2.0, help="Self-distillation epochs.")
+    demo, paper = DEMO_TRAINING, PAPER_TRAINING
+    train.add_argument(
+        "--max-train-samples",
+        type=_positive_int,
+        help=f"Use only N training examples (default: all; demo: {demo['max_train_samples']}).",
+    )
+    train.add_argument(
+        "--max-eval-samples",
+        type=_positive_int,
+        help=f"Use only N held-out examples (default: all; demo: {demo['max_eval_samples']}).",
+    )
+    train.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help=f"Truncate inputs to N tokens (default: {paper['max_length']}; demo: {demo['max_length']}).",
+    )
+    train.add_argument(
+        "--epochs",
+        type=_non_negative_float,
+        help="Fine-tuning epochs; 0 skips it for an already fine-tuned BERT classifier "
+        f"(default: {paper['epochs']:g}; demo: {demo['epochs']:g}).",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        help=f"Fine-tuning learning rate (default: {paper['learning_rate']:g}; demo: {demo['learning_rate']:g}).",
+    )
+    train.add_argument(
+        "--distill-epochs",
+        type=_non_negative_float,
+        help=f"Self-distillation epochs (default: {paper['distill_epochs']:g}; demo: {demo['distill_epochs']:g}).",
+    )
     train.add_argument(
         "--distill-learning-rate", type=_positive_float, default=2e-4, help="Self-distillation learning rate."
     )
     train.add_argument("--batch-size", type=_positive_int, default=32, help="Training and evaluation batch size.")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
     train.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="Speeds of the final sweep.")
+    train.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -317,7 +370,8 @@ def build_parser():
     _add_model_argument(evaluate)
     evaluate.add_argument("--speeds", type=_speed, nargs="+", default=EVALUATE_SPEEDS, help="Speeds to evaluate.")
     evaluate.add_argument("--output", help="Also write the results to this .csv or .json file.")
-    _add_data_arguments(evaluate)
+    evaluate.add_argument("--no-timing", action="store_true", help="Skip the wall-time measurement.")
+    _add_data_arguments(evaluate, split_default="test")
 
     sweep = commands.add_parser(
         "sweep",
@@ -332,7 +386,7 @@ def build_parser():
     sweep.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="The grid of speeds.")
     sweep.add_argument("--output-dir", help="Where the files go (default: <model>/sweep for a local model).")
     sweep.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
-    _add_data_arguments(sweep)
+    _add_data_arguments(sweep, split_default="test")
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -497,20 +551,285 @@ def run_predict(args):
             print(f"{result['label']}\t{result['score']:.4f}\t{result['exit_layer']}\t{result['text']}")
 
 
+def training_data(args):
+    """The raw training splits and the unlabeled texts the `train` command was asked for (checked before training)."""
+    from datasets import DatasetDict
+
+    from .data import load_raw_datasets
+
+    if args.dataset is None:
+        from .demo_data import load_rotten_tomatoes
+
+        raw = load_rotten_tomatoes()
+    elif is_local_data(args.dataset):
+        files = {"train": args.dataset, "validation": args.validation_file}
+        for path in filter(None, files.values()):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"data file {path} does not exist")
+        raw = load_raw_datasets(data_files={split: path for split, path in files.items() if path})
+    else:
+        raw = load_raw_datasets(dataset_name=args.dataset, dataset_config_name=args.dataset_config)
+        if args.validation_file is not None:
+            raise ValueError("--validation-file goes with a local --dataset file; a Hub dataset brings its own splits")
+    if args.eval_split not in raw:
+        logger.warning(
+            "No %r split: the final sweep is skipped (use --eval-split or --validation-file).", args.eval_split
+        )
+    limits = {"train": args.max_train_samples, args.eval_split: args.max_eval_samples}
+    raw = DatasetDict(
+        {
+            name: split.select(range(min(limits[name], len(split)))) if limits.get(name) else split
+            for name, split in raw.items()
+        }
+    )
+    unlabeled = None
+    if args.unlabeled_file:
+        for path in args.unlabeled_file:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"unlabeled file {path} does not exist")
+        unlabeled = load_raw_datasets(data_files={"unlabeled": args.unlabeled_file})["unlabeled"]
+    return raw, unlabeled
+
+
+def resolve_train_defaults(args):
+    """Fill the options left unset: the offline demo's small, fast settings, or the paper's for user data/models."""
+    demo = args.dataset is None
+    if args.model is None:
+        from .demo_data import minilm_path
+
+        args.model = minilm_path()
+    defaults = DEMO_TRAINING if demo else PAPER_TRAINING
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return demo
+
+
 def run_train(args):
-    raise NotImplementedError
+    from .training import train_fastbert
+
+    demo = resolve_train_defaults(args)
+    if demo:
+        print(
+            f"Offline demo: fine-tune all-MiniLM-L6-v2 on {args.max_train_samples} Rotten Tomatoes snippets for "
+            f"{args.epochs:g} epoch(s), self-distill for {args.distill_epochs:g} epoch(s), sweep speeds on "
+            f"{args.max_eval_samples} held-out snippets. Output: {args.output_dir}"
+        )
+    raw, unlabeled = training_data(args)
+    started = time.perf_counter()
+    output = train_fastbert(
+        args.model,
+        raw,
+        args.output_dir,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        eval_split=args.eval_split,
+        unlabeled_dataset=unlabeled,
+        max_length=args.max_length,
+        finetune_epochs=args.epochs,
+        finetune_learning_rate=args.learning_rate,
+        distill_epochs=args.distill_epochs,
+        distill_learning_rate=args.distill_learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_speeds=sorted(set(args.speeds)),
+    )
+    minutes = (time.perf_counter() - started) / 60
+    print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {output.output_dir}")
+    if output.results is None:
+        return
+    from .data import prepare_dataset
+
+    eval_dataset = prepare_dataset(
+        raw[args.eval_split],
+        output.tokenizer,
+        args.text_column,
+        args.text_pair_column,
+        args.label_column,
+        output.label_names,
+        args.max_length,
+        args.eval_split,
+    )
+    luha = luha_table(*_all_logits_and_labels(output.model, eval_dataset, args.batch_size), args.luha_bins)
+    sweep_dir = Path(args.output_dir) / "sweep"
+    write_sweep(output.results, luha, sweep_dir, title="FastBERT: accuracy against speed-up")
+    print(f"\nSpeed sweep on {len(eval_dataset)} held-out examples ({args.eval_split} split):")
+    print(format_table(output.results, RESULT_COLUMNS))
+    print(f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv")
+    print(f'Next: {PROG} predict {args.output_dir} "A gripping, beautifully shot film." --speed 0.1')
+
+
+def _all_logits_and_labels(model, dataset, batch_size):
+    from .evaluation import predict_all_logits
+
+    all_logits, _, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=True)
+    return all_logits, labels
+
+
+def is_local_data(name):
+    """Whether `--dataset` names local files (an existing path or a data-file extension) rather than a Hub dataset."""
+    from .data import FILE_BUILDERS
+
+    return Path(name).exists() or Path(name).suffix.lower() in FILE_BUILDERS
+
+
+def load_split(dataset, split, dataset_config=None):
+    """
+    One split of the data: the demo's Rotten Tomatoes snippets (`dataset=None`), a local file (the whole file, `split`
+    ignored) or a Hub dataset's split.
+    """
+    from .data import load_raw_datasets
+
+    if dataset is None:
+        from .demo_data import load_rotten_tomatoes
+
+        splits = load_rotten_tomatoes()
+    elif is_local_data(dataset):
+        if not Path(dataset).is_file():
+            raise FileNotFoundError(f"data file {dataset} does not exist")
+        return load_raw_datasets(data_files={"data": dataset})["data"]
+    else:
+        splits = load_raw_datasets(dataset_name=dataset, dataset_config_name=dataset_config)
+    if split not in splits:
+        raise ValueError(f"the dataset has no split {split!r}; its splits are {sorted(splits)}: pick one with --split")
+    return splits[split]
+
+
+def prepare_evaluation(args):
+    """Load the FastBERT model and its tokenizer, then the labelled evaluation data, tokenized with its label set."""
+    from .data import check_columns, prepare_dataset
+
+    raw = load_split(args.dataset, args.split, args.dataset_config)
+    check_columns(raw, [args.text_column, args.text_pair_column, args.label_column], split=args.split)
+    model, tokenizer = load_fastbert(args.model)
+    if args.max_samples is not None:
+        raw = raw.select(range(min(args.max_samples, len(raw))))
+    label_names = [str(model.config.id2label[index]) for index in range(model.config.num_labels)]
+    dataset = prepare_dataset(
+        raw,
+        tokenizer,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        label_names=label_names,
+        max_length=min(args.max_length, model.config.max_position_embeddings),
+        split=args.split if args.dataset is None or not is_local_data(args.dataset) else Path(args.dataset).name,
+    )
+    return model, tokenizer, dataset
+
+
+def sweep_results(model, dataset, speeds, batch_size=32, luha_bins=None):
+    """
+    Every speed's accuracy, mean exit layer and FLOPs speed-up from ONE full-depth pass, and optionally the LUHA rows.
+
+    Returns:
+        `(results, luha_rows)`; `luha_rows` is None without `luha_bins`.
+    """
+    from .evaluation import metrics_at_speeds, predict_all_logits
+
+    all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=True)
+    if labels is None:
+        raise ValueError("the evaluation data has no labels: accuracy needs a label column (--label-column)")
+    results = metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
+    luha = None if luha_bins is None else luha_table(all_logits, labels, luha_bins, model.config.uncertainty_top_k)
+    return results, luha
+
+
+def timing_batches(dataset, tokenizer, batch_size):
+    """The inputs as padded batches (no labels: labels make the model run every layer for the loss)."""
+    from transformers import DataCollatorWithPadding
+
+    columns = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in dataset.column_names]
+    rows = dataset.select_columns(columns)
+    collator = DataCollatorWithPadding(tokenizer)
+    return [collator(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
+def measure_wall_time(model, batches, speed):
+    """Seconds the early-exit engine takes over `batches` at `speed`, after one warm-up batch."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    with torch.inference_mode():
+        model(**batches[0], speed=speed)
+        start = time.perf_counter()
+        for batch in tqdm(batches, desc=f"Timing speed {speed:g}", leave=False):
+            model(**batch, speed=speed)
+        return time.perf_counter() - start
 
 
 def run_evaluate(args):
-    raise NotImplementedError
+    import torch
+
+    model, tokenizer, dataset = prepare_evaluation(args)
+    speeds = sorted(set(args.speeds))
+    results, _ = sweep_results(model, dataset, speeds, args.batch_size)
+    if not args.no_timing:
+        batches = timing_batches(dataset, tokenizer, args.batch_size)
+        reference = measure_wall_time(model, batches, 0.0)
+        for row in results:
+            seconds = reference if row["speed"] == 0 else measure_wall_time(model, batches, row["speed"])
+            row["wall_time_s"] = seconds
+            row["wall_speedup"] = reference / seconds
+    columns = list(RESULT_COLUMNS) + ([] if args.no_timing else ["wall_time_s", "wall_speedup"])
+    print(
+        f"{len(dataset)} samples, batch size {args.batch_size}, {torch.get_num_threads()} CPU threads; speed-ups are "
+        "over speed 0 (every layer, = BertForSequenceClassification)"
+    )
+    print(format_table(results, columns))
+    if args.output:
+        write_rows(results, args.output)
+        print(f"results written to {args.output}")
+
+
+def default_output_dir(model, name):
+    path = Path(model).expanduser()
+    return path / name if path.is_dir() else Path(name)
 
 
 def run_sweep(args):
-    raise NotImplementedError
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, "sweep")
+    model, _, dataset = prepare_evaluation(args)
+    results, luha = sweep_results(model, dataset, sorted(set(args.speeds)), args.batch_size, args.luha_bins)
+    print(f"{len(dataset)} samples; FLOPs speed-up over every layer (= BertForSequenceClassification)")
+    print(format_table(results, RESULT_COLUMNS))
+    write_sweep(results, luha, output_dir, title=f"{Path(args.model).name}: accuracy against speed-up")
+    print(f"wrote sweep.csv, sweep.json, sweep.png, luha.csv and luha.png to {output_dir}")
+
+
+def write_sweep(results, luha, output_dir, title=None):
+    """The sweep's files: sweep.csv/.json/.png and, with LUHA rows, luha.csv/.png."""
+    output_dir = Path(output_dir)
+    write_rows(results, output_dir / "sweep.csv")
+    write_rows(results, output_dir / "sweep.json")
+    plot_sweep(results, output_dir / "sweep.png", title=title)
+    if luha is not None:
+        write_rows(luha, output_dir / "luha.csv")
+        plot_luha(luha, output_dir / "luha.png")
 
 
 def run_calibrate(args):
-    raise NotImplementedError
+    model, _, dataset = prepare_evaluation(args)
+    results, _ = sweep_results(model, dataset, sorted(set(args.speeds) | {0.0}), args.batch_size)
+    chosen = calibrate_speed(results, max_accuracy_drop=args.max_accuracy_drop, target_speedup=args.target_speedup)
+    reference = results[0]
+    print(f"{len(dataset)} samples; full depth: accuracy {reference['accuracy']:.4f}")
+    print(format_table([reference, chosen] if chosen is not reference else [chosen], RESULT_COLUMNS))
+    criterion = (
+        f"accuracy within {args.max_accuracy_drop:g} of full depth"
+        if args.max_accuracy_drop is not None
+        else f"a FLOPs speed-up of at least {args.target_speedup:g}x"
+    )
+    print(f"calibrated speed: {chosen['speed']:g} ({criterion})")
+    if args.save:
+        path = Path(args.model).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--save needs a local model folder, got {args.model}")
+        model.config.speed = chosen["speed"]
+        model.config.save_pretrained(path)
+        print(f"saved speed={chosen['speed']:g} as the default in {path / 'config.json'}")
 
 
 def run_push(args):
