@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
@@ -198,9 +199,13 @@ def train_fastbert(
         seed=seed,
         disable_tqdm=not progress,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Several processes without an accelerator (torchrun/accelerate launch on CPU): transformers only runs DDP
+        # (gloo) with use_cpu=True; without it every process would train alone on the whole dataset.
+        common["use_cpu"] = True
     common.update(training_args or {})
 
-    finetune_metrics = {}
+    finetune_metrics, finetune_steps = {}, 0
     if finetune_epochs > 0:
         # Stage 2: the stock Trainer. The students are frozen: they get no gradient, and DDP needs no search for
         # unused parameters.
@@ -222,6 +227,7 @@ def train_fastbert(
             compute_metrics=FastBertMetrics(model.config, speeds=[0.0]),
         )
         finetune_metrics = trainer.train().metrics
+        finetune_steps = trainer.state.global_step
         model = trainer.accelerator.unwrap_model(trainer.model)
 
     distill_metrics = {}
@@ -247,7 +253,14 @@ def train_fastbert(
     distiller.save_model(output_dir)
     if distiller.is_world_process_zero():
         with open(os.path.join(output_dir, RESULTS_FILENAME), "w", encoding="utf-8") as file:
-            json.dump({"label_names": label_names, "results": results}, file, indent=2)
+            summary = {
+                "label_names": label_names,
+                "num_processes": distiller.args.world_size,
+                "finetune_steps": finetune_steps,
+                "distill_steps": distiller.state.global_step,
+                "results": results,
+            }
+            json.dump(summary, file, indent=2)
         base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path
         distiller.create_model_card(finetuned_from=base_model)
     if push_to_hub:
