@@ -297,3 +297,46 @@ def test_train_bad_input(bert_dir, tmp_path, capsys):
     assert "no column 'review'" in capsys.readouterr().err
     assert main(["train", *common, "--dataset", str(train), "--epochs", "-1"]) == 2
     assert not out.exists()  # nothing half-written
+
+
+def test_push_refuses_undistilled_and_non_fastbert(fastbert_dir, bert_dir, tmp_path, capsys):
+    assert main(["push", str(fastbert_dir), "alice/tiny"]) == 1
+    assert "never self-distilled" in capsys.readouterr().err
+    assert main(["push", str(bert_dir), "alice/tiny"]) == 1
+    assert "not FastBERT" in capsys.readouterr().err
+    assert main(["push", str(tmp_path / "missing"), "alice/tiny"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_push_to_a_hub_server(fastbert_dir, tmp_path, capsys, monkeypatch):
+    """`push` against the Hub-protocol test server: weights, config, code, tokenizer, card with results, plot."""
+    import shutil
+
+    from hub_server import HubServer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(fastbert_dir, model_dir)
+    rows = [{"speed": s, "accuracy": 0.8 - s / 10, "mean_exit_layer": 3 - s, "flops_speedup": 1 + s} for s in (0, 0.5)]
+    (model_dir / "sweep").mkdir()
+    (model_dir / "sweep" / "sweep.json").write_text(json.dumps(rows))
+    with HubServer(tokens={"hf_alice": "alice"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        args = ["push", str(model_dir), "alice/tiny-fastbert", "--token", "hf_alice", "--allow-undistilled",
+                "--base-model", "bert-base-uncased"]  # fmt: skip
+        assert main(args) == 0
+        assert "alice/tiny-fastbert" in capsys.readouterr().out
+        files = hub.files("alice/tiny-fastbert")
+        assert main([*args[:3], "--token", "hf_wrong", "--allow-undistilled"]) == 1
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last_line.startswith("hf-fastbert push: error:") and "401" in last_line
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_fastbert.py",
+        "tokenizer.json",
+        "accuracy_vs_speedup.png",
+    ):
+        assert name in files, sorted(files)
+    card = files["README.md"].decode()
+    assert "base_model: bert-base-uncased" in card and "| 0.5 | 75.00% | 2.50 | 1.50x |" in card
+    assert "Not distilled" in card

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -436,14 +437,21 @@ def build_parser():
     push = commands.add_parser(
         "push",
         help="Upload a FastBERT model, its tokenizer and its model card to the Hub.",
-        description="Pushes a local FastBERT model folder (weights, config with its default speed and labels, "
-        "modeling code for trust_remote_code users, tokenizer) and a generated model card, with the sweep results "
-        "table and plot when <model>/sweep/sweep.json exists. Authenticate with `hf auth login` or --token.",
+        description="Pushes a local FastBERT model folder in one commit: weights (safetensors), config with its "
+        "default speed and labels, the modeling code for users without the plugin (trust_remote_code), the "
+        "tokenizer, and a generated model card with the speed/accuracy table and plot when results exist. "
+        "Authenticate with `hf auth login`, HF_TOKEN or --token.",
         formatter_class=_HelpFormatter,
     )
     push.add_argument("model", help="Local FastBERT model folder.")
     push.add_argument("repo_id", help="Target Hub repository, e.g. your-name/fastbert-rotten-tomatoes.")
-    push.add_argument("--results", help="Sweep results .json for the card (default: <model>/sweep/sweep.json).")
+    push.add_argument(
+        "--results",
+        help="Results .json for the card (default: <model>/sweep/sweep.json, else <model>/speed_results.json).",
+    )
+    push.add_argument(
+        "--allow-undistilled", action="store_true", help="Push even if the students were never self-distilled."
+    )
     push.add_argument("--base-model", help="The checkpoint it was fine-tuned from, for the card's metadata.")
     push.add_argument("--dataset-name", nargs="+", help="Dataset name(s) for the card's metadata.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
@@ -832,8 +840,57 @@ def run_calibrate(args):
         print(f"saved speed={chosen['speed']:g} as the default in {path / 'config.json'}")
 
 
+def card_results(model_dir, results_path=None):
+    """Card results: `results_path`, else the train command's sweep, else `speed_results.json`, else None."""
+    from .training import RESULTS_FILENAME
+
+    model_dir = Path(model_dir)
+    if results_path is not None:
+        if not Path(results_path).is_file():
+            raise FileNotFoundError(f"results file {results_path} does not exist")
+        candidates = [Path(results_path)]
+    else:
+        candidates = [model_dir / "sweep" / "sweep.json", model_dir / RESULTS_FILENAME]
+    for path in candidates:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            rows = data.get("results") if isinstance(data, dict) else data
+            if rows:
+                return [{key: row[key] for key in RESULT_COLUMNS} for row in rows]
+    return None
+
+
 def run_push(args):
-    raise NotImplementedError
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    from .modelcard import PLOT_FILENAME, write_model_card
+
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {args.model} does not exist (push takes a local folder)")
+    results = card_results(path, args.results)
+    model, tokenizer = load_fastbert(str(path))
+    if not model.config.branches_distilled:
+        if not args.allow_undistilled:
+            raise ValueError(
+                f"the students of {args.model} were never self-distilled, so early exits are meaningless: distill "
+                "them with `hf-fastbert train` or pass --allow-undistilled (the card will say so)"
+            )
+        logger.warning("Pushing a model whose students were never distilled; its card says so.")
+    # HF_ENDPOINT read now rather than when huggingface_hub was imported: same result, and a test server can be used.
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=args.token)
+    repo_id = api.create_repo(args.repo_id, private=args.private or None, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        model.save_pretrained(work_dir)
+        tokenizer.save_pretrained(work_dir)
+        write_model_card(
+            work_dir, model, base_model=args.base_model, datasets=args.dataset_name, results=results, repo_id=repo_id
+        )
+        commit = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=args.commit_message)
+    extra = f" and the plot {PLOT_FILENAME}" if results else ""
+    print(f"pushed the model, its tokenizer, the model card{extra} to {repo_id}: {commit.commit_url}")
 
 
 def main(argv=None) -> int:
