@@ -168,6 +168,12 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
             return self.classifier(self.dropout(self.bert.pooler(last_hidden_state)))
         return self.classifier(last_hidden_state, attention_mask)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """[`~PreTrainedModel.push_to_hub`] (same arguments), publishing the FastBERT model card (`modelcard.py`)."""
+        from .modelcard import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, **kwargs)
+
     def uncertainty(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., num_labels) logits -> (...) uncertainty in [0, 1], as configured (`config.uncertainty_top_k`)."""
         return normalized_entropy(logits, self.config.uncertainty_top_k)
