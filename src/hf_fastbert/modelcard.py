@@ -133,13 +133,15 @@ classifier(["Too long.", "A gem."], speed=0.5)  # per-call speed
 
 ### Without the plugin (`trust_remote_code=True`)
 
-The repository ships its modeling code. The pipeline runs at the model's `config.speed`: choose it when loading.
+The repository ships its modeling code. Without the plugin the pipeline runs at the model's `config.speed`:
+choose it when loading, with `model_kwargs`.
 
 ```python
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-config = AutoConfig.from_pretrained("{repo_id}", trust_remote_code=True, speed={speed:g})
-classifier = pipeline("text-classification", model="{repo_id}", config=config, trust_remote_code=True)
+classifier = pipeline(
+    "text-classification", model="{repo_id}", trust_remote_code=True, model_kwargs={{"speed": {speed:g}}}
+)
 classifier("A gripping, beautifully shot film.")
 
 # Or call the model, choosing the speed per call:

@@ -1,0 +1,412 @@
+"""Sharing FastBERT models on the Hub: model cards, and push/load over real HTTP against the test Hub in hub_server.py.
+
+The Hub clients (huggingface_hub, transformers) are unmodified: they run in subprocesses started with HF_ENDPOINT
+pointing at the test Hub, because huggingface_hub reads HF_ENDPOINT when it is imported. This file is also the
+clients' script: `python tests/test_hub.py push|no_plugin WORKDIR`.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = "alice/fastbert-tiny"
+TOKEN = "hf_alice_write_token"
+TEXTS = [
+    "the film good",
+    "a bad movie long boring",
+    "gem",
+    "the plot actor awful mess fun",
+    "great fun",
+    "short mess",
+    "the the the",
+    "actor",
+]
+SPEEDS = (0.0, 0.3, 0.6, 0.9)
+NUM_LAYERS = 4
+
+
+# ---- client side (subprocesses) ----------------------------------------------------------------------------------
+def tiny_fastbert():
+    """A seeded 4-layer FastBERT and a tokenizer built in code; branch weights scaled so that samples exit early."""
+    import torch
+    from transformers import BertTokenizerFast
+
+    from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+
+    words = "the a film movie good bad great awful plot actor boring fun long short gem mess".split()
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tokenizer = BertTokenizerFast(vocab=vocab)
+    torch.manual_seed(0)
+    config = FastBertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=37,
+        branch_hidden_size=16,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        speed=0.3,
+    )
+    model = FastBertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.branches.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
+    return model, tokenizer
+
+
+def model_outputs(model, tokenizer) -> dict:
+    """Logits and exit layers of TEXTS (one padded batch) at every speed of SPEEDS."""
+    import torch
+
+    inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    outputs = {}
+    with torch.no_grad():
+        for speed in SPEEDS:
+            output = model(**inputs, speed=speed)
+            outputs[f"logits@{speed}"] = output.logits
+            outputs[f"exit_layers@{speed}"] = output.exit_layers
+    return outputs
+
+
+def _error(call) -> dict | None:
+    try:
+        call()
+    except Exception as error:
+        return {"type": f"{type(error).__module__}.{type(error).__name__}", "message": str(error)}
+    return None
+
+
+def client_push(workdir: Path) -> dict:
+    """With the plugin: push model and tokenizer, push again, the error cases, then load back."""
+    import torch
+    import transformers
+    from huggingface_hub import HfApi
+
+    import hf_fastbert  # noqa: F401
+
+    model, tokenizer = tiny_fastbert()
+    torch.save(model_outputs(model, tokenizer), workdir / "in_memory.pt")
+    # The reference for "bit-identical": the same model saved and loaded locally. Loaded parameters sit at unaligned
+    # offsets of the safetensors buffer, which changes BLAS summation order in the last bits for some shapes, so
+    # the model in memory is compared within 1e-6 instead.
+    model.save_pretrained(workdir / "local")
+    local = transformers.AutoModelForSequenceClassification.from_pretrained(workdir / "local")
+    torch.save(model_outputs(local, tokenizer), workdir / "reference.pt")
+    result = {
+        "model_commit": model.push_to_hub(REPO).oid,
+        "tokenizer_commit": tokenizer.push_to_hub(REPO).oid,
+        "second_commit": model.push_to_hub(REPO, commit_message="Push again").oid,
+        "create_existing": _error(lambda: HfApi().create_repo(REPO)),
+        "wrong_token": _error(lambda: model.push_to_hub("alice/other", token="hf_not_a_token")),
+        "invalid_repo_id": _error(lambda: model.push_to_hub("alice/not a valid id!")),
+    }
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(REPO)
+    loaded_tokenizer = transformers.AutoTokenizer.from_pretrained(REPO)
+    result["loaded_class"] = f"{type(loaded).__module__}.{type(loaded).__name__}"
+    torch.save(model_outputs(loaded, loaded_tokenizer), workdir / "plugin.pt")
+    classifier = transformers.pipeline("text-classification", model=REPO, speed=0.6)
+    result["pipeline"] = classifier(TEXTS, return_exit_layer=True)
+    return result
+
+
+def client_no_plugin(workdir: Path) -> dict:
+    """Without the plugin: hf_fastbert cannot be imported; load with trust_remote_code=True."""
+    sys.modules["hf_fastbert"] = None  # makes `import hf_fastbert` raise ImportError in this process
+    import torch
+    import transformers
+
+    result = {
+        "import_plugin": _error(lambda: importlib.import_module("hf_fastbert")),
+        "without_flag": _error(lambda: transformers.AutoModelForSequenceClassification.from_pretrained(REPO)),
+    }
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(REPO, trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)
+    result["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
+    result["plugin_loaded"] = any(name.startswith("hf_fastbert.") for name in sys.modules)
+    torch.save(model_outputs(model, tokenizer), workdir / "remote.pt")
+    # The documented way to choose the speed of a stock pipeline: config.speed, through model_kwargs.
+    classifier = transformers.pipeline(
+        "text-classification", model=REPO, trust_remote_code=True, model_kwargs={"speed": 0.6}
+    )
+    result["pipeline"] = classifier(TEXTS)
+    return result
+
+
+CLIENTS = {"push": client_push, "no_plugin": client_no_plugin}
+
+
+# ---- test side ---------------------------------------------------------------------------------------------------
+def run_client(hub, name: str, workdir: Path) -> dict:
+    """Run a client in a fresh process whose huggingface_hub talks to the test Hub; return its result."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=TOKEN,
+        HF_HOME=str(workdir / "hf_home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_OFFLINE="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    process = subprocess.run(
+        [sys.executable, __file__, name, str(workdir)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, f"client {name!r} failed:\n{process.stderr[-4000:]}"
+    return json.loads((workdir / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hub():
+    from hub_server import HubServer
+
+    with HubServer(tokens={TOKEN: "alice"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("push")
+    return run_client(hub, "push", workdir), workdir
+
+
+@pytest.fixture(scope="module")
+def no_plugin(hub, pushed, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("no_plugin")
+    return run_client(hub, "no_plugin", workdir), workdir
+
+
+def _load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path)
+
+
+def _assert_bit_identical(actual: dict, expected: dict):
+    import torch
+
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def _card_metadata(readme: str) -> dict:
+    import yaml
+
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n")[1])
+
+
+def test_push_publishes_weights_config_code_tokenizer_and_card(hub, pushed):
+    result, _ = pushed
+    files = hub.files(REPO)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_fastbert.py",
+        "configuration_fastbert.py",
+        "flops.py",
+        "modelcard.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= files.keys()
+    assert not any(name.endswith((".bin", ".pkl")) for name in files)
+    config = json.loads(files["config.json"])
+    assert config["model_type"] == "fastbert"
+    assert config["speed"] == 0.3
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_fastbert.FastBertConfig",
+        "AutoModelForSequenceClassification": "modeling_fastbert.FastBertForSequenceClassification",
+    }
+    assert "custom_pipelines" not in config  # never the built-in task name in a saved repo
+
+    readme = files["README.md"].decode()
+    metadata = _card_metadata(readme)
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert {"fastbert", "early-exit", "fastbert-not-distilled"} <= set(metadata["tags"])
+    assert f'model="{REPO}", speed=0.3' in readme
+    assert "trust_remote_code=True" in readme and 'model_kwargs={"speed": 0.3}' in readme
+    assert "**Not distilled.**" in readme
+    # Pushing the tokenizer afterwards keeps the FastBERT card (the stock push reloads the remote card).
+    tokenizer_readme = hub.files(REPO, result["tokenizer_commit"])["README.md"].decode()
+    assert "fastbert" in _card_metadata(tokenizer_readme)["tags"]
+
+
+def test_load_with_plugin_gives_bit_identical_logits_and_exit_layers(hub, pushed):
+    import torch
+
+    result, workdir = pushed
+    assert result["loaded_class"] == "hf_fastbert.modeling_fastbert.FastBertForSequenceClassification"
+    # The Hub holds exactly the weights save_pretrained writes locally.
+    assert hub.files(REPO)["model.safetensors"] == (workdir / "local" / "model.safetensors").read_bytes()
+    reference = _load(workdir / "reference.pt")
+    _assert_bit_identical(_load(workdir / "plugin.pt"), reference)
+    exits = reference["exit_layers@0.6"]
+    assert (exits < NUM_LAYERS).any() and (exits == NUM_LAYERS).any()  # the check covers early and full-depth exits
+    in_memory = _load(workdir / "in_memory.pt")
+    for key, value in reference.items():
+        assert torch.allclose(in_memory[key].float(), value.float(), rtol=0, atol=1e-6), key
+        if key.startswith("exit_layers"):
+            assert torch.equal(in_memory[key], value), key
+
+
+def test_pipeline_from_repo_id_honours_speed(pushed):
+    result, workdir = pushed
+    reference = _load(workdir / "reference.pt")
+    predictions = reference["logits@0.6"].argmax(dim=-1).tolist()
+    assert [r["exit_layer"] for r in result["pipeline"]] == reference["exit_layers@0.6"].tolist()
+    assert [r["label"] for r in result["pipeline"]] == [["negative", "positive"][i] for i in predictions]
+
+
+def test_load_without_plugin_trust_remote_code_is_bit_identical(pushed, no_plugin):
+    result, workdir = no_plugin
+    assert result["import_plugin"]["type"] == "builtins.ModuleNotFoundError"
+    assert not result["plugin_loaded"]
+    assert result["model_class"].startswith("transformers_modules.")
+    assert result["model_class"].endswith("modeling_fastbert.FastBertForSequenceClassification")
+    _assert_bit_identical(_load(workdir / "remote.pt"), _load(pushed[1] / "reference.pt"))
+
+
+def test_load_without_plugin_requires_trust_remote_code(no_plugin):
+    error = no_plugin[0]["without_flag"]
+    assert error["type"] == "builtins.ValueError"
+    assert "trust_remote_code=True" in error["message"]
+
+
+def test_stock_pipeline_without_plugin_takes_speed_from_model_kwargs(pushed, no_plugin):
+    import torch
+
+    reference = _load(pushed[1] / "reference.pt")
+    scores = torch.tensor([r["score"] for r in no_plugin[0]["pipeline"]])
+    expected = reference["logits@0.6"].softmax(dim=-1).max(dim=-1).values
+    assert torch.allclose(scores, expected, atol=1e-6)
+    at_full_depth = reference["logits@0.0"].softmax(dim=-1).max(dim=-1).values
+    assert not torch.allclose(scores, at_full_depth, atol=1e-3)
+
+
+def test_push_to_an_existing_repo(hub, pushed):
+    result, _ = pushed
+    assert hub.repos[REPO].branches["main"] == result["second_commit"]
+    assert result["second_commit"] not in (result["model_commit"], result["tokenizer_commit"])
+    error = result["create_existing"]  # create_repo without exist_ok still refuses
+    assert error["type"] == "huggingface_hub.errors.HfHubHTTPError"
+    assert "409" in error["message"] and "already created" in error["message"]
+
+
+def test_wrong_token_is_a_clear_error_and_creates_nothing(hub, pushed):
+    error = pushed[0]["wrong_token"]
+    assert error["type"] == "huggingface_hub.errors.HfHubHTTPError"
+    assert "401 Unauthorized" in error["message"] and "Invalid credentials" in error["message"]
+    assert "alice/other" not in hub.repos
+
+
+def test_invalid_repo_id_is_a_clear_error_and_creates_nothing(hub, pushed):
+    error = pushed[0]["invalid_repo_id"]
+    assert error["type"] == "huggingface_hub.errors.HFValidationError"
+    assert "alice/not a valid id!" in error["message"]
+    assert len(hub.repos) == 1
+
+
+# ---- model cards (no Hub) ----------------------------------------------------------------------------------------
+RESULTS = [
+    {"speed": 0.5, "accuracy": 0.79, "mean_exit_layer": 1.8, "flops_speedup": 1.9},
+    {"speed": 0.0, "accuracy": 0.8125, "mean_exit_layer": 4.0, "flops_speedup": 1.0},
+]
+
+
+@pytest.fixture(scope="module")
+def fastbert():
+    from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+
+    config = FastBertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=37,
+        branch_hidden_size=16,
+    )
+    return FastBertForSequenceClassification(config).eval()
+
+
+def test_card_with_results_has_metadata_table_and_plot(tmp_path, fastbert):
+    from huggingface_hub import ModelCard
+
+    from hf_fastbert import write_model_card
+
+    path = write_model_card(
+        tmp_path, fastbert, base_model="bert-base-uncased", datasets="rotten_tomatoes", results=RESULTS
+    )
+    assert path == tmp_path / "README.md"
+    card = ModelCard.load(path)
+    assert card.data.library_name == "transformers"
+    assert card.data.base_model == "bert-base-uncased"
+    assert card.data.datasets == ["rotten_tomatoes"]
+    text = path.read_text()
+    table = text.split("| speed | accuracy | mean exit layer | FLOPs speedup |")[1]
+    assert table.index("| 0 | 81.25% | 4.00 | 1.00x |") < table.index("| 0.5 | 79.00% | 1.80 | 1.90x |")
+    assert "![Accuracy against FLOPs speedup](accuracy_vs_speedup.png)" in text
+    assert (tmp_path / "accuracy_vs_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_card_of_a_distilled_model_is_not_labelled_undistilled(tmp_path, fastbert):
+    from hf_fastbert import write_model_card
+
+    fastbert.config.branches_distilled = True
+    try:
+        text = write_model_card(tmp_path, fastbert, repo_id="alice/rt").read_text()
+    finally:
+        fastbert.config.branches_distilled = False
+    assert "Not distilled" not in text and "fastbert-not-distilled" not in text
+    assert "Students self-distilled: yes" in text
+    assert 'model="alice/rt"' in text
+    assert not (tmp_path / "accuracy_vs_speedup.png").exists()  # no results, no plot
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"results": [{"speed": 0.1, "accuracy": 0.8}]}, r"results\[0\]"),
+        ({"results": [{**RESULTS[0], "accuracy": 81.0}]}, "fraction"),
+        ({"results": [{**RESULTS[0], "speed": 1.5}]}, "speed"),
+        ({"results": [{**RESULTS[0], "mean_exit_layer": 9}]}, "mean_exit_layer"),
+        ({"results": []}, "non-empty"),
+        ({"base_model": 3}, "base_model"),
+        ({"datasets": [""]}, "datasets"),
+    ],
+)
+def test_card_rejects_bad_input_before_writing(tmp_path, fastbert, kwargs, message):
+    from hf_fastbert import write_model_card
+
+    with pytest.raises(ValueError, match=message):
+        write_model_card(tmp_path / "card", fastbert, **kwargs)
+    assert not (tmp_path / "card").exists()
+
+
+def test_card_needs_a_fastbert_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_fastbert import write_model_card
+
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    )
+    with pytest.raises(ValueError, match="FastBERT"):
+        write_model_card(tmp_path, model)
+    assert list(tmp_path.iterdir()) == []
+
+
+if __name__ == "__main__":
+    command, workdir = sys.argv[1], Path(sys.argv[2])
+    (workdir / "result.json").write_text(json.dumps(CLIENTS[command](workdir)))
