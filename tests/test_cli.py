@@ -141,8 +141,8 @@ def test_luha_table_bins_and_accuracy():
 
 
 def test_format_table():
-    table = format_table([{"speed": 0.1, "n": 3, "x": None}], ["speed", "n", "x"])
-    assert table.splitlines() == [" speed  n  x", "------  -  -", "0.1000  3  -"]
+    table = format_table([{"speed": 0.1, "n": 3, "x": None, "accuracy": 0.5}], ["speed", "n", "x", "accuracy"])
+    assert table.splitlines() == ["speed  n  x  accuracy", "-----  -  -  --------", "  0.1  3  -    0.5000"]
 
 
 def test_read_texts_sources(tmp_path):
@@ -217,7 +217,7 @@ def test_sweep_writes_table_files_and_luha(fastbert_dir, data_csv, tmp_path, cap
     assert main(["sweep", str(fastbert_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", *speeds,
                  "--output-dir", str(out), "--luha-bins", "5"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "flops_speedup" in printed and "0.9000" in printed
+    assert "flops_speedup" in printed and "\n  0.9 " in printed
     rows = json.loads((out / "sweep.json").read_text())
     assert [row["speed"] for row in rows] == [0.0, 0.3, 0.6, 0.9]
     assert rows[0]["flops_speedup"] == 1.0 and rows[0]["mean_exit_layer"] == 3.0

@@ -125,16 +125,16 @@ def luha_table(all_logits, labels, num_bins=10, top_k=None):
 
 
 def format_table(rows, columns):
-    """Rows of dicts -> an aligned plain-text table (floats with 4 decimals, None as '-')."""
+    """Rows of dicts -> an aligned plain-text table (floats with 4 decimals but speeds as given, None as '-')."""
 
-    def cell(value):
+    def cell(column, value):
         if value is None:
             return "-"
         if isinstance(value, float):
-            return f"{value:.4f}"
+            return f"{value:g}" if column == "speed" else f"{value:.4f}"
         return str(value)
 
-    cells = [[cell(row.get(column)) for column in columns] for row in rows]
+    cells = [[cell(column, row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     lines = ["  ".join(column.rjust(width) for column, width in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * width for width in widths))
