@@ -125,6 +125,7 @@ def pipeline(
     trust_remote_code: bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
     pipeline_class: Any | None = None,
+    *,
     speed: float | None = None,
     **kwargs: Any,
 ):
