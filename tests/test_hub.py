@@ -383,6 +383,7 @@ def test_card_of_a_distilled_model_is_not_labelled_undistilled(tmp_path, fastber
         ({"results": [{**RESULTS[0], "mean_exit_layer": 9}]}, "mean_exit_layer"),
         ({"results": []}, "non-empty"),
         ({"base_model": 3}, "base_model"),
+        ({"base_model": "/home/me/checkpoints/bert"}, "Hub model ids"),
         ({"datasets": [""]}, "datasets"),
     ],
 )
@@ -392,6 +393,15 @@ def test_card_rejects_bad_input_before_writing(tmp_path, fastbert, kwargs, messa
     with pytest.raises(ValueError, match=message):
         write_model_card(tmp_path / "card", fastbert, **kwargs)
     assert not (tmp_path / "card").exists()
+
+
+def test_card_of_results_without_labels(tmp_path, fastbert):
+    from hf_fastbert import write_model_card
+
+    unlabeled = [{**row, "accuracy": None} for row in RESULTS]
+    text = write_model_card(tmp_path, fastbert, results=unlabeled).read_text()
+    assert "| 0.5 | n/a | 1.80 | 1.90x |" in text
+    assert "accuracy_vs_speedup.png" not in text and not (tmp_path / "accuracy_vs_speedup.png").exists()
 
 
 def test_card_needs_a_fastbert_model(tmp_path):

@@ -6,6 +6,7 @@ only the standard library, huggingface_hub and its siblings; matplotlib is impor
 
 import math
 import os
+import re
 import tempfile
 from numbers import Real
 from pathlib import Path
@@ -20,6 +21,7 @@ PLOT_FILENAME = "accuracy_vs_speedup.png"
 CARD_TAGS = ("fastbert", "early-exit", "hf-fastbert")
 NOT_DISTILLED_TAG = "fastbert-not-distilled"
 PAPER_URL = "https://aclanthology.org/2020.acl-main.537/"
+HUB_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 _CITATION = """```bibtex
 @inproceedings{liu-etal-2020-fastbert,
@@ -54,10 +56,12 @@ def _check_results(results, num_layers: int) -> list[dict] | None:
             raise ValueError(f"`results[{index}]` must be a dict with keys {RESULT_KEYS}, got {row!r}.")
         for key in RESULT_KEYS:
             value = row[key]
+            if key == "accuracy" and value is None:  # evaluated without labels
+                continue
             if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
                 raise ValueError(f"`results[{index}]['{key}']` must be a finite number, got {value!r}.")
         validate_speed(row["speed"], name=f"results[{index}]['speed']")
-        if not 0.0 <= row["accuracy"] <= 1.0:
+        if row["accuracy"] is not None and not 0.0 <= row["accuracy"] <= 1.0:
             raise ValueError(f"`results[{index}]['accuracy']` must be a fraction in [0, 1], got {row['accuracy']!r}.")
         if not 1.0 <= row["mean_exit_layer"] <= num_layers:
             raise ValueError(
@@ -66,7 +70,7 @@ def _check_results(results, num_layers: int) -> list[dict] | None:
             )
         if row["flops_speedup"] <= 0:
             raise ValueError(f"`results[{index}]['flops_speedup']` must be positive, got {row['flops_speedup']!r}.")
-        rows.append({key: float(row[key]) for key in RESULT_KEYS})
+        rows.append({key: None if row[key] is None else float(row[key]) for key in RESULT_KEYS})
     return sorted(rows, key=lambda row: row["speed"])
 
 
@@ -80,23 +84,28 @@ def _fastbert_config(model):
     return config
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def _results_table(rows: list[dict]) -> str:
     lines = ["| speed | accuracy | mean exit layer | FLOPs speedup |", "|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
-            f"| {row['speed']:g} | {100 * row['accuracy']:.2f}% | {row['mean_exit_layer']:.2f} | "
+            f"| {row['speed']:g} | {_percent(row['accuracy'])} | {row['mean_exit_layer']:.2f} | "
             f"{row['flops_speedup']:.2f}x |"
         )
     return "\n".join(lines)
 
 
 def _plot_results(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy against FLOPs speedup, one point per speed, written as a PNG (no pyplot global state)."""
+    """Accuracy against FLOPs speedup, one point per speed with an accuracy, as a PNG (no pyplot global state)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("The model card's plot needs matplotlib: `pip install matplotlib`.") from error
 
+    rows = [row for row in rows if row["accuracy"] is not None]
     figure = Figure(figsize=(5.5, 4), dpi=100)
     axes = figure.subplots()
     speedups = [row["flops_speedup"] for row in rows]
@@ -172,6 +181,9 @@ def render_model_card(
     """
     config = _fastbert_config(model)
     base_models = _as_name_list(base_model, "base_model")
+    for name in base_models or []:
+        if not HUB_MODEL_ID.match(name):
+            raise ValueError(f"`base_model` must be Hub model ids (`name` or `namespace/name`), not {name!r}.")
     dataset_names = _as_name_list(datasets, "datasets")
     extra_tags = _as_name_list(tags, "tags") or []
     rows = _check_results(results, config.num_hidden_layers)
@@ -276,8 +288,8 @@ def write_model_card(
         datasets (`str` or `list[str]`, *optional*):
             Hub id(s) or names of the training data.
         results (`list[dict]`, *optional*):
-            Evaluation results, one dict per speed with keys `speed`, `accuracy` (a fraction in [0, 1]),
-            `mean_exit_layer` and `flops_speedup`.
+            Evaluation results, one dict per speed with keys `speed`, `accuracy` (a fraction in [0, 1], or `None`
+            when evaluated without labels), `mean_exit_layer` and `flops_speedup`.
         repo_id (`str`, *optional*):
             The Hub repository the card is for, used in the usage snippets.
         tags (`str` or `list[str]`, *optional*):
@@ -297,6 +309,8 @@ def write_model_card(
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"`save_directory` must be a folder, got the file {str(directory)!r}.")
+    rows = _check_results(results, _fastbert_config(model).num_hidden_layers)
+    plot = rows is not None and any(row["accuracy"] is not None for row in rows)
     text = render_model_card(
         model,
         repo_id=repo_id,
@@ -304,12 +318,11 @@ def write_model_card(
         datasets=datasets,
         results=results,
         tags=tags,
-        plot_filename=PLOT_FILENAME if results is not None else None,
+        plot_filename=PLOT_FILENAME if plot else None,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    if results is not None:
+    if plot:
         title = f"{repo_id.split('/')[-1]}: accuracy vs speedup" if repo_id else "Accuracy vs FLOPs speedup"
-        rows = _check_results(results, model.config.num_hidden_layers)
         _write_atomically(directory / PLOT_FILENAME, lambda path: _plot_results(rows, path, title))
     readme = directory / "README.md"
     _write_atomically(readme, lambda path: path.write_text(text, encoding="utf-8"))
