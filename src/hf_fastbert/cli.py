@@ -616,10 +616,12 @@ def resolve_train_defaults(args):
 def run_train(args):
     from .training import train_fastbert
 
+    model_given = args.model is not None
     demo = resolve_train_defaults(args)
     if demo:
         print(
-            f"Offline demo: fine-tune all-MiniLM-L6-v2 on {args.max_train_samples} Rotten Tomatoes snippets for "
+            f"Offline demo: fine-tune {args.model if model_given else 'all-MiniLM-L6-v2'} on "
+            f"{args.max_train_samples} Rotten Tomatoes snippets for "
             f"{args.epochs:g} epoch(s), self-distill for {args.distill_epochs:g} epoch(s), sweep speeds on "
             f"{args.max_eval_samples} held-out snippets. Output: {args.output_dir}"
         )
@@ -904,7 +906,7 @@ def main(argv=None) -> int:
     command = COMMANDS[args.command]
     try:
         return command(args) or 0
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:  # bad input, missing files or packages, Hub errors
         if args.debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
