@@ -213,6 +213,9 @@ class FastBertDistillationTrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
+        # `evaluate()` asks for the loss only when there is no `compute_metrics`; the per-student KL and the speed
+        # metrics need the predictions, so only `args.prediction_loss_only` turns them off.
+        prediction_loss_only = self.args.prediction_loss_only
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         predictions = output.predictions
         if not isinstance(predictions, (tuple, list)) or len(predictions) != 3:

@@ -1,0 +1,390 @@
+"""Both training stages through the Trainer: the distillation loss, the distillation trainer, resume, end to end."""
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from tiny_models import tiny_config
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_fastbert import (
+    FastBertDistillationTrainer,
+    FastBertForSequenceClassification,
+    FastBertMetrics,
+    FastBertTrainingArguments,
+    distillation_loss,
+    train_fastbert,
+)
+from hf_fastbert.data import prepare_dataset
+from hf_fastbert.trainer_fastbert import branch_kl
+
+
+POSITIVE, NEGATIVE, FILLER = ["good", "great", "fine"], ["bad", "awful", "poor"], ["movie", "plot", "the", "was"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+QUIET = dict(report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=2, use_cpu=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)})
+
+
+def sentiment_texts(num_samples: int, seed: int = 0) -> Dataset:
+    """A toy task a tiny BERT learns in a few steps: the label is the sentiment word hidden among filler words."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(num_samples):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(1, 6)) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def tokenized(tokenizer, num_samples=32, seed=0, labelled=True):
+    return prepare_dataset(sentiment_texts(num_samples, seed), tokenizer, label_column="label" if labelled else None)
+
+
+def confident_model(seed: int = 0) -> FastBertForSequenceClassification:
+    """A tiny FastBERT whose teacher gives confident (non-uniform) predictions, as a fine-tuned one would."""
+    torch.manual_seed(seed)
+    model = FastBertForSequenceClassification(tiny_config(vocab_size=len(VOCAB), num_labels=2))
+    with torch.no_grad():
+        model.classifier.weight.mul_(200.0)
+    return model
+
+
+def distill_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "distill"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        seed=0,
+        **QUIET,
+    )
+    settings.update(overrides)
+    return FastBertTrainingArguments(**settings)
+
+
+# The loss
+
+
+def test_distillation_loss_is_kl_teacher_to_student_summed_over_students():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 3, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    loss, per_branch = distillation_loss(student, teacher)
+    assert per_branch.shape == (3,)
+    p_teacher = teacher.softmax(-1)[:, None]  # (B, 1, C)
+    expected = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1).mean(0)  # KL(teacher || student)
+    torch.testing.assert_close(per_branch, expected)
+    torch.testing.assert_close(loss, expected.sum())
+    reverse = (student.softmax(-1) * (student.log_softmax(-1) - p_teacher.log())).sum(-1).mean(0)
+    assert not torch.allclose(per_branch, reverse)  # the direction matters, and it is the paper's
+    assert distillation_loss(teacher[:, None].repeat(1, 3, 1), teacher)[0].abs().item() < 1e-6
+
+
+def test_temperature_scales_and_teacher_gets_no_gradient():
+    student = torch.randn(4, 2, 3, requires_grad=True)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    loss, _ = distillation_loss(student, teacher, temperature=2.0)
+    loss.backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+    manual = 4.0 * F.kl_div(
+        (student / 2).log_softmax(-1), (teacher / 2).softmax(-1)[:, None].expand(-1, 2, -1), reduction="none"
+    )
+    torch.testing.assert_close(branch_kl(student, teacher, 2.0), manual.sum(-1))
+    with pytest.raises(ValueError, match="student_logits"):
+        distillation_loss(torch.randn(4, 3), teacher)
+
+
+# The distillation trainer
+
+
+def test_refuses_a_model_that_is_not_fastbert(tmp_path, tokenizer):
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
+    with pytest.raises(ValueError, match="FastBertForSequenceClassification"):
+        FastBertDistillationTrainer(model=bert, args=distill_args(tmp_path), train_dataset=tokenized(tokenizer))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"distillation_temperature": 0},
+        {"distillation_temperature": float("nan")},
+        {"eval_speeds": [1.5]},
+        {"eval_speeds": []},
+    ],
+)
+def test_training_arguments_are_validated(tmp_path, overrides):
+    with pytest.raises(ValueError, match=next(iter(overrides))):
+        distill_args(tmp_path, **overrides)
+
+
+def test_distillation_trains_only_the_students_without_a_graph_through_the_backbone(tmp_path, tokenizer):
+    model = confident_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = {"backbone": [], "students": []}
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: seen["backbone"].append(o.requires_grad))
+        for layer in model.bert.encoder.layer
+    ]
+    hooks += [
+        branch.register_forward_hook(lambda m, i, o: seen["students"].append(o.requires_grad))
+        for branch in model.branches
+    ]
+    # Plain TrainingArguments work too; unlabeled text is enough.
+    args = TrainingArguments(
+        str(tmp_path / "plain"), per_device_train_batch_size=8, learning_rate=1e-2, seed=0, num_train_epochs=1, **QUIET
+    )
+    trainer = FastBertDistillationTrainer(
+        model=model, args=args, train_dataset=tokenized(tokenizer, 48, labelled=False), processing_class=tokenizer
+    )
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    assert seen["backbone"] and not any(seen["backbone"])  # no autograd graph through the frozen layers
+    assert seen["students"] and all(seen["students"])
+    for name, parameter in model.named_parameters():
+        if name.startswith("branches."):
+            assert parameter.requires_grad
+        else:
+            assert torch.equal(parameter, before[name]), name  # bit-for-bit
+            assert parameter.grad is None and not parameter.requires_grad
+    assert all(
+        not torch.equal(p, before[f"branches.{n}"])
+        for n, p in model.branches.named_parameters()
+        if n.endswith("weight")
+    )
+    assert model.config.branches_distilled is True
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and {f"kl_branch_{layer}" for layer in (1, 2, 3)} <= set(logged[0])
+    assert logged[-1]["loss"] < 0.95 * logged[0]["loss"]  # the students learn the teacher
+
+
+def test_labels_do_not_change_the_loss(tmp_path, tokenizer):
+    model = confident_model()
+    trainer = FastBertDistillationTrainer(
+        model=model, args=distill_args(tmp_path), train_dataset=tokenized(tokenizer), processing_class=tokenizer
+    )
+    batch = trainer.data_collator([tokenized(tokenizer)[i] for i in range(8)])
+    without = {key: value for key, value in batch.items() if key != "labels"}
+    model.eval()
+    assert torch.equal(trainer.compute_loss(model, batch), trainer.compute_loss(model, without))
+
+
+def test_evaluate_reports_the_loss_per_student_kl_and_speed_metrics(tmp_path, tokenizer):
+    model = confident_model()
+    trainer = FastBertDistillationTrainer(
+        model=model,
+        args=distill_args(tmp_path, eval_speeds=[0.0, 0.5]),
+        train_dataset=tokenized(tokenizer),
+        processing_class=tokenizer,
+    )
+    labelled = trainer.evaluate(tokenized(tokenizer, 24, seed=1))
+    kl = [labelled[f"eval_kl_branch_{layer}"] for layer in (1, 2, 3)]
+    assert labelled["eval_loss"] == pytest.approx(sum(kl), rel=1e-4)  # equal batch sizes: mean of means
+    for key in ("accuracy", "mean_exit_layer", "flops_speedup"):
+        assert f"eval_{key}_speed_0" in labelled and f"eval_{key}_speed_0.5" in labelled
+    assert labelled["eval_mean_exit_layer_speed_0"] == 4.0
+    assert [row["speed"] for row in trainer.speed_results] == [0.0, 0.5]
+
+    unlabelled = trainer.evaluate(tokenized(tokenizer, 24, seed=1, labelled=False))
+    assert unlabelled["eval_loss"] == pytest.approx(labelled["eval_loss"])
+    assert "eval_kl_branch_3" in unlabelled and not any("accuracy" in key for key in unlabelled)
+
+    trainer.compute_metrics = FastBertMetrics(model.config, speeds=[0.1])
+    custom = trainer.evaluate(tokenized(tokenizer, 24, seed=1))
+    assert "eval_accuracy_speed_0.1" in custom and "eval_accuracy_speed_0.5" not in custom
+    assert custom["eval_accuracy"] == labelled["eval_accuracy_speed_0"]
+
+    trainer.create_model_card()
+    card = (tmp_path / "distill" / "README.md").read_text()
+    assert "fastbert" in card and (tmp_path / "distill" / "accuracy_vs_speedup.png").exists()
+
+
+def test_a_teacher_that_was_never_fine_tuned_is_warned_about(tmp_path, tokenizer, caplog):
+    def first_steps(model):
+        args = distill_args(tmp_path, max_steps=1)
+        FastBertDistillationTrainer(
+            model=model, args=args, train_dataset=tokenized(tokenizer), processing_class=tokenizer
+        ).train()
+
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="hf_fastbert"):
+        first_steps(FastBertForSequenceClassification(tiny_config(vocab_size=len(VOCAB), num_labels=2)))
+    assert "never fine-tuned" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fastbert"):
+        first_steps(confident_model())
+    assert "never fine-tuned" not in caplog.text
+
+
+def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, tokenizer):
+    data = tokenized(tokenizer, 24)
+
+    def run(output_dir, resume=None):
+        args = distill_args(
+            tmp_path,
+            output_dir=str(output_dir),
+            num_train_epochs=2,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=1e-2,
+            warmup_steps=0.2,
+        )
+        trainer = FastBertDistillationTrainer(
+            model=confident_model(), args=args, train_dataset=data, processing_class=tokenizer
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model
+
+    uninterrupted = run(tmp_path / "a")  # 6 steps, checkpoints at 2, 4, 6
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))  # interrupted in the first epoch
+    for (name, expected), got in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(expected, got), name
+    config = json.loads((tmp_path / "a" / "checkpoint-2" / "config.json").read_text())
+    assert config["branches_distilled"] is True
+
+
+# Stage 2 with the stock Trainer, the whole pipeline, and its checkpoints
+
+
+def test_stage_two_is_the_stock_trainer(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = FastBertForSequenceClassification(tiny_config(vocab_size=len(VOCAB), num_labels=2))
+    model.branches.requires_grad_(False)  # optional: the students get no gradient in stage 2
+    students = {name: p.detach().clone() for name, p in model.branches.named_parameters()}
+    args = TrainingArguments(
+        str(tmp_path / "finetune"),
+        per_device_train_batch_size=16,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        num_train_epochs=4,
+        seed=0,
+        include_for_metrics=["inputs"],
+        **QUIET,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized(tokenizer, 64),
+        eval_dataset=tokenized(tokenizer, 32, seed=1),
+        processing_class=tokenizer,
+        compute_metrics=FastBertMetrics(model.config),
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < 0.7 * before["eval_loss"] and after["eval_accuracy"] >= 0.9
+    assert after["eval_mean_exit_layer"] == 4.0 and after["eval_flops_speedup"] == pytest.approx(1.0)
+    assert all(torch.equal(p, students[name]) for name, p in model.branches.named_parameters())
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path / "base"
+    FastBertForSequenceClassification(tiny_config(vocab_size=len(VOCAB), num_labels=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_train_fastbert_runs_both_stages_and_its_checkpoints_load(tmp_path, base_checkpoint, tokenizer):
+    raw = DatasetDict(train=sentiment_texts(64), validation=sentiment_texts(32, seed=1))
+    unlabeled = sentiment_texts(32, seed=2).remove_columns("label")
+    output = train_fastbert(
+        base_checkpoint,
+        raw,
+        str(tmp_path / "out"),
+        unlabeled_dataset=unlabeled,
+        batch_size=16,
+        finetune_epochs=4,
+        finetune_learning_rate=5e-3,
+        distill_epochs=2,
+        distill_learning_rate=1e-2,
+        eval_speeds=[0.0, 0.5],
+        progress=False,
+        finetune_args={"lr_scheduler_type": "constant", "save_strategy": "epoch", "save_total_limit": 1},
+    )
+    assert output.model.config.branches_distilled and output.label_names == ["neg", "pos"]
+    assert output.model.config.id2label == {0: "neg", 1: "pos"}
+    assert [row["speed"] for row in output.results] == [0.0, 0.5] and output.results[0]["accuracy"] >= 0.9
+    assert output.distill_metrics["train_loss"] < 0.5  # mean KL summed over the 3 students; about 1.5 at first
+    saved = json.loads((tmp_path / "out" / "speed_results.json").read_text())
+    assert saved["results"] == output.results and saved["num_processes"] == 1
+    assert saved["finetune_steps"] == 4 * 64 // 16
+    assert saved["distill_steps"] == 2 * (64 + 32) // 16  # the training texts plus the unlabeled ones
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(tmp_path / "out"))
+
+    # Checkpoints of both stages load with the Auto classes (plugin) and with trust_remote_code (no plugin).
+    stages = {"stage2": str(tmp_path / "out" / "finetune" / "checkpoint-16"), "stage3": str(tmp_path / "out")}
+    batch = dict(tokenizer(["good movie", "the plot was awful", "fine"], padding=True))
+    expected = {}
+    for stage, path in stages.items():
+        loaded = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        assert isinstance(loaded, FastBertForSequenceClassification)
+        assert loaded.config.branches_distilled is (stage == "stage3")
+        with torch.no_grad():
+            out = loaded(**{key: torch.tensor(value) for key, value in batch.items()}, speed=0.3)
+        expected[stage] = {"logits": out.logits.tolist(), "exits": out.exit_layers.tolist()}
+    script = f"""
+import sys
+sys.modules["hf_fastbert"] = None  # the plugin cannot be imported
+import json, torch
+from transformers import AutoModelForSequenceClassification
+batch = {{key: torch.tensor(value) for key, value in {batch!r}.items()}}
+result = {{}}
+for stage, path in {stages!r}.items():
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = model(**batch, speed=0.3)
+    result[stage] = {{"logits": out.logits.tolist(), "exits": out.exit_layers.tolist()}}
+print(json.dumps(result))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    for stage in stages:
+        assert got[stage]["exits"] == expected[stage]["exits"]
+        torch.testing.assert_close(torch.tensor(got[stage]["logits"]), torch.tensor(expected[stage]["logits"]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"text_column": "sentence"}, "no column 'sentence'"),
+        ({"validation": {"text": ["good"], "label": ["meh"]}}, "outside the label set"),
+        ({"train": {"text": [], "label": []}}, "empty"),
+        ({"eval_speeds": [2.0]}, "speeds"),
+    ],
+)
+def test_train_fastbert_checks_its_input_before_any_work(tmp_path, base_checkpoint, change, message):
+    splits = {
+        "train": {"text": ["good", "bad"], "label": ["pos", "neg"]},
+        "validation": {"text": ["good"], "label": ["pos"]},
+    }
+    splits.update({key: value for key, value in change.items() if key in splits})
+    kwargs = {key: value for key, value in change.items() if key not in splits}
+    raw = DatasetDict({name: Dataset.from_dict(columns) for name, columns in splits.items()})
+    with pytest.raises(ValueError, match=message):
+        train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()  # nothing half-written
