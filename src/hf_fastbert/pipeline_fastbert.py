@@ -49,11 +49,6 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
     >>> classifier(["A gem.", "Too long."], speed=0.5)  # per-call speed
     ```"""
 
-    def check_model_type(self, supported_models):
-        # The stock check only knows the built-in model names and would log an error for FastBERT.
-        if not is_fastbert(self.model):
-            super().check_model_type(supported_models)
-
     def _sanitize_parameters(self, speed=None, return_exit_layer=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         for name, value in (("speed", speed), ("return_exit_layer", return_exit_layer)):
