@@ -104,6 +104,7 @@ def client_push(workdir: Path) -> dict:
         "model_commit": model.push_to_hub(REPO).oid,
         "tokenizer_commit": tokenizer.push_to_hub(REPO).oid,
         "second_commit": model.push_to_hub(REPO, commit_message="Push again").oid,
+        "branch_commit": model.push_to_hub(REPO, revision="dev", tags=["movies"]).oid,
         "create_existing": _error(lambda: HfApi().create_repo(REPO)),
         "wrong_token": _error(lambda: model.push_to_hub("alice/other", token="hf_not_a_token")),
         "invalid_repo_id": _error(lambda: model.push_to_hub("alice/not a valid id!")),
@@ -303,6 +304,13 @@ def test_push_to_an_existing_repo(hub, pushed):
     error = result["create_existing"]  # create_repo without exist_ok still refuses
     assert error["type"] == "huggingface_hub.errors.HfHubHTTPError"
     assert "409" in error["message"] and "already created" in error["message"]
+
+
+def test_push_to_a_branch_with_extra_tags(hub, pushed):
+    result, _ = pushed
+    assert hub.repos[REPO].branches["dev"] == result["branch_commit"]
+    assert "movies" in _card_metadata(hub.files(REPO, "dev")["README.md"].decode())["tags"]
+    assert "movies" not in _card_metadata(hub.files(REPO, "main")["README.md"].decode())["tags"]
 
 
 def test_wrong_token_is_a_clear_error_and_creates_nothing(hub, pushed):
