@@ -366,6 +366,7 @@ def test_card_with_results_has_metadata_table_and_plot(tmp_path, fastbert):
     table = text.split("| speed | accuracy | mean exit layer | FLOPs speedup |")[1]
     assert table.index("| 0 | 81.25% | 4.00 | 1.00x |") < table.index("| 0.5 | 79.00% | 1.80 | 1.90x |")
     assert "![Accuracy against FLOPs speedup](accuracy_vs_speedup.png)" in text
+    assert f'model="{tmp_path.name}", speed=0.1' in text  # no repo_id: the folder's name
     assert (tmp_path / "accuracy_vs_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -187,7 +187,7 @@ def render_model_card(
     dataset_names = _as_name_list(datasets, "datasets")
     extra_tags = _as_name_list(tags, "tags") or []
     rows = _check_results(results, config.num_hidden_layers)
-    repo_id = repo_id or "<namespace>/<repo-name>"
+    repo_id = repo_id or "your-namespace/fastbert-model"
     distilled = config.branches_distilled is True
 
     card_tags = list(CARD_TAGS) + ([] if distilled else [NOT_DISTILLED_TAG])
@@ -291,7 +291,8 @@ def write_model_card(
             Evaluation results, one dict per speed with keys `speed`, `accuracy` (a fraction in [0, 1], or `None`
             when evaluated without labels), `mean_exit_layer` and `flops_speedup`.
         repo_id (`str`, *optional*):
-            The Hub repository the card is for, used in the usage snippets.
+            The Hub repository the card is for, used in the title and the usage snippets; defaults to the name of
+            `save_directory`.
         tags (`str` or `list[str]`, *optional*):
             Extra Hub tags.
 
@@ -313,7 +314,7 @@ def write_model_card(
     plot = rows is not None and any(row["accuracy"] is not None for row in rows)
     text = render_model_card(
         model,
-        repo_id=repo_id,
+        repo_id=repo_id or directory.resolve().name,
         base_model=base_model,
         datasets=datasets,
         results=results,
@@ -322,7 +323,7 @@ def write_model_card(
     )
     directory.mkdir(parents=True, exist_ok=True)
     if plot:
-        title = f"{repo_id.split('/')[-1]}: accuracy vs speedup" if repo_id else "Accuracy vs FLOPs speedup"
+        title = f"{(repo_id or directory.resolve().name).split('/')[-1]}: accuracy vs FLOPs speedup"
         _write_atomically(directory / PLOT_FILENAME, lambda path: _plot_results(rows, path, title))
     readme = directory / "README.md"
     _write_atomically(readme, lambda path: path.write_text(text, encoding="utf-8"))
