@@ -133,11 +133,13 @@ class FastBertDistillationTrainer(Trainer):
             parameter.requires_grad_(False)
         for parameter in model.branches.parameters():
             parameter.requires_grad_(True)
+        if args is not None and args.ddp_find_unused_parameters is None:
+            # Every trainable parameter (the students) gets a gradient: DDP need not search for unused ones. Read
+            # when the Trainer builds its Accelerator, so it is set before.
+            args.ddp_find_unused_parameters = False
         super().__init__(model, args, *trainer_args, **kwargs)
         # The loss is a per-batch mean computed here, not by the model: the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
-        if self.args.ddp_find_unused_parameters is None:
-            self.args.ddp_find_unused_parameters = False  # every trainable parameter (the students) gets a gradient
         self.temperature = getattr(self.args, "distillation_temperature", 1.0)
         validate_temperature(self.temperature)
         self.eval_speeds = list(getattr(self.args, "eval_speeds", [0.0, 0.1, 0.5]))
