@@ -57,8 +57,8 @@ def parse_args():
         "--threads", type=int, default=1, help="torch threads while timing (training uses the default)."
     )
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--epochs", type=float, default=2.0, help="Fine-tuning epochs (the demo's recipe).")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--distill-epochs", type=float, default=2.0)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4], help="Fixed-depth baselines' layers.")
     parser.add_argument("--seed", type=int, default=42)
@@ -73,11 +73,19 @@ def subset(splits, args):
     }
 
 
+def recipe_tag(args):
+    """Cache key of a trained model: what it was trained on and how."""
+    return (
+        f"n{args.train_samples}-len{args.max_length}-ft{args.epochs:g}x{args.learning_rate:g}-"
+        f"kd{args.distill_epochs:g}-seed{args.seed}"
+    )
+
+
 def trained_fastbert(name, splits, args):
     """Fine-tune + self-distill MiniLM on `splits` (cached in work_dir/name); returns the model and tokenizer."""
     from datasets import DatasetDict
 
-    path = Path(args.work_dir) / name
+    path = Path(args.work_dir) / f"{name}-{recipe_tag(args)}"
     if not (path / "model.safetensors").is_file():
         started = time.perf_counter()
         train_fastbert(
@@ -193,7 +201,7 @@ def part_speeds(args, rt):
 
 def fine_tune_fixed_depth(depth, rt, args):
     """MiniLM cut to `depth` layers, fine-tuned with the FastBERT stage-2 recipe (cached)."""
-    path = Path(args.work_dir) / f"rt-bert-{depth}-layers"
+    path = Path(args.work_dir) / f"rt-bert-{depth}-layers-{recipe_tag(args)}"
     names = rt["train"].features["label"].names
     if not (path / "model.safetensors").is_file():
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
