@@ -338,7 +338,7 @@ def test_train_fastbert_runs_both_stages_and_its_checkpoints_load(tmp_path, base
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(tmp_path / "out"))
 
     # Checkpoints of both stages load with the Auto classes (plugin) and with trust_remote_code (no plugin).
-    stages = {"stage2": str(tmp_path / "out" / "finetune" / "checkpoint-16"), "stage3": str(tmp_path / "out")}
+    stages = {"stage2": str(tmp_path / "out" / "_finetune" / "checkpoint-16"), "stage3": str(tmp_path / "out")}
     batch = dict(tokenizer(["good movie", "the plot was awful", "fine"], padding=True))
     expected = {}
     for stage, path in stages.items():

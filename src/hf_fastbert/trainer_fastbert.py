@@ -220,8 +220,8 @@ class FastBertDistillationTrainer(Trainer):
         prediction_loss_only = self.args.prediction_loss_only
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         predictions = output.predictions
-        if not isinstance(predictions, (tuple, list)) or len(predictions) != 3:
-            return output
+        if not self.args.eval_do_concat_batches or not isinstance(predictions, (tuple, list)) or len(predictions) != 3:
+            return output  # per-batch lists (eval_do_concat_batches=False) or loss only
         all_logits, seq_lengths, per_sample_kl = (np.asarray(p) for p in predictions)
         for layer, value in enumerate(per_sample_kl.mean(axis=0), start=1):
             output.metrics[f"{metric_key_prefix}_kl_branch_{layer}"] = float(value)

@@ -114,7 +114,8 @@ def train_fastbert(
         raw_datasets (`datasets.DatasetDict`):
             Raw text splits; `"train"` is required and labelled. See [`hf_fastbert.data.load_raw_datasets`].
         output_dir (`str`):
-            Where the final model goes; the stages' own Trainer folders are `output_dir/finetune` and `output_dir`.
+            Where the final model goes (and stage 3's checkpoints, if saved). Stage 2's `Trainer` folder is
+            `output_dir/_finetune`: the leading underscore keeps its checkpoints out of `push_to_hub` uploads.
         text_column, text_pair_column, label_column (`str`):
             Columns of the raw splits; `text_pair_column` for sentence pairs.
         eval_split (`str`, *optional*, defaults to `"validation"`):
@@ -212,7 +213,7 @@ def train_fastbert(
         model.branches.requires_grad_(False)
         args = _stage_args(
             TrainingArguments,
-            os.path.join(output_dir, "finetune"),
+            os.path.join(output_dir, "_finetune"),
             finetune_epochs,
             finetune_learning_rate,
             common,
@@ -251,6 +252,7 @@ def train_fastbert(
         results = evaluate_speeds(model, eval_dataset, speeds, batch_size=batch_size, progress=progress)
         distiller.speed_results = results
     distiller.save_model(output_dir)
+    base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path  # a Hub id for the card
     if distiller.is_world_process_zero():
         with open(os.path.join(output_dir, RESULTS_FILENAME), "w", encoding="utf-8") as file:
             summary = {
@@ -261,12 +263,11 @@ def train_fastbert(
                 "results": results,
             }
             json.dump(summary, file, indent=2)
-        base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path
         distiller.create_model_card(finetuned_from=base_model)
     if push_to_hub:
         distiller.args.hub_model_id = hub_model_id
         distiller.args.hub_token = hub_token
-        distiller.push_to_hub()
+        distiller.push_to_hub(finetuned_from=base_model)
     return FastBertTrainingOutput(
         model=model,
         tokenizer=tokenizer,
