@@ -57,7 +57,7 @@ def parse_args():
         "--threads", type=int, default=1, help="torch threads while timing (training uses the default)."
     )
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=2.0, help="Fine-tuning epochs (the demo's recipe).")
+    parser.add_argument("--epochs", type=float, default=3.0, help="Fine-tuning epochs (the demo's recipe).")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--distill-epochs", type=float, default=2.0)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4], help="Fixed-depth baselines' layers.")
