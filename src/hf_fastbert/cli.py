@@ -171,7 +171,7 @@ def plot_sweep(rows, path, title=None):
         axes.annotate(f"{row['speed']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.set_xlabel("FLOPs speed-up over full depth (x)")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title(title or "Accuracy against speed-up (labels: speed)")
+    axes.set_title(f"{title or 'Accuracy against speed-up'} (point labels: speed)", fontsize=10)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
