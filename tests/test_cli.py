@@ -340,3 +340,20 @@ def test_push_to_a_hub_server(fastbert_dir, tmp_path, capsys, monkeypatch):
     card = files["README.md"].decode()
     assert "base_model: bert-base-uncased" in card and "| 0.5 | 75.00% | 2.50 | 1.50x |" in card
     assert "Not distilled" in card
+
+
+def test_train_defaults_demo_and_paper():
+    from hf_fastbert.cli import DEMO_TRAINING, PAPER_TRAINING, build_parser, resolve_train_defaults
+    from hf_fastbert.demo_data import minilm_path
+
+    demo = build_parser().parse_args(["train"])
+    assert resolve_train_defaults(demo) is True
+    assert demo.model == minilm_path() and demo.epochs == DEMO_TRAINING["epochs"]
+    assert demo.max_train_samples == DEMO_TRAINING["max_train_samples"]
+    user = build_parser().parse_args(["train", "--model", "bert-base-uncased", "--dataset", "rotten_tomatoes"])
+    assert resolve_train_defaults(user) is False
+    assert user.model == "bert-base-uncased" and user.epochs == PAPER_TRAINING["epochs"]
+    assert user.max_train_samples is None
+    explicit = build_parser().parse_args(["train", "--epochs", "0", "--max-length", "32"])
+    resolve_train_defaults(explicit)
+    assert explicit.epochs == 0 and explicit.max_length == 32  # given values win over the demo's
