@@ -457,3 +457,13 @@ print(json.dumps([before, after]))
     before, after = json.loads(result.stdout)
     assert before[:4] == after[:4]
     assert (before[4], after[4]) == (False, True)
+
+
+def test_hidden_states_requested_at_a_speed_run_full_depth_and_keep_the_exit_rule():
+    model = tiny_model()
+    input_ids, attention_mask = random_batch()
+    engine = run(model, input_ids, attention_mask, speed=0.5)
+    output = run(model, input_ids, attention_mask, speed=0.5, output_hidden_states=True)
+    assert len(output.hidden_states) == 5  # embeddings and 4 layers
+    assert output.exit_layers.tolist() == engine.exit_layers.tolist()
+    torch.testing.assert_close(output.logits, engine.logits, rtol=0, atol=1e-5)

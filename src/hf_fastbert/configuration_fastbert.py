@@ -15,6 +15,16 @@ def validate_speed(speed, name="speed"):
         raise ValueError(f"`{name}` must be a number in [0, 1] (0 = full depth), got {speed!r}.")
 
 
+def validate_speeds(speeds, name="speeds") -> list[float]:
+    """A speed or a non-empty list of speeds -> list of floats; `ValueError` naming `name` for an invalid one."""
+    speeds = [speeds] if isinstance(speeds, Real) else list(speeds)
+    if not speeds:
+        raise ValueError(f"`{name}` must contain at least one speed.")
+    for speed in speeds:
+        validate_speed(speed, name=name)
+    return [float(speed) for speed in speeds]
+
+
 class FastBertConfig(BertConfig):
     r"""
     Configuration of a [`FastBertForSequenceClassification`]: a [`BertConfig`] plus the FastBERT settings.

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_fastbert import validate_speed
+from .configuration_fastbert import validate_speeds
 from .flops import bert_flops, fastbert_flops
-from .modeling_fastbert import first_confident_layer, normalized_entropy
+from .modeling_fastbert import select_exits
 
 
 logger = logging.getLogger(__name__)
@@ -24,36 +24,6 @@ DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def _as_tensor(values) -> torch.Tensor:
     return values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
-
-
-def _check_speeds(speeds) -> list[float]:
-    speeds = [speeds] if isinstance(speeds, (int, float)) else list(speeds)
-    if not speeds:
-        raise ValueError("`speeds` must contain at least one speed.")
-    for speed in speeds:
-        validate_speed(speed, name="speeds")
-    return [float(speed) for speed in speeds]
-
-
-def exits_at_speed(all_logits: torch.Tensor, speed: float, top_k: int | None = None):
-    """
-    What early-exit inference at `speed` returns for each sample, from every classifier's logits.
-
-    Args:
-        all_logits: (N, L, C) logits of the students (layers 1 .. L-1) then the teacher.
-        speed: exit threshold in [0, 1].
-        top_k: `config.uncertainty_top_k`.
-
-    Returns:
-        `(predictions, exit_layers)`: (N,) predicted class and (N,) 1-based exit layer.
-    """
-    num_samples, num_layers = all_logits.shape[:2]
-    if speed == 0:
-        exit_layers = torch.full((num_samples,), num_layers, dtype=torch.long)
-    else:
-        exit_layers = first_confident_layer(normalized_entropy(all_logits[:, :-1], top_k), speed)  # (N,)
-    chosen = all_logits[torch.arange(num_samples), exit_layers - 1]  # (N, C)
-    return chosen.argmax(dim=-1), exit_layers
 
 
 def metrics_at_speeds(
@@ -92,7 +62,7 @@ def metrics_at_speeds(
     >>> [(row["speed"], row["accuracy"], row["mean_exit_layer"]) for row in rows]
     [(0.0, 1.0, 2.0), (0.5, 1.0, 1.5)]
     ```"""
-    speeds = _check_speeds(speeds)
+    speeds = validate_speeds(speeds)
     all_logits = _as_tensor(all_logits).float()
     seq_lengths = _as_tensor(seq_lengths).long()
     if all_logits.ndim != 3 or all_logits.shape[1] != config.num_hidden_layers:
@@ -112,7 +82,8 @@ def metrics_at_speeds(
     baseline = bert_flops(config, seq_lengths).sum().item()
     results = []
     for speed in speeds:
-        predictions, exit_layers = exits_at_speed(all_logits, speed, config.uncertainty_top_k)
+        logits, exit_layers = select_exits(all_logits, speed, config.uncertainty_top_k)
+        predictions = logits.argmax(dim=-1)
         flops = fastbert_flops(config, seq_lengths, exit_layers, branches_ran=speed > 0).sum().item()
         accuracy = None if labels is None else (predictions == labels).double().mean().item()
         results.append(
@@ -176,7 +147,7 @@ class FastBertMetrics:
 
     def __init__(self, config, speeds: Iterable[float] = (0.0, 0.1, 0.5), pad_token_id: int | None = None):
         self.config = config
-        self.speeds = _check_speeds(speeds)
+        self.speeds = validate_speeds(speeds)
         self.pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
 
     def __call__(self, eval_pred) -> dict[str, float]:
@@ -299,7 +270,7 @@ def evaluate_speeds(
     >>> for row in evaluate_speeds(model, test_dataset, speeds=[0.0, 0.1, 0.5]):
     ...     print(row)
     ```"""
-    speeds = _check_speeds(speeds)
+    speeds = validate_speeds(speeds)
     all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=progress)
     return metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
 
@@ -308,7 +279,6 @@ __all__ = [
     "DEFAULT_SPEEDS",
     "FastBertMetrics",
     "evaluate_speeds",
-    "exits_at_speed",
     "flatten_speed_metrics",
     "metrics_at_speeds",
     "predict_all_logits",

@@ -54,6 +54,23 @@ def first_confident_layer(uncertainties: torch.Tensor, speed: float) -> torch.Te
     return torch.where(confident.any(dim=1), first, num_layers)
 
 
+def select_exits(all_logits: torch.Tensor, speed: float, top_k: int | None = None):
+    """
+    What early-exit inference at `speed` answers for each sample, from every classifier's logits.
+
+    Args:
+        all_logits: (B, L, C) logits of the students (layers 1 .. L-1), then the teacher.
+        speed: threshold in [0, 1].
+        top_k: `config.uncertainty_top_k`.
+
+    Returns:
+        `(logits, exit_layers)`: (B, C) logits of the classifier each sample exits at and (B,) 1-based exit layers.
+    """
+    exit_layers = first_confident_layer(normalized_entropy(all_logits[:, :-1], top_k), speed)  # (B,)
+    rows = torch.arange(all_logits.shape[0], device=all_logits.device)
+    return all_logits[rows, exit_layers - 1], exit_layers  # (B, C), (B,)
+
+
 @dataclass
 class FastBertSequenceClassifierOutput(ModelOutput):
     r"""
@@ -220,7 +237,8 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
         )
-        if self.training or output_all_logits or speed == 0 or labels is not None:
+        full_depth_outputs = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+        if self.training or output_all_logits or speed == 0 or labels is not None or full_depth_outputs:
             output, teacher_logits = self._forward_full_depth(inputs, speed, output_all_logits, **kwargs)
         else:
             output = self._forward_early_exit(inputs, speed)
@@ -249,9 +267,10 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
 
     def _forward_full_depth(self, inputs, speed, output_all_logits, **kwargs):
         """
-        Every sample through every layer: training, speed 0, `output_all_logits=True` and evaluation with labels (the
-        loss needs the teacher). Out of training, `logits` and `exit_layers` follow the exit rule at `speed`.
-        Returns the output and the (B, C) teacher logits.
+        Every sample through every layer: training, speed 0, `output_all_logits=True`, evaluation with labels (the
+        loss needs the teacher) and `output_hidden_states`/`output_attentions` (BERT's outputs, for every layer). Out
+        of training, `logits` and `exit_layers` follow the exit rule at `speed`. Returns the output and the (B, C)
+        teacher logits.
         """
         exits_at_speed = not self.training and speed > 0
         output_hidden_states = kwargs.pop("output_hidden_states", False)
@@ -273,8 +292,7 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
             ]
             all_logits = torch.stack(student_logits + [teacher_logits], dim=1)  # (B, L, C)
         if exits_at_speed:
-            exit_layers = first_confident_layer(self.uncertainty(all_logits[:, :-1]), speed)  # (B,)
-            logits = all_logits[torch.arange(batch_size, device=logits.device), exit_layers - 1]  # (B, C)
+            logits, exit_layers = select_exits(all_logits, speed, self.config.uncertainty_top_k)  # (B, C), (B,)
         output = FastBertSequenceClassifierOutput(
             logits=logits,
             exit_layers=exit_layers,
@@ -305,8 +323,8 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
         logits = hidden.new_empty(batch_size, self.num_labels)  # (B, C)
         exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=hidden.device)  # (B,)
 
+        layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
         for index, layer in enumerate(self.bert.encoder.layer):
-            layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
             hidden = layer(hidden, layer_mask)  # (b, t, H)
             if index == num_layers - 1:
                 logits[rows] = self.teacher_logits(hidden, mask).to(logits.dtype)
@@ -323,6 +341,7 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
             rows, hidden, mask = rows[stay], hidden[stay], mask[stay]
             used_columns = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
             hidden, mask = hidden[:, :used_columns], mask[:, :used_columns]
+            layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
         return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers)
 
 
@@ -332,4 +351,5 @@ __all__ = [
     "FastBertSequenceClassifierOutput",
     "first_confident_layer",
     "normalized_entropy",
+    "select_exits",
 ]

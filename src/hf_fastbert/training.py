@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
-from .configuration_fastbert import FastBertConfig
+from .configuration_fastbert import FastBertConfig, validate_speeds
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
-from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, _check_speeds, evaluate_speeds
+from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, evaluate_speeds
 from .modeling_fastbert import FastBertForSequenceClassification
 from .trainer_fastbert import FastBertDistillationTrainer
 from .training_args_fastbert import FastBertTrainingArguments, validate_temperature
@@ -141,7 +141,7 @@ def train_fastbert(
     Returns:
         [`FastBertTrainingOutput`].
     """
-    speeds = _check_speeds(eval_speeds)
+    speeds = validate_speeds(eval_speeds, name="eval_speeds")
     if "train" not in raw_datasets:
         raise ValueError(f"The dataset has no 'train' split; its splits are {list(raw_datasets)}.")
     for name, epochs in (("finetune_epochs", finetune_epochs), ("distill_epochs", distill_epochs)):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .configuration_fastbert import validate_speed
+from .configuration_fastbert import validate_speeds
 
 
 def validate_temperature(temperature, name="distillation_temperature"):
@@ -52,11 +52,7 @@ class FastBertTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         validate_temperature(self.distillation_temperature)
-        self.eval_speeds = [self.eval_speeds] if isinstance(self.eval_speeds, (int, float)) else self.eval_speeds
-        if not self.eval_speeds:
-            raise ValueError("`eval_speeds` must contain at least one speed.")
-        for speed in self.eval_speeds:
-            validate_speed(speed, name="eval_speeds")
+        self.eval_speeds = validate_speeds(self.eval_speeds, name="eval_speeds")
         super().__post_init__()
 
 
