@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     BertTokenizerFast,
     Trainer,
     TrainingArguments,
@@ -318,6 +319,7 @@ def test_train_fastbert_runs_both_stages_and_its_checkpoints_load(tmp_path, base
         raw,
         str(tmp_path / "out"),
         unlabeled_dataset=unlabeled,
+        max_length=32,
         batch_size=16,
         finetune_epochs=4,
         finetune_learning_rate=5e-3,
@@ -387,5 +389,52 @@ def test_train_fastbert_checks_its_input_before_any_work(tmp_path, base_checkpoi
     kwargs = {key: value for key, value in change.items() if key not in splits}
     raw = DatasetDict({name: Dataset.from_dict(columns) for name, columns in splits.items()})
     with pytest.raises(ValueError, match=message):
-        train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), progress=False, **kwargs)
+        train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), max_length=32, progress=False, **kwargs)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_fine_tuned_classifier_keeps_its_label_order(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(VOCAB), num_labels=2, id2label={0: "pos", 1: "neg"}, label2id={"pos": 0, "neg": 1}
+    )
+    path = tmp_path / "classifier"
+    FastBertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    raw = DatasetDict(train=sentiment_texts(16), validation=sentiment_texts(8, seed=1))  # ClassLabel ["neg", "pos"]
+    output = train_fastbert(
+        str(path),
+        raw,
+        str(tmp_path / "out"),
+        finetune_epochs=0,
+        distill_epochs=1,
+        batch_size=8,
+        max_length=32,
+        progress=False,
+    )
+    assert output.label_names == ["pos", "neg"] and output.model.config.id2label == {0: "pos", 1: "neg"}
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [({0: "good", 1: "bad"}, "not the data's labels"), (None, "not a fine-tuned sequence classifier")],
+)
+def test_distilling_without_fine_tuning_needs_a_classifier_of_the_data_labels(tmp_path, tokenizer, labels, message):
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint"
+    if labels is None:
+        BertModel(tiny_config(vocab_size=len(VOCAB))).save_pretrained(path)
+    else:
+        config = tiny_config(vocab_size=len(VOCAB), id2label=labels, label2id={v: k for k, v in labels.items()})
+        FastBertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    raw = DatasetDict(train=sentiment_texts(16))
+    with pytest.raises(ValueError, match=message):
+        train_fastbert(str(path), raw, str(tmp_path / "out"), finetune_epochs=0, max_length=32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path, base_checkpoint):
+    raw = DatasetDict(train=sentiment_texts(16))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), max_length=65, progress=False)

@@ -68,6 +68,31 @@ def _stage_args(args_class, output_dir, epochs, learning_rate, common: dict, ove
     return args_class(**settings)
 
 
+def _match_checkpoint_labels(config, label_names: list[str], reuse_teacher: bool) -> list[str]:
+    """
+    The label order to train with. A checkpoint that is already a classifier of the data's labels keeps its own order
+    (its teacher's outputs mean those labels); with `reuse_teacher` (no fine-tuning) the checkpoint must be one.
+    """
+    is_classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+    id2label = config.id2label or {}
+    checkpoint_names = [str(id2label[i]) for i in sorted(id2label)]
+    named = checkpoint_names and any(name != f"LABEL_{i}" for i, name in enumerate(checkpoint_names))
+    if is_classifier and named and sorted(checkpoint_names) == sorted(label_names):
+        return checkpoint_names
+    if reuse_teacher:
+        if not is_classifier:
+            raise ValueError(
+                "finetune_epochs=0 distills the checkpoint's own teacher, but the checkpoint is not a fine-tuned "
+                "sequence classifier: fine-tune it first (finetune_epochs > 0)."
+            )
+        if named or len(checkpoint_names) != len(label_names):
+            raise ValueError(
+                f"finetune_epochs=0 distills the checkpoint's own teacher, but its labels {checkpoint_names} are not "
+                f"the data's labels {label_names}."
+            )
+    return label_names
+
+
 def train_fastbert(
     model_name_or_path: str,
     raw_datasets: DatasetDict,
@@ -165,6 +190,12 @@ def train_fastbert(
             "FastBERT needs a BERT checkpoint (model_type 'bert' or 'fastbert'), got "
             f"model_type={config.model_type!r}."
         )
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"`max_length` ({max_length}) exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})."
+        )
+    label_names = _match_checkpoint_labels(config, label_names, reuse_teacher=finetune_epochs == 0)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
 
     def tokenize(dataset, split, labelled=True):
