@@ -47,6 +47,7 @@ def test_both_stages_under_torchrun_with_two_cpu_processes(tmp_path):
         "--model_name_or_path", str(base), "--train_file", str(tmp_path / "train.csv"),
         "--validation_file", str(tmp_path / "dev.csv"), "--output_dir", str(output_dir),
         "--finetune_epochs", "1", "--distill_epochs", "1", "--batch_size", "8", "--speeds", "0", "0.5",
+        "--max_length", "32",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
