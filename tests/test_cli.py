@@ -357,3 +357,9 @@ def test_train_defaults_demo_and_paper():
     explicit = build_parser().parse_args(["train", "--epochs", "0", "--max-length", "32"])
     resolve_train_defaults(explicit)
     assert explicit.epochs == 0 and explicit.max_length == 32  # given values win over the demo's
+
+
+def test_calibrate_refuses_a_nan_accuracy_drop(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "some-model", "--max-accuracy-drop", "nan"])
+    assert exit_info.value.code == 2 and "max-accuracy-drop" in capsys.readouterr().err

@@ -401,7 +401,9 @@ def build_parser():
     _add_model_argument(calibrate)
     criterion = calibrate.add_mutually_exclusive_group(required=True)
     criterion.add_argument(
-        "--max-accuracy-drop", type=float, help="Largest accepted accuracy loss, as a fraction (0.005 = 0.5 points)."
+        "--max-accuracy-drop",
+        type=_non_negative_float,
+        help="Largest accepted accuracy loss, as a fraction (0.005 = 0.5 points).",
     )
     criterion.add_argument("--target-speedup", type=_positive_float, help="FLOPs speed-up to reach, e.g. 2.")
     calibrate.add_argument(
@@ -859,6 +861,9 @@ def card_results(model_dir, results_path=None):
             data = json.loads(path.read_text())
             rows = data.get("results") if isinstance(data, dict) else data
             if rows:
+                missing = sorted({key for row in rows for key in RESULT_COLUMNS if key not in row})
+                if missing:
+                    raise ValueError(f"the results in {path} lack the columns {missing}")
                 return [{key: row[key] for key in RESULT_COLUMNS} for row in rows]
     return None
 
