@@ -406,10 +406,18 @@ def markdown(args):
             "| k layers | baseline accuracy % | its FLOPs speed-up | FastBERT speed | FastBERT accuracy % "
             "| FastBERT FLOPs speed-up | FastBERT - baseline (points) |\n|---:|---:|---:|---:|---:|---:|---:|"
         )
+        fastest = None
+        if (out / "report_speeds.json").is_file():
+            fastest = max(
+                json.loads((out / "report_speeds.json").read_text())["curve"], key=lambda r: r["flops_speedup"]
+            )
         for r in data["rows"]:
             diff = "-" if r["fastbert_minus_baseline"] is None else f"{100 * r['fastbert_minus_baseline']:+.2f}"
             speed = "-" if r["fastbert_speed"] is None else f"{r['fastbert_speed']:g}"
             fb_speedup = "-" if r["fastbert_flops_speedup"] is None else f"{r['fastbert_flops_speedup']:.2f}x"
+            if r["fastbert_speed"] is None and fastest is not None:
+                speed = f"out of reach (fastest: {fastest['speed']:g})"
+                fb_speedup = f"max {fastest['flops_speedup']:.2f}x at {percent(fastest['accuracy'])}%"
             parts.append(
                 f"| {r['layers']} | {percent(r['baseline_accuracy'])} | {r['baseline_flops_speedup']:.2f}x "
                 f"| {speed} | {percent(r['fastbert_accuracy'])} | {fb_speedup} | {diff} |"
@@ -431,6 +439,18 @@ def markdown(args):
                 f"| {r['uncertainty']} | {100 * r['max_accuracy_drop']:g} | {r['speed']:g} | {percent(r['accuracy'])} "
                 f"| {r['mean_exit_layer']:.2f} | {r['flops_speedup']:.2f}x | {r['wall_speedup_batch_32']:.2f}x |"
             )
+        names = list(data["curves"])
+        parts.append(
+            "\nBest accuracy (%) at a FLOPs speed-up of at least X (speed in brackets), from the same pass:\n\n"
+            f"| X | {' | '.join(names)} |\n|---:|" + "---:|" * len(names)
+        )
+        for target in (1.5, 2.0, 2.5, 3.0):
+            cells = []
+            for name in names:
+                reaching = [r for r in data["curves"][name] if r["flops_speedup"] >= target]
+                best = max(reaching, key=lambda r: (r["accuracy"], -r["speed"])) if reaching else None
+                cells.append("out of reach" if best is None else f"{percent(best['accuracy'])} ({best['speed']:g})")
+            parts.append(f"| {target:g}x | {' | '.join(cells)} |")
     text = "\n".join(parts) + "\n"
     (out / "report.md").write_text(text)
     print(text)
