@@ -34,32 +34,10 @@ NUM_LAYERS = 4
 # ---- client side (subprocesses) ----------------------------------------------------------------------------------
 def tiny_fastbert():
     """A seeded 4-layer FastBERT and a tokenizer built in code; branch weights scaled so that samples exit early."""
-    import torch
-    from transformers import BertTokenizerFast
-
-    from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+    from tiny_models import sentiment_fastbert  # tests/ is this script's folder
 
     words = "the a film movie good bad great awful plot actor boring fun long short gem mess".split()
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
-    tokenizer = BertTokenizerFast(vocab=vocab)
-    torch.manual_seed(0)
-    config = FastBertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=37,
-        branch_hidden_size=16,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-        speed=0.3,
-    )
-    model = FastBertForSequenceClassification(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.branches.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
-    return model, tokenizer
+    return sentiment_fastbert(words)
 
 
 def model_outputs(model, tokenizer) -> dict:

@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_models import sentiment_fastbert
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     TextClassificationPipeline,
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.testing_utils import CaptureLogger
 
 import hf_fastbert
-from hf_fastbert import FastBertConfig, FastBertForSequenceClassification, FastBertTextClassificationPipeline
+from hf_fastbert import FastBertTextClassificationPipeline
 
 
 NUM_LAYERS = 4
@@ -44,32 +44,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    return BertTokenizerFast(vocab=vocab)
+def fastbert_and_tokenizer():
+    """A seeded 4-layer FastBERT with default speed 0.3; branch weights scaled so that samples exit early."""
+    return sentiment_fastbert(WORDS)
 
 
 @pytest.fixture(scope="module")
-def fastbert(tokenizer):
-    """A seeded 4-layer FastBERT with default speed 0.3; branch weights scaled so that samples exit early."""
-    torch.manual_seed(0)
-    config = FastBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=37,
-        branch_hidden_size=16,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-        speed=0.3,
-    )
-    model = FastBertForSequenceClassification(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.branches.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
-    return model
+def tokenizer(fastbert_and_tokenizer):
+    return fastbert_and_tokenizer[1]
+
+
+@pytest.fixture(scope="module")
+def fastbert(fastbert_and_tokenizer):
+    return fastbert_and_tokenizer[0]
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,32 @@ def random_batch(batch_size: int = 8, seq_length: int = 12, seed: int = 0, min_l
     input_ids[:, 0] = 2
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     return input_ids, attention_mask
+
+
+def sentiment_fastbert(words: list[str]):
+    """
+    A seeded 4-layer FastBERT (labels negative/positive, default speed 0.3) and a tokenizer over `words`; the students
+    get large random weights so that samples exit early. Returns `(model, tokenizer)`.
+    """
+    from transformers import BertTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tokenizer = BertTokenizerFast(vocab=vocab)
+    torch.manual_seed(0)
+    config = FastBertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=37,
+        branch_hidden_size=16,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        speed=0.3,
+    )
+    model = FastBertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.branches.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
+    return model, tokenizer
