@@ -301,7 +301,7 @@ def test_inputs_embeds_match_input_ids():
 
 def test_paper_teacher_head():
     model = tiny_model(teacher_head="branch")
-    assert model.bert.pooler is None and not hasattr(model, "dropout")
+    assert model.bert.pooler is None and model.dropout is None
     input_ids, attention_mask = random_batch(batch_size=12)
     engine = run(model, input_ids, attention_mask, speed=0.3)
     full = run(model, input_ids, attention_mask, speed=0.3, output_all_logits=True)

@@ -281,7 +281,7 @@ def test_stage_two_is_the_stock_trainer(tmp_path, tokenizer):
         per_device_train_batch_size=16,
         learning_rate=5e-3,
         lr_scheduler_type="constant",
-        num_train_epochs=4,
+        num_train_epochs=8,
         seed=0,
         include_for_metrics=["inputs"],
         **QUIET,

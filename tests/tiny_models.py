@@ -1,15 +1,59 @@
 """Tiny models built in code, shared by the tests."""
 
 import torch
+from transformers import (
+    AlbertConfig,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
+    ModernBertConfig,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
 
-from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+from hf_fastbert import FASTBERT_CONFIGS, FastBertConfig, FastBertForSequenceClassification
 
 
 VOCAB_SIZE = 99
 
+# Tiny settings of every supported family, in each family's own parameter names: 4 layers, hidden 32, 4 heads.
+FAMILY_SETTINGS = {
+    "bert": (BertConfig, {}),
+    "roberta": (RobertaConfig, {"pad_token_id": 1, "max_position_embeddings": 66}),
+    "xlm-roberta": (XLMRobertaConfig, {"pad_token_id": 1, "max_position_embeddings": 66}),
+    "electra": (ElectraConfig, {"embedding_size": 16}),
+    "distilbert": (
+        DistilBertConfig,
+        {"dim": 32, "n_layers": 4, "n_heads": 4, "hidden_dim": 37, "pad_token_id": 0},
+    ),
+    "albert": (AlbertConfig, {"embedding_size": 16, "num_hidden_groups": 2, "inner_group_num": 2}),
+    "deberta-v2": (
+        DebertaV2Config,
+        {
+            "relative_attention": True,
+            "position_buckets": 8,
+            "max_relative_positions": 64,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_biased_input": False,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "conv_kernel_size": 3,
+            "type_vocab_size": 2,
+        },
+    ),
+    "modernbert": (
+        ModernBertConfig,
+        {"global_attn_every_n_layers": 2, "local_attention": 8, "pad_token_id": 0, "classifier_pooling": "mean"},
+    ),
+}
+FAMILIES = list(FAMILY_SETTINGS)
 
-def tiny_config(**overrides) -> FastBertConfig:
-    settings = dict(
+
+def family_config(family: str, fastbert: bool = True, **overrides):
+    """A tiny config of `family`: the stock one (`fastbert=False`) or the FastBERT one."""
+    stock_class, settings = FAMILY_SETTINGS[family]
+    common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         num_hidden_layers=4,
@@ -17,13 +61,20 @@ def tiny_config(**overrides) -> FastBertConfig:
         intermediate_size=37,
         max_position_embeddings=64,
         num_labels=3,
-        branch_hidden_size=16,
     )
-    settings.update(overrides)
-    return FastBertConfig(**settings)
+    if family == "distilbert":
+        common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=64, num_labels=3)
+    config_class = FASTBERT_CONFIGS[family] if fastbert else stock_class
+    if fastbert:
+        common["branch_hidden_size"] = 16
+    return config_class(**{**common, **settings, **overrides})
 
 
-def spread_branches(model: FastBertForSequenceClassification, seed: int = 0) -> FastBertForSequenceClassification:
+def tiny_config(**overrides) -> FastBertConfig:
+    return family_config("bert", **overrides)
+
+
+def spread_branches(model, seed: int = 0):
     """Give the (untrained) students weights whose uncertainties spread over [0, 1], so that samples exit early."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,9 +86,17 @@ def spread_branches(model: FastBertForSequenceClassification, seed: int = 0) -> 
     return model
 
 
-def tiny_model(seed: int = 0, **overrides) -> FastBertForSequenceClassification:
+def family_model(family: str, seed: int = 0, **overrides):
+    """A tiny FastBERT model of `family` in eval mode, with students that exit early."""
+    from hf_fastbert import FASTBERT_MODELS
+
     torch.manual_seed(seed)
-    return spread_branches(FastBertForSequenceClassification(tiny_config(**overrides)), seed).eval()
+    config = family_config(family, **overrides)
+    return spread_branches(FASTBERT_MODELS[type(config)](config), seed).eval()
+
+
+def tiny_model(seed: int = 0, **overrides) -> FastBertForSequenceClassification:
+    return family_model("bert", seed, **overrides)
 
 
 def random_batch(batch_size: int = 8, seq_length: int = 12, seed: int = 0, min_length: int = 2):

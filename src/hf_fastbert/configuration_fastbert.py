@@ -1,12 +1,24 @@
-"""FastBERT model configuration."""
+"""FastBERT configurations: one per backbone family, each the family's own config plus the FastBERT settings."""
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 
-from transformers import BertConfig
+from transformers import (
+    AlbertConfig,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
+    ModernBertConfig,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
 
 
-TEACHER_HEADS = ("bert", "branch")
+# "stock": the family's own classification head (BERT checkpoints of hf-fastbert 0.1 say "bert", the same thing);
+# "branch": a head of the students' architecture, as in the paper.
+TEACHER_HEADS = ("stock", "bert", "branch")
 
 
 def validate_speed(speed, name="speed"):
@@ -25,18 +37,19 @@ def validate_speeds(speeds, name="speeds") -> list[float]:
     return [float(speed) for speed in speeds]
 
 
-class FastBertConfig(BertConfig):
+@dataclass(repr=False, kw_only=True)
+class FastBertConfigMixin:
     r"""
-    Configuration of a [`FastBertForSequenceClassification`]: a [`BertConfig`] plus the FastBERT settings.
-
-    Every BERT checkpoint config loads into it, so `FastBertConfig.from_pretrained("bert-base-uncased", num_labels=2)`
-    works and the backbone keeps its architecture.
+    The FastBERT settings, shared by the configuration of every backbone family (`FastBertConfig` for BERT,
+    `FastBertRobertaConfig`, ...). Each family's class is `class FastBert<Family>Config(FastBertConfigMixin,
+    <Family>Config)`, so every checkpoint config of that family loads into it and the backbone keeps its architecture:
+    `FastBertRobertaConfig.from_pretrained("roberta-base", num_labels=2)`.
 
     Args:
         speed (`float`, *optional*, defaults to 0.0):
             Default early-exit threshold in [0, 1]. A sample stops at the first layer whose student's normalized
-            uncertainty is below `speed`. 0 runs every sample through every layer (plain BERT). Can be overridden per
-            call with `model(..., speed=...)`.
+            uncertainty is below `speed`. 0 runs every sample through every layer (the stock classifier). Can be
+            overridden per call with `model(..., speed=...)`.
         branch_hidden_size (`int`, *optional*, defaults to 128):
             Width of the student classifiers (the paper uses 128).
         branch_num_attention_heads (`int`, *optional*, defaults to 2):
@@ -46,42 +59,42 @@ class FastBertConfig(BertConfig):
             renormalized, instead of the entropy over all labels. With dozens of labels the full normalized entropy
             stays close to 1 and nothing exits; `uncertainty_top_k=2` or `3` fixes that. Ignored when it is not
             smaller than `num_labels`.
-        teacher_head (`str`, *optional*, defaults to `"bert"`):
-            `"bert"`: the teacher is BERT's own classification head (pooler + dropout + linear, the parameter names of
-            [`BertForSequenceClassification`]), so fine-tuned BERT classifiers load unchanged. `"branch"`: the
-            teacher has the students' architecture, as in the paper.
+        teacher_head (`str`, *optional*, defaults to `"stock"`):
+            `"stock"`: the teacher is the family's own classification head with the parameter names of its
+            `<Family>ForSequenceClassification`, so fine-tuned stock classifiers load unchanged (BERT configs written
+            by hf-fastbert 0.1 say `"bert"`, which means the same). `"branch"`: the teacher has the students'
+            architecture, as in the paper.
         branches_distilled (`bool`, *optional*, defaults to `False`):
             Set by [`FastBertDistillationTrainer`] once the students have been self-distilled from the teacher. Until
             then the students are untrained and early exits are meaningless; model cards say so.
+    """
 
-    Example:
-
-    ```python
-    >>> from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
-
-    >>> config = FastBertConfig(num_hidden_layers=4, speed=0.2)
-    >>> model = FastBertForSequenceClassification(config)
-    ```"""
-
-    model_type = "fastbert"
-    _auto_class = "AutoConfig"
+    # The model type of the stock checkpoints of this family ("bert", "roberta", ...); set by each family's class.
+    backbone_model_type = None
 
     speed: float = 0.0
     branch_hidden_size: int = 128
     branch_num_attention_heads: int = 2
     uncertainty_top_k: int | None = None
-    teacher_head: str = "bert"
+    teacher_head: str = "stock"
     branches_distilled: bool = False
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") == "bert":  # a BERT checkpoint is a FastBERT one with default settings
+        model_type = config_dict.get("model_type")
+        if model_type == cls.backbone_model_type:  # a stock checkpoint is a FastBERT one with default settings
             config_dict = {**config_dict, "model_type": cls.model_type}
+        elif model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not a "
+                f"{cls.backbone_model_type!r} one: {cls.__name__} cannot load it. "
+                "FastBertForSequenceClassification.from_pretrained picks the FastBERT class of each supported family."
+            )
         return config_dict, kwargs
 
     def __post_init__(self, **kwargs):
-        # A plain BERT config.json carries model_type="bert"; it must not shadow ours.
+        # A stock config.json carries the family's model_type; it must not shadow ours.
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         self.validate_fastbert()
@@ -111,6 +124,125 @@ class FastBertConfig(BertConfig):
                 f"problem_type='single_label_classification' and num_labels >= 2, got problem_type="
                 f"{self.problem_type!r} and num_labels={self.num_labels}."
             )
+        if self.num_hidden_layers < 2:
+            raise ValueError(
+                f"FastBERT needs at least 2 layers (students after all but the last), got {self.num_hidden_layers}."
+            )
 
 
-__all__ = ["FastBertConfig"]
+class FastBertConfig(FastBertConfigMixin, BertConfig):
+    r"""
+    Configuration of a [`FastBertForSequenceClassification`] on BERT: a [`BertConfig`] plus the FastBERT settings
+    of [`FastBertConfigMixin`] (`speed`, `branch_hidden_size`, `branch_num_attention_heads`, `uncertainty_top_k`,
+    `teacher_head`, `branches_distilled`).
+
+    Example:
+
+    ```python
+    >>> from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+
+    >>> config = FastBertConfig(num_hidden_layers=4, speed=0.2)
+    >>> model = FastBertForSequenceClassification(config)
+    ```"""
+
+    model_type = "fastbert"
+    backbone_model_type = "bert"
+    _auto_class = "AutoConfig"
+
+
+class FastBertRobertaConfig(FastBertConfigMixin, RobertaConfig):
+    """A [`RobertaConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-roberta"
+    backbone_model_type = "roberta"
+    _auto_class = "AutoConfig"
+
+
+class FastBertXLMRobertaConfig(FastBertConfigMixin, XLMRobertaConfig):
+    """An [`XLMRobertaConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-xlm-roberta"
+    backbone_model_type = "xlm-roberta"
+    _auto_class = "AutoConfig"
+
+
+class FastBertElectraConfig(FastBertConfigMixin, ElectraConfig):
+    """An [`ElectraConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-electra"
+    backbone_model_type = "electra"
+    _auto_class = "AutoConfig"
+
+
+class FastBertDistilBertConfig(FastBertConfigMixin, DistilBertConfig):
+    """A [`DistilBertConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-distilbert"
+    backbone_model_type = "distilbert"
+    _auto_class = "AutoConfig"
+
+
+class FastBertAlbertConfig(FastBertConfigMixin, AlbertConfig):
+    """An [`AlbertConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-albert"
+    backbone_model_type = "albert"
+    _auto_class = "AutoConfig"
+
+
+class FastBertDebertaV2Config(FastBertConfigMixin, DebertaV2Config):
+    """A [`DebertaV2Config`] (DeBERTa-v2 and -v3 checkpoints) plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-deberta-v2"
+    backbone_model_type = "deberta-v2"
+    _auto_class = "AutoConfig"
+
+
+class FastBertModernBertConfig(FastBertConfigMixin, ModernBertConfig):
+    """A [`ModernBertConfig`] plus the FastBERT settings of [`FastBertConfigMixin`]."""
+
+    model_type = "fastbert-modernbert"
+    backbone_model_type = "modernbert"
+    _auto_class = "AutoConfig"
+
+
+# Every supported family: the model type of its stock checkpoints -> its FastBERT config class.
+FASTBERT_CONFIGS = {
+    config_class.backbone_model_type: config_class
+    for config_class in (
+        FastBertConfig,
+        FastBertRobertaConfig,
+        FastBertXLMRobertaConfig,
+        FastBertElectraConfig,
+        FastBertDistilBertConfig,
+        FastBertAlbertConfig,
+        FastBertDebertaV2Config,
+        FastBertModernBertConfig,
+    )
+}
+
+
+def fastbert_config_class(model_type: str):
+    """The FastBERT config class for a stock or FastBERT `model_type`; `ValueError` listing the supported ones."""
+    for config_class in FASTBERT_CONFIGS.values():
+        if model_type in (config_class.model_type, config_class.backbone_model_type):
+            return config_class
+    raise ValueError(
+        f"FastBERT does not support model type {model_type!r}. Supported backbone families: "
+        f"{', '.join(FASTBERT_CONFIGS)}."
+    )
+
+
+__all__ = [
+    "FASTBERT_CONFIGS",
+    "FastBertAlbertConfig",
+    "FastBertConfig",
+    "FastBertConfigMixin",
+    "FastBertDebertaV2Config",
+    "FastBertDistilBertConfig",
+    "FastBertElectraConfig",
+    "FastBertModernBertConfig",
+    "FastBertRobertaConfig",
+    "FastBertXLMRobertaConfig",
+    "fastbert_config_class",
+]

@@ -1,21 +1,20 @@
-"""Analytic FLOPs of FastBERT inference, per sample.
+"""Analytic FLOPs of FastBERT inference, per sample, for every backbone family.
 
 Counts matrix-multiply work only, at 2 FLOPs per multiply-add: the convention of the FastBERT paper (a BERT-base layer
 at length 128 is about 1.8 GFLOPs) and of `torch.utils.flop_counter.FlopCounterMode`. Element-wise work (embedding
 sums, LayerNorm, softmax, GELU, biases) is a fraction of a percent and is not counted; embedding lookups cost no FLOPs.
-All functions take the sample's real token length, so padding never inflates a count.
+All functions take the sample's real token length, so padding never inflates a count. What each family's layers and
+head cost is declared beside the family (`backbones.py`).
 """
 
 import torch
 
+from .backbones import get_backbone
+
 
 def layer_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
-    """FLOPs of one BERT encoder layer. `seq_lengths`: (B,) token counts -> (B,) int64."""
-    n, h, i = seq_lengths.long(), config.hidden_size, config.intermediate_size
-    projections = 2 * n * h * h * 4  # query, key, value, output
-    attention = 2 * n * n * h * 2  # scores and weighted sum, all heads together
-    feed_forward = 2 * n * h * i * 2
-    return projections + attention + feed_forward
+    """FLOPs of one encoder layer of `config`'s family. `seq_lengths`: (B,) token counts -> (B,) int64."""
+    return get_backbone(config).layer_flops(config, seq_lengths.long())
 
 
 def branch_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
@@ -32,8 +31,7 @@ def teacher_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
     """FLOPs of the teacher classifier on the last layer. (B,) -> (B,) int64."""
     if config.teacher_head == "branch":
         return branch_flops(config, seq_lengths)
-    h, c = config.hidden_size, config.num_labels
-    return torch.full_like(seq_lengths.long(), 2 * h * h + 2 * h * c)  # pooler + classifier
+    return get_backbone(config).teacher_flops(config, seq_lengths.long())
 
 
 def fastbert_flops(config, seq_lengths: torch.Tensor, exit_layers: torch.Tensor, branches_ran: bool = True):
@@ -41,7 +39,7 @@ def fastbert_flops(config, seq_lengths: torch.Tensor, exit_layers: torch.Tensor,
     FLOPs that FastBERT inference spent on each sample.
 
     Args:
-        config: a `FastBertConfig`.
+        config: a FastBERT config of any family.
         seq_lengths: (B,) real token counts (the attention mask's row sums).
         exit_layers: (B,) 1-based exit layers; `config.num_hidden_layers` for samples answered by the teacher.
         branches_ran: whether the student classifiers were evaluated (False at speed 0).
@@ -49,15 +47,24 @@ def fastbert_flops(config, seq_lengths: torch.Tensor, exit_layers: torch.Tensor,
     Returns:
         (B,) int64 tensor of FLOPs.
     """
+    backbone, n = get_backbone(config), seq_lengths.long()
     num_layers = config.num_hidden_layers
     exit_layers = exit_layers.long()
-    flops = exit_layers * layer_flops(config, seq_lengths)
+    flops = backbone.fixed_flops(config, n) + exit_layers * backbone.layer_flops(config, n)
     if branches_ran:
-        flops = flops + exit_layers.clamp(max=num_layers - 1) * branch_flops(config, seq_lengths)
-    return flops + (exit_layers == num_layers) * teacher_flops(config, seq_lengths)
+        flops = flops + exit_layers.clamp(max=num_layers - 1) * branch_flops(config, n)
+    return flops + (exit_layers == num_layers) * teacher_flops(config, n)
 
 
-def bert_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
-    """FLOPs of `BertForSequenceClassification` with the same backbone: the speed-up baseline. (B,) -> (B,)."""
-    h, c = config.hidden_size, config.num_labels
-    return config.num_hidden_layers * layer_flops(config, seq_lengths) + 2 * h * h + 2 * h * c
+def stock_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
+    """
+    FLOPs of the family's stock classifier (`<Family>ForSequenceClassification`, same backbone): the speed-up
+    baseline. (B,) -> (B,).
+    """
+    backbone, n = get_backbone(config), seq_lengths.long()
+    head = backbone.teacher_flops(config, n)
+    return backbone.fixed_flops(config, n) + config.num_hidden_layers * backbone.layer_flops(config, n) + head
+
+
+# hf-fastbert 0.1 name, from when BERT was the only family.
+bert_flops = stock_flops

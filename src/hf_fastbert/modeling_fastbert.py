@@ -1,4 +1,10 @@
-"""FastBERT: a BERT classifier with a student classifier after every layer and per-sample early exit."""
+"""FastBERT: a classifier with a student classifier after every layer and per-sample early exit, for every supported
+encoder family (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, ALBERT, DeBERTa-v2/v3, ModernBERT).
+
+One engine (`FastBertModelMixin`) serves every family; what differs is declared in `backbones.py`. Each family's model
+class subclasses its stock `<Family>ForSequenceClassification`, so the teacher is the stock head with its parameter
+names and, at speed 0, the model is the stock classifier.
+"""
 
 import math
 from dataclasses import dataclass
@@ -6,12 +12,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
+from transformers import (
+    AlbertForSequenceClassification,
+    BertForSequenceClassification,
+    DebertaV2ForSequenceClassification,
+    DistilBertForSequenceClassification,
+    ElectraForSequenceClassification,
+    ModernBertForSequenceClassification,
+    PreTrainedConfig,
+    RobertaForSequenceClassification,
+    XLMRobertaForSequenceClassification,
+)
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_fastbert import FastBertConfig, validate_speed
+from .backbones import get_backbone
+from .configuration_fastbert import (
+    FastBertAlbertConfig,
+    FastBertConfig,
+    FastBertConfigMixin,
+    FastBertDebertaV2Config,
+    FastBertDistilBertConfig,
+    FastBertElectraConfig,
+    FastBertModernBertConfig,
+    FastBertRobertaConfig,
+    FastBertXLMRobertaConfig,
+    fastbert_config_class,
+    validate_speed,
+)
 from .flops import fastbert_flops
 
 
@@ -89,9 +117,10 @@ class FastBertSequenceClassifierOutput(ModelOutput):
             Returned with `output_all_logits=True`: the logits of every classifier, students first (layers 1 .. L-1),
             the teacher last.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            As in BERT, when `output_hidden_states=True` and the model runs at full depth.
+            As the stock classifier returns them, when `output_hidden_states=True` (the backbone then runs at full
+            depth for them).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
-            As in BERT, when `output_attentions=True` and the model runs at full depth.
+            As the stock classifier returns them, when `output_attentions=True`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -110,7 +139,7 @@ class FastBertBranch(nn.Module):
     computed: the result is the same as full self-attention followed by taking position 0.
     """
 
-    def __init__(self, config: FastBertConfig):
+    def __init__(self, config: FastBertConfigMixin):
         super().__init__()
         width = config.branch_hidden_size
         self.num_heads = config.branch_num_attention_heads
@@ -136,54 +165,73 @@ class FastBertBranch(nn.Module):
         return self.classifier(torch.tanh(self.dense(context)))  # (B, C)
 
 
-class FastBertForSequenceClassification(BertPreTrainedModel):
+class FastBertModelMixin:
     r"""
-    BERT for sequence classification with FastBERT's adaptive inference (Liu et al., ACL 2020).
+    FastBERT's adaptive inference (Liu et al., ACL 2020) for a stock `<Family>ForSequenceClassification`: the family's
+    model class is `class FastBert<Family>ForSequenceClassification(FastBertModelMixin,
+    <Family>ForSequenceClassification)`, and everything family-specific comes from its declaration in `backbones.py`.
 
-    A student classifier ([`FastBertBranch`]) follows every layer but the last; the teacher is BERT's own
+    A student classifier ([`FastBertBranch`]) follows every layer but the last; the teacher is the family's own
     classification head on the last layer. In eval mode with `speed > 0`, every sample leaves the batch at the first
     layer whose student is confident enough (normalized entropy below `speed`); the rest of the batch goes on, and
-    samples that never qualify take the teacher's prediction. At `speed=0` this is exactly
-    [`BertForSequenceClassification`].
+    samples that never qualify take the teacher's prediction. At `speed=0` the model runs the stock classifier.
+    """
 
-    Example:
-
-    ```python
-    >>> from transformers import AutoTokenizer
-    >>> from hf_fastbert import FastBertForSequenceClassification
-
-    >>> tokenizer = AutoTokenizer.from_pretrained("bert-base-uncased")
-    >>> model = FastBertForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2).eval()
-    >>> inputs = tokenizer(["a gem", "not my cup of tea"], padding=True, return_tensors="pt")
-    >>> model(**inputs, speed=0.3).exit_layers
-    ```"""
-
-    config_class = FastBertConfig
     _auto_class = "AutoModelForSequenceClassification"
-    # Students are new in every checkpoint but a distilled FastBERT one; pre-training heads are not used.
+    # Students are new in every checkpoint but a distilled FastBERT one (see `_check_loaded_weights`).
     _keys_to_ignore_on_load_missing = [r"^branches\."]
-    _keys_to_ignore_on_load_unexpected = [r"^cls\."]
 
-    def __init__(self, config: FastBertConfig):
-        super().__init__(config)
+    def __init__(self, config):
+        if getattr(config, "model_type", None) != self.config_class.model_type:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got a {type(config).__name__}: the "
+                f"FastBERT class for it is {FASTBERT_MODELS[fastbert_config_class(config.model_type)].__name__}."
+            )
         config.validate_fastbert()
-        self.num_labels = config.num_labels
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=config.teacher_head == "bert")
-        if config.teacher_head == "bert":
-            dropout = config.classifier_dropout
-            self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        else:
+        super().__init__(config)
+        if config.teacher_head == "branch":
+            for path in self.backbone.stock_head_modules:
+                *parents, name = path.split(".")
+                owner = self
+                for parent in parents:
+                    owner = getattr(owner, parent)
+                setattr(owner, name, None)
             self.classifier = FastBertBranch(config)
         self.branches = nn.ModuleList(FastBertBranch(config) for _ in range(config.num_hidden_layers - 1))
-        self.post_init()
+        self.post_init()  # initializes the new modules only: the stock ones are marked initialized
 
-    def teacher_logits(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, H) last-layer hidden states -> (B, num_labels) teacher logits."""
-        if self.config.teacher_head == "bert":
-            return self.classifier(self.dropout(self.bert.pooler(last_hidden_state)))
-        return self.classifier(last_hidden_state, attention_mask)
+    @property
+    def backbone(self):
+        """This family's declaration (`backbones.Backbone`)."""
+        return get_backbone(self.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~PreTrainedModel.from_pretrained`], which also refuses a checkpoint that would leave weights of the backbone
+        random, or that claims distilled students (`branches_distilled`) without their weights.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        model._check_loaded_weights(pretrained_model_name_or_path, info["missing_keys"])
+        return (model, info) if output_loading_info else model
+
+    def _check_loaded_weights(self, source, missing_keys):
+        prefix = f"{self.base_model_prefix}."
+        missing_backbone = sorted(key for key in missing_keys if key.startswith(prefix))
+        if missing_backbone:
+            raise ValueError(
+                f"{source} lacks {len(missing_backbone)} weights of the {self.config.backbone_model_type} backbone "
+                f"(e.g. {missing_backbone[0]}): they would be random. Is it a checkpoint of another architecture?"
+            )
+        if self.config.branches_distilled and any(key.startswith("branches.") for key in missing_keys):
+            raise ValueError(
+                f"{source} says its students were distilled (branches_distilled=true) but holds no student weights "
+                "(branches.*): the checkpoint is incomplete. Pass branches_distilled=False to load its backbone and "
+                "teacher with new students, and distill them again."
+            )
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """[`~PreTrainedModel.push_to_hub`] (same arguments), publishing the FastBERT model card (`modelcard.py`)."""
@@ -194,6 +242,12 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
     def uncertainty(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., num_labels) logits -> (...) uncertainty in [0, 1], as configured (`config.uncertainty_top_k`)."""
         return normalized_entropy(logits, self.config.uncertainty_top_k)
+
+    def teacher_logits(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last-layer states and (B, T) mask -> (B, num_labels) teacher logits."""
+        if self.config.teacher_head == "branch":
+            return self.classifier(self.backbone.student_input(self, last_hidden_state), attention_mask)
+        return self.backbone.teacher_logits(self, last_hidden_state, attention_mask)
 
     @can_return_tuple
     def forward(
@@ -209,6 +263,8 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
         **kwargs,
     ) -> FastBertSequenceClassifierOutput:
         r"""
+        token_type_ids, position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            As the family's stock classifier takes them (DistilBERT and ModernBERT have no token types).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, num_labels)`. The loss is the teacher's cross-entropy.
         speed (`float`, *optional*):
@@ -220,34 +276,45 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
         """
         speed = self.config.speed if speed is None else speed
         validate_speed(speed)
+        speed = float(speed)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if seq_length > self.config.max_position_embeddings:
+        max_length = self.backbone.max_length(self.config)
+        if max_length is not None and seq_length > max_length:
             raise ValueError(
-                f"The input has {seq_length} tokens but the model accepts at most max_position_embeddings="
-                f"{self.config.max_position_embeddings}: truncate it (tokenizer(..., truncation=True))."
+                f"The input has {seq_length} tokens but this {self.config.backbone_model_type} model accepts at most "
+                f"{max_length} (max_position_embeddings): truncate it (tokenizer(..., truncation=True))."
             )
+        inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+        for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if name in self.backbone.embedding_inputs:
+                inputs[name] = value
+            elif value is not None:
+                raise ValueError(f"{self.config.backbone_model_type} models take no `{name}`; leave it out.")
         if labels is not None:
             self._check_labels(labels)
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-        )
-        full_depth_outputs = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-        if self.training or output_all_logits or speed == 0 or labels is not None or full_depth_outputs:
-            output, teacher_logits = self._forward_full_depth(inputs, speed, output_all_logits, **kwargs)
-        else:
-            output = self._forward_early_exit(inputs, speed)
-
         if attention_mask is None:
-            seq_lengths = torch.full((batch_size,), seq_length, device=output.logits.device)
+            attention_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=self.device)
+
+        stock_teacher = self.config.teacher_head != "branch"
+        exits_at_speed = not self.training and speed > 0
+        if stock_teacher and not exits_at_speed and not output_all_logits:
+            output, teacher_logits = self._forward_stock(inputs, attention_mask, **kwargs)
         else:
-            seq_lengths = attention_mask.sum(dim=1)
-        output.flops = fastbert_flops(self.config, seq_lengths, output.exit_layers, branches_ran=speed > 0)
+            full_depth = self.training or output_all_logits or labels is not None
+            students = exits_at_speed or output_all_logits
+            output, teacher_logits = self._forward_layers(inputs, attention_mask, speed, full_depth, students)
+            if not output_all_logits:
+                output.all_logits = None
+            if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+                # The stock backbone's outputs, for every layer: a second, full-depth pass.
+                outputs = self.backbone.base_model(self)(**inputs, attention_mask=attention_mask, **kwargs)
+                output.hidden_states, output.attentions = outputs.hidden_states, outputs.attentions
+
+        output.flops = fastbert_flops(
+            self.config, attention_mask.sum(dim=1), output.exit_layers, branches_ran=speed > 0
+        )
         if labels is not None:
             loss = F.cross_entropy(teacher_logits.view(-1, self.num_labels), labels.view(-1))
             output = FastBertSequenceClassifierOutput(loss=loss, **output)
@@ -265,90 +332,209 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
                 f"{sorted(set(labels.flatten().tolist()))[:10]}."
             )
 
-    def _forward_full_depth(self, inputs, speed, output_all_logits, **kwargs):
-        """
-        Every sample through every layer: training, speed 0, `output_all_logits=True`, evaluation with labels (the
-        loss needs the teacher) and `output_hidden_states`/`output_attentions` (BERT's outputs, for every layer). Out
-        of training, `logits` and `exit_layers` follow the exit rule at `speed`. Returns the output and the (B, C)
-        teacher logits.
-        """
-        exits_at_speed = not self.training and speed > 0
-        output_hidden_states = kwargs.pop("output_hidden_states", False)
-        outputs = self.bert(
-            **inputs,
-            output_hidden_states=output_all_logits or exits_at_speed or output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        teacher_logits = self.teacher_logits(outputs.last_hidden_state, inputs["attention_mask"])  # (B, C)
-        batch_size = teacher_logits.shape[0]
-        logits = teacher_logits
-        exit_layers = torch.full((batch_size,), self.config.num_hidden_layers, device=logits.device)  # (B,)
-        all_logits = None
-        if output_all_logits or exits_at_speed:
-            student_logits = [
-                branch(hidden, inputs["attention_mask"])
-                for branch, hidden in zip(self.branches, outputs.hidden_states[1:-1], strict=True)
-            ]
-            all_logits = torch.stack(student_logits + [teacher_logits], dim=1)  # (B, L, C)
-        if exits_at_speed:
-            logits, exit_layers = select_exits(all_logits, speed, self.config.uncertainty_top_k)  # (B, C), (B,)
+    def _forward_stock(self, inputs, attention_mask, **kwargs):
+        """The stock classifier (speed 0, or training the teacher): its logits, hidden states and attentions."""
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        stock = super().forward(attention_mask=attention_mask, return_dict=True, **inputs, **kwargs)
+        exit_layers = torch.full((stock.logits.shape[0],), self.config.num_hidden_layers, device=stock.logits.device)
         output = FastBertSequenceClassifierOutput(
-            logits=logits,
+            logits=stock.logits,
             exit_layers=exit_layers,
-            all_logits=all_logits if output_all_logits else None,
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
-            attentions=outputs.attentions,
+            hidden_states=stock.hidden_states,
+            attentions=stock.attentions,
         )
-        return output, teacher_logits
+        return output, stock.logits
 
-    def _forward_early_exit(self, inputs, speed) -> FastBertSequenceClassifierOutput:
+    def _forward_layers(self, inputs, mask, speed, full_depth, students):
         """
-        Batched per-sample early exit. After each layer the samples whose student is confident leave the batch: the
-        hidden states, the mask and the map back to the caller's batch shrink, trailing padding columns that no
-        remaining sample needs are cut, and the loop ends once no sample remains.
+        The engine, for every family. With `full_depth`, every sample runs every layer and every classifier
+        (training, `output_all_logits`, labels at a speed); the exit rule then picks from `all_logits`, and `students`
+        says whether the students run at all. Otherwise
+        batched per-sample early exit: after each layer the samples whose student is confident leave the batch (the
+        states, the mask, the positions and the map back to the caller's batch shrink, trailing padding columns that
+        no remaining sample needs are cut, the layers' masks and positions are prepared again) and the loop ends once
+        no sample remains. Returns the output and the (B, C) teacher logits (None for samples that exited early).
         """
-        hidden = self.bert.embeddings(
-            input_ids=inputs["input_ids"],
-            token_type_ids=inputs["token_type_ids"],
-            position_ids=inputs["position_ids"],
-            inputs_embeds=inputs["inputs_embeds"],
-        )  # (B, T, H)
-        batch_size, seq_length = hidden.shape[:2]
-        mask = inputs["attention_mask"]
-        if mask is None:
-            mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=hidden.device)
+        backbone, num_layers = self.backbone, self.config.num_hidden_layers
+        exits_at_speed = not self.training and speed > 0
+        hidden = backbone.embed(self, inputs, mask)  # (B, T, H)
+        embeddings = hidden  # DeBERTa's convolution after the first layer reads them
+        batch_size = hidden.shape[0]
+        positions = inputs.get("position_ids")  # (B or 1, T) or None
         rows = torch.arange(batch_size, device=hidden.device)  # (b,) caller's index of each remaining sample
-        num_layers = self.config.num_hidden_layers
         logits = hidden.new_empty(batch_size, self.num_labels)  # (B, C)
         exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=hidden.device)  # (B,)
-
-        layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        for index, layer in enumerate(self.bert.encoder.layer):
-            hidden = layer(hidden, layer_mask)  # (b, t, H)
+        student_logits = []
+        state = backbone.prepare(self, hidden, mask, positions)
+        for index in range(num_layers):
+            hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
             if index == num_layers - 1:
-                logits[rows] = self.teacher_logits(hidden, mask).to(logits.dtype)
+                teacher_logits = self.teacher_logits(hidden, mask)  # (b, C)
+                logits[rows] = teacher_logits.to(logits.dtype)
                 break
-            student_logits = self.branches[index](hidden, mask)  # (b, C)
-            exits = self.uncertainty(student_logits) < speed  # (b,)
+            if not students:
+                continue
+            branch_logits = self.branches[index](backbone.student_input(self, hidden), mask)  # (b, C)
+            if full_depth:
+                student_logits.append(branch_logits)
+                continue
+            exits = self.uncertainty(branch_logits) < speed  # (b,)
             if not exits.any():
                 continue
-            logits[rows[exits]] = student_logits[exits].to(logits.dtype)
+            logits[rows[exits]] = branch_logits[exits].to(logits.dtype)
             exit_layers[rows[exits]] = index + 1
             stay = ~exits
             if not stay.any():
+                teacher_logits = None
                 break
             rows, hidden, mask = rows[stay], hidden[stay], mask[stay]
+            if positions is not None and positions.shape[0] > 1:
+                positions = positions[stay]
             used_columns = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
             hidden, mask = hidden[:, :used_columns], mask[:, :used_columns]
-            layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers)
+            positions = None if positions is None else positions[:, :used_columns]
+            state = backbone.prepare(self, hidden, mask, positions)
+
+        if not full_depth:
+            return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers), teacher_logits
+        if not students:
+            return FastBertSequenceClassifierOutput(logits=teacher_logits, exit_layers=exit_layers), teacher_logits
+        all_logits = torch.stack(student_logits + [teacher_logits], dim=1)  # (B, L, C)
+        logits = teacher_logits
+        if exits_at_speed:
+            logits, exit_layers = select_exits(all_logits, speed, self.config.uncertainty_top_k)  # (B, C), (B,)
+        output = FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers, all_logits=all_logits)
+        return output, teacher_logits
+
+
+class FastBertForSequenceClassification(FastBertModelMixin, BertForSequenceClassification):
+    r"""
+    FastBERT on BERT, and the entry point for every family: `FastBertForSequenceClassification.from_pretrained`
+    accepts a checkpoint of any supported family (base encoder, masked LM or fine-tuned
+    `<Family>ForSequenceClassification`, stock or FastBERT) and returns the FastBERT model of that family (e.g. a
+    [`FastBertRobertaForSequenceClassification`]). A checkpoint of another family raises a `ValueError` that lists
+    the supported ones, before any weight is read.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from hf_fastbert import FastBertForSequenceClassification
+
+    >>> tokenizer = AutoTokenizer.from_pretrained("bert-base-uncased")
+    >>> model = FastBertForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2).eval()
+    >>> inputs = tokenizer(["a gem", "not my cup of tea"], padding=True, return_tensors="pt")
+    >>> model(**inputs, speed=0.3).exit_layers
+    ```"""
+
+    config_class = FastBertConfig
+    _keys_to_ignore_on_load_unexpected = [r"^cls\."]  # pre-training heads
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if cls is FastBertForSequenceClassification:
+            family_class = fastbert_model_class(pretrained_model_name_or_path, **kwargs)
+            if family_class is not cls:
+                return family_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+class FastBertRobertaForSequenceClassification(FastBertModelMixin, RobertaForSequenceClassification):
+    """FastBERT on RoBERTa: [`RobertaForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertRobertaConfig
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+
+class FastBertXLMRobertaForSequenceClassification(FastBertModelMixin, XLMRobertaForSequenceClassification):
+    """FastBERT on XLM-RoBERTa: [`XLMRobertaForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertXLMRobertaConfig
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+
+class FastBertElectraForSequenceClassification(FastBertModelMixin, ElectraForSequenceClassification):
+    """FastBERT on ELECTRA: [`ElectraForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertElectraConfig
+    _keys_to_ignore_on_load_unexpected = [r"^discriminator_predictions\.", r"^generator_"]
+
+
+class FastBertDistilBertForSequenceClassification(FastBertModelMixin, DistilBertForSequenceClassification):
+    """FastBERT on DistilBERT: [`DistilBertForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertDistilBertConfig
+    _keys_to_ignore_on_load_unexpected = [r"^vocab_(transform|layer_norm|projector)\."]
+
+
+class FastBertAlbertForSequenceClassification(FastBertModelMixin, AlbertForSequenceClassification):
+    """FastBERT on ALBERT: [`AlbertForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertAlbertConfig
+    _keys_to_ignore_on_load_unexpected = [r"^predictions\.", r"^sop_classifier\."]
+
+
+class FastBertDebertaV2ForSequenceClassification(FastBertModelMixin, DebertaV2ForSequenceClassification):
+    """FastBERT on DeBERTa-v2 and -v3: [`DebertaV2ForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertDebertaV2Config
+    _keys_to_ignore_on_load_unexpected = [r"^lm_predictions\.", r"^mask_predictions\.", r"^cls\."]
+
+
+class FastBertModernBertForSequenceClassification(FastBertModelMixin, ModernBertForSequenceClassification):
+    """FastBERT on ModernBERT: [`ModernBertForSequenceClassification`] with students and early exit."""
+
+    config_class = FastBertModernBertConfig
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+
+# FastBERT config class -> FastBERT model class, for every supported family.
+FASTBERT_MODELS = {
+    model_class.config_class: model_class
+    for model_class in (
+        FastBertForSequenceClassification,
+        FastBertRobertaForSequenceClassification,
+        FastBertXLMRobertaForSequenceClassification,
+        FastBertElectraForSequenceClassification,
+        FastBertDistilBertForSequenceClassification,
+        FastBertAlbertForSequenceClassification,
+        FastBertDebertaV2ForSequenceClassification,
+        FastBertModernBertForSequenceClassification,
+    )
+}
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def fastbert_model_class(pretrained_model_name_or_path, **kwargs):
+    """
+    The FastBERT model class for a checkpoint (a stock or FastBERT one of any supported family), read from its
+    config (or from `config=` when given) before any weight is loaded. `ValueError` for an unsupported family.
+    """
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        model_type = config.model_type
+    else:
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        model_type = config_dict.get("model_type")
+    return FASTBERT_MODELS[fastbert_config_class(model_type)]
 
 
 __all__ = [
+    "FASTBERT_MODELS",
+    "FastBertAlbertForSequenceClassification",
     "FastBertBranch",
+    "FastBertDebertaV2ForSequenceClassification",
+    "FastBertDistilBertForSequenceClassification",
+    "FastBertElectraForSequenceClassification",
     "FastBertForSequenceClassification",
+    "FastBertModelMixin",
+    "FastBertModernBertForSequenceClassification",
+    "FastBertRobertaForSequenceClassification",
     "FastBertSequenceClassifierOutput",
+    "FastBertXLMRobertaForSequenceClassification",
+    "fastbert_model_class",
     "first_confident_layer",
     "normalized_entropy",
     "select_exits",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
-from .modeling_fastbert import FastBertForSequenceClassification, normalized_entropy
+from .modeling_fastbert import FastBertModelMixin, normalized_entropy
 from .training_args_fastbert import validate_temperature
 
 
@@ -118,10 +118,11 @@ class FastBertDistillationTrainer(Trainer):
     ```"""
 
     def __init__(self, model=None, args=None, *trainer_args, **kwargs):
-        if not isinstance(model, FastBertForSequenceClassification):
+        if not isinstance(model, FastBertModelMixin):
             raise ValueError(
                 "FastBertDistillationTrainer distills the students of a FastBERT model: `model` must be a "
-                f"FastBertForSequenceClassification (fine-tuned first), got {type(model).__name__}."
+                "FastBertForSequenceClassification (or the FastBERT class of another family, fine-tuned first), got "
+                f"{type(model).__name__}."
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("FastBertDistillationTrainer does not support `model_init`: pass the fine-tuned model.")

@@ -13,7 +13,8 @@ import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
-from .configuration_fastbert import FastBertConfig, validate_speeds
+from .backbones import BACKBONES
+from .configuration_fastbert import fastbert_config_class, validate_speeds
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
 from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, evaluate_speeds
 from .modeling_fastbert import FastBertForSequenceClassification
@@ -134,7 +135,8 @@ def train_fastbert(
 
     Args:
         model_name_or_path (`str`):
-            A BERT-like checkpoint (Hub id or folder): a pre-trained BERT, a fine-tuned `BertForSequenceClassification`
+            A checkpoint of a supported family (Hub id or folder): a pre-trained encoder (BERT, RoBERTa, XLM-RoBERTa,
+            ELECTRA, DistilBERT, ALBERT, DeBERTa-v2/v3, ModernBERT), a fine-tuned `<Family>ForSequenceClassification`
             or a FastBERT checkpoint.
         raw_datasets (`datasets.DatasetDict`):
             Raw text splits; `"train"` is required and labelled. See [`hf_fastbert.data.load_raw_datasets`].
@@ -185,15 +187,11 @@ def train_fastbert(
     validate_temperature(distillation_temperature)
 
     config = AutoConfig.from_pretrained(model_name_or_path)
-    if config.model_type not in ("bert", "fastbert"):
+    config_class = fastbert_config_class(config.model_type)  # ValueError naming the supported families
+    longest = BACKBONES[config_class.backbone_model_type].max_length(config)
+    if longest is not None and max_length > longest:
         raise ValueError(
-            "FastBERT needs a BERT checkpoint (model_type 'bert' or 'fastbert'), got "
-            f"model_type={config.model_type!r}."
-        )
-    if max_length > config.max_position_embeddings:
-        raise ValueError(
-            f"`max_length` ({max_length}) exceeds the model's max_position_embeddings "
-            f"({config.max_position_embeddings})."
+            f"`max_length` ({max_length}) exceeds the {longest} tokens the model's max_position_embeddings allow."
         )
     label_names = _match_checkpoint_labels(config, label_names, reuse_teacher=finetune_epochs == 0)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
@@ -217,7 +215,7 @@ def train_fastbert(
         distill_parts.append(tokenize(unlabeled_dataset, "unlabeled", labelled=False))
     distill_dataset = concatenate_datasets(distill_parts) if len(distill_parts) > 1 else distill_parts[0]
 
-    fastbert_config = FastBertConfig.from_pretrained(
+    fastbert_config = config_class.from_pretrained(
         model_name_or_path, num_labels=len(label_names), **label_maps(label_names)
     )
     model = FastBertForSequenceClassification.from_pretrained(
