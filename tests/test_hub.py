@@ -207,6 +207,7 @@ def test_push_publishes_weights_config_code_tokenizer_and_card(hub, pushed):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_fastbert.FastBertConfig",
         "AutoModelForSequenceClassification": "modeling_fastbert.FastBertForSequenceClassification",
+        "AutoModel": "modeling_fastbert.FastBertModel",
     }
     assert "custom_pipelines" not in config  # never the built-in task name in a saved repo
 

@@ -148,6 +148,7 @@ def test_save_and_reload_with_auto_classes(tmp_path):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_fastbert.FastBertConfig",
         "AutoModelForSequenceClassification": "modeling_fastbert.FastBertForSequenceClassification",
+        "AutoModel": "modeling_fastbert.FastBertModel",
     }
     assert isinstance(AutoConfig.from_pretrained(tmp_path), FastBertConfig)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()

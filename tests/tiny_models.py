@@ -44,7 +44,12 @@ FAMILY_SETTINGS = {
     ),
     "modernbert": (
         ModernBertConfig,
-        {"global_attn_every_n_layers": 2, "local_attention": 8, "pad_token_id": 0, "classifier_pooling": "mean"},
+        {
+            "global_attn_every_n_layers": 2,
+            "local_attention": 8,
+            "classifier_pooling": "mean",
+            **{"pad_token_id": 0, "bos_token_id": 2, "cls_token_id": 2, "eos_token_id": 3, "sep_token_id": 3},
+        },
     ),
 }
 FAMILIES = list(FAMILY_SETTINGS)

@@ -1,6 +1,6 @@
 """hf-fastbert: FastBERT's self-distilled early exit for Hugging Face Transformers."""
 
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_fastbert import (
     FASTBERT_CONFIGS,
@@ -18,6 +18,7 @@ from .evaluation import FastBertMetrics, evaluate_speeds
 from .flops import bert_flops, fastbert_flops, stock_flops
 from .modelcard import write_model_card
 from .modeling_fastbert import (
+    FASTBERT_BASE_MODELS,
     FASTBERT_MODELS,
     FastBertAlbertForSequenceClassification,
     FastBertDebertaV2ForSequenceClassification,
@@ -40,11 +41,12 @@ from .training_args_fastbert import FastBertTrainingArguments
 __version__ = "0.1.0"
 
 # The only global changes the package makes: the Auto classes learn the FastBERT model types ("fastbert",
-# "fastbert-roberta", ...), and the "text-classification" pipeline learns FastBERT's `speed` (stock behaviour for every
-# other model).
+# "fastbert-roberta", ...; AutoModelForSequenceClassification gives the FastBERT model, AutoModel its backbone), and
+# the "text-classification" pipeline learns FastBERT's `speed` (stock behaviour for every other model).
 for _config_class, _model_class in FASTBERT_MODELS.items():
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForSequenceClassification.register(_config_class, _model_class, exist_ok=True)
+    AutoModel.register(_config_class, FASTBERT_BASE_MODELS[_config_class], exist_ok=True)
 register_text_classification_pipeline()
 
 __all__ = [

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .configuration_fastbert import validate_speed
+from .configuration_fastbert import is_fastbert_model_type, validate_speed
 
 
 logger = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def load_fastbert(name_or_path):
         config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
     except OSError as error:
         raise OSError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
-    if config.model_type != "fastbert":
+    if not is_fastbert_model_type(config.model_type):
         raise ValueError(
             f"{name_or_path} is a {config.model_type!r} model, not FastBERT: make one with "
             f"`{PROG} train --model {name_or_path}`"

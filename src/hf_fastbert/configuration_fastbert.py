@@ -233,6 +233,11 @@ def fastbert_config_class(model_type: str):
     )
 
 
+def is_fastbert_model_type(model_type) -> bool:
+    """Whether `model_type` (a config's) is one of FastBERT's ("fastbert", "fastbert-roberta", ...)."""
+    return any(model_type == config_class.model_type for config_class in FASTBERT_CONFIGS.values())
+
+
 __all__ = [
     "FASTBERT_CONFIGS",
     "FastBertAlbertConfig",
@@ -245,4 +250,5 @@ __all__ = [
     "FastBertRobertaConfig",
     "FastBertXLMRobertaConfig",
     "fastbert_config_class",
+    "is_fastbert_model_type",
 ]

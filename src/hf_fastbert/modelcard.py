@@ -13,12 +13,22 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData
 
-from .configuration_fastbert import validate_speed
+from .configuration_fastbert import is_fastbert_model_type, validate_speed
 
 
 RESULT_KEYS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
 PLOT_FILENAME = "accuracy_vs_speedup.png"
 CARD_TAGS = ("fastbert", "early-exit", "hf-fastbert")
+BACKBONE_NAMES = {
+    "bert": "BERT",
+    "roberta": "RoBERTa",
+    "xlm-roberta": "XLM-RoBERTa",
+    "electra": "ELECTRA",
+    "distilbert": "DistilBERT",
+    "albert": "ALBERT",
+    "deberta-v2": "DeBERTa-v2",
+    "modernbert": "ModernBERT",
+}
 NOT_DISTILLED_TAG = "fastbert-not-distilled"
 PAPER_URL = "https://aclanthology.org/2020.acl-main.537/"
 HUB_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -76,9 +86,9 @@ def _check_results(results, num_layers: int) -> list[dict] | None:
 
 def _fastbert_config(model):
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "fastbert":
+    if not is_fastbert_model_type(getattr(config, "model_type", None)):
         raise ValueError(
-            "A FastBERT model card needs a FastBERT model (config.model_type == 'fastbert'), got "
+            "A FastBERT model card needs a FastBERT model (config.model_type 'fastbert' or 'fastbert-<family>'), got "
             f"{type(model).__name__} with model_type={getattr(config, 'model_type', None)!r}."
         )
     return config
@@ -126,7 +136,8 @@ def _usage(repo_id: str, config) -> str:
     return f"""## Usage
 
 `speed` in [0, 1] is the early-exit threshold: a sample leaves at the first layer whose student's normalized
-uncertainty is below it. `0` runs every layer (plain BERT); higher values are faster and may be less accurate.
+uncertainty is below it. `0` runs every layer (the stock classifier); higher values are faster and may be less
+accurate.
 This model's default is `config.speed = {config.speed:g}`.
 
 ### With the hf-fastbert plugin (`pip install hf-fastbert`)
@@ -207,18 +218,21 @@ def render_model_card(
     parts = [
         f"---\n{metadata.to_yaml()}\n---\n",
         f"# {repo_id.split('/')[-1]}\n",
-        f"A [FastBERT]({PAPER_URL}) text classifier made with the `hf-fastbert` plugin for Transformers: BERT with "
-        "a small student classifier after each layer but the last, self-distilled from the final (teacher) "
+        f"A [FastBERT]({PAPER_URL}) text classifier made with the `hf-fastbert` plugin for Transformers: a "
+        f"{BACKBONE_NAMES.get(config.backbone_model_type, config.backbone_model_type)} encoder with a small student "
+        "classifier after each layer but the last, self-distilled from the final (teacher) "
         "classifier, so that at inference each input leaves at the first layer that is confident enough.\n",
     ]
     if not distilled:
         parts.append(
             "> **Not distilled.** The student classifiers of this model were never self-distilled from the teacher "
             "(`config.branches_distilled` is false): early exits (`speed > 0`) use untrained students and their "
-            "predictions are meaningless. Use `speed=0` (plain BERT), or distill the students first with "
+            "predictions are meaningless. Use `speed=0` (the stock classifier), or distill the students first with "
             "`hf_fastbert.FastBertDistillationTrainer`.\n"
         )
     details = [
+        f"- Backbone: {BACKBONE_NAMES.get(config.backbone_model_type, config.backbone_model_type)} "
+        f"(`{config.backbone_model_type}`)",
         f"- Layers: {config.num_hidden_layers} (students after layers 1-{config.num_hidden_layers - 1})",
         f"- Labels ({config.num_labels}): {', '.join(f'`{label}`' for label in labels)}",
         f"- Default speed: `{config.speed:g}`",

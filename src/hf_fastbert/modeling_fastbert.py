@@ -14,14 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AlbertForSequenceClassification,
+    AlbertModel,
     BertForSequenceClassification,
+    BertModel,
     DebertaV2ForSequenceClassification,
+    DebertaV2Model,
     DistilBertForSequenceClassification,
+    DistilBertModel,
     ElectraForSequenceClassification,
+    ElectraModel,
     ModernBertForSequenceClassification,
+    ModernBertModel,
     PreTrainedConfig,
     RobertaForSequenceClassification,
+    RobertaModel,
     XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
 )
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -218,20 +226,35 @@ class FastBertModelMixin:
         model._check_loaded_weights(pretrained_model_name_or_path, info["missing_keys"])
         return (model, info) if output_loading_info else model
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info):
+        # Missing students are hidden from the load report (`_keys_to_ignore_on_load_missing`): remember them first.
+        self._students_missing = any(key.startswith("branches.") for key in loading_info.missing_keys)
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+
     def _check_loaded_weights(self, source, missing_keys):
+        head = tuple(f"{path}." for path in self.backbone.stock_head_modules)  # BERT's pooler is in `bert.`
         prefix = f"{self.base_model_prefix}."
-        missing_backbone = sorted(key for key in missing_keys if key.startswith(prefix))
+        missing_backbone = sorted(key for key in missing_keys if key.startswith(prefix) and not key.startswith(head))
         if missing_backbone:
             raise ValueError(
                 f"{source} lacks {len(missing_backbone)} weights of the {self.config.backbone_model_type} backbone "
                 f"(e.g. {missing_backbone[0]}): they would be random. Is it a checkpoint of another architecture?"
             )
-        if self.config.branches_distilled and any(key.startswith("branches.") for key in missing_keys):
+        if self.config.branches_distilled and getattr(self, "_students_missing", False):
             raise ValueError(
                 f"{source} says its students were distilled (branches_distilled=true) but holds no student weights "
                 "(branches.*): the checkpoint is incomplete. Pass branches_distilled=False to load its backbone and "
                 "teacher with new students, and distill them again."
             )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """[`~PreTrainedModel.save_pretrained`]; `config.json`'s `auto_map` also maps `AutoModel` to the backbone."""
+        backbone_class = FASTBERT_BACKBONE_MODELS[type(self.config).__name__]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"modeling_fastbert.{backbone_class}",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """[`~PreTrainedModel.push_to_hub`] (same arguments), publishing the FastBERT model card (`modelcard.py`)."""
@@ -488,6 +511,75 @@ class FastBertModernBertForSequenceClassification(FastBertModelMixin, ModernBert
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
 
+# `AutoModel` of a FastBERT checkpoint gives its backbone, as it does for stock classifiers: the family's base model
+# (hidden states, no exits), its weights read from the checkpoint's backbone. `AutoModelForSequenceClassification`
+# gives the FastBERT model.
+
+
+class FastBertModel(BertModel):
+    """The BERT backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertConfig
+
+
+class FastBertRobertaModel(RobertaModel):
+    """The RoBERTa backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertRobertaConfig
+
+
+class FastBertXLMRobertaModel(XLMRobertaModel):
+    """The XLM-RoBERTa backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertXLMRobertaConfig
+
+
+class FastBertElectraModel(ElectraModel):
+    """The ELECTRA backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertElectraConfig
+
+
+class FastBertDistilBertModel(DistilBertModel):
+    """The DistilBERT backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertDistilBertConfig
+
+
+class FastBertAlbertModel(AlbertModel):
+    """The ALBERT backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertAlbertConfig
+
+
+class FastBertDebertaV2Model(DebertaV2Model):
+    """The DeBERTa-v2 backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertDebertaV2Config
+
+
+class FastBertModernBertModel(ModernBertModel):
+    """The ModernBERT backbone of a FastBERT checkpoint (what `AutoModel` loads)."""
+
+    config_class = FastBertModernBertConfig
+
+
+FASTBERT_BASE_MODELS = {
+    model_class.config_class: model_class
+    for model_class in (
+        FastBertModel,
+        FastBertRobertaModel,
+        FastBertXLMRobertaModel,
+        FastBertElectraModel,
+        FastBertDistilBertModel,
+        FastBertAlbertModel,
+        FastBertDebertaV2Model,
+        FastBertModernBertModel,
+    )
+}
+# Config class name -> backbone class name, for `auto_map` (names: remote code has its own copies of the classes).
+FASTBERT_BACKBONE_MODELS = {config.__name__: model.__name__ for config, model in FASTBERT_BASE_MODELS.items()}
+
 # FastBERT config class -> FastBERT model class, for every supported family.
 FASTBERT_MODELS = {
     model_class.config_class: model_class
@@ -522,7 +614,16 @@ def fastbert_model_class(pretrained_model_name_or_path, **kwargs):
 
 
 __all__ = [
+    "FASTBERT_BASE_MODELS",
     "FASTBERT_MODELS",
+    "FastBertAlbertModel",
+    "FastBertDebertaV2Model",
+    "FastBertDistilBertModel",
+    "FastBertElectraModel",
+    "FastBertModel",
+    "FastBertModernBertModel",
+    "FastBertRobertaModel",
+    "FastBertXLMRobertaModel",
     "FastBertAlbertForSequenceClassification",
     "FastBertBranch",
     "FastBertDebertaV2ForSequenceClassification",

@@ -7,7 +7,7 @@ import transformers
 from transformers import TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_fastbert import validate_speed
+from .configuration_fastbert import is_fastbert_model_type, validate_speed
 
 
 TASK = "text-classification"
@@ -16,7 +16,7 @@ TASK_ALIASES = ("text-classification", "sentiment-analysis")
 
 def is_fastbert(model) -> bool:
     """Whether `model` is a FastBERT model, from the plugin or loaded as remote code (`trust_remote_code=True`)."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "fastbert"
+    return is_fastbert_model_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
 class FastBertTextClassificationPipeline(TextClassificationPipeline):
