@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from tiny_models import tiny_config
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
@@ -438,3 +439,37 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path, base_che
     raw = DatasetDict(train=sentiment_texts(16))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), max_length=65, progress=False)
+
+
+@pytest.mark.parametrize("family", ["roberta", "modernbert"])
+def test_train_fastbert_on_other_families(tmp_path, tokenizer, family):
+    from tiny_models import family_config
+
+    torch.manual_seed(0)
+    path = tmp_path / "base"
+    config = family_config(family, fastbert=False, vocab_size=len(VOCAB), num_labels=2)
+    AutoModel.from_config(config).save_pretrained(path)  # a pre-trained encoder, no classification head
+    family_tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)})
+    if family == "modernbert":  # ModernBERT has no token types
+        family_tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    family_tokenizer.save_pretrained(path)
+    output = train_fastbert(
+        str(path),
+        DatasetDict(train=sentiment_texts(64), validation=sentiment_texts(32, seed=1)),
+        str(tmp_path / "out"),
+        max_length=32,
+        batch_size=16,
+        finetune_epochs=4,
+        finetune_learning_rate=5e-3,
+        distill_epochs=2,
+        distill_learning_rate=1e-2,
+        eval_speeds=[0.0, 0.5],
+        progress=False,
+        finetune_args={"lr_scheduler_type": "constant"},
+    )
+    assert output.model.config.backbone_model_type == family and output.model.config.branches_distilled
+    assert output.results[0]["accuracy"] >= 0.9
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert type(loaded) is type(output.model)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"(`{family}`)" in card

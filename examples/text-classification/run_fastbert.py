@@ -32,7 +32,10 @@ from hf_fastbert.training import train_fastbert
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
-        metadata={"help": "A BERT checkpoint (Hub id or folder): pre-trained, fine-tuned or FastBERT."}
+        metadata={
+            "help": "A checkpoint of a supported family (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, ALBERT, "
+            "DeBERTa-v2/v3, ModernBERT; Hub id or folder): pre-trained, fine-tuned or FastBERT."
+        }
     )
 
 

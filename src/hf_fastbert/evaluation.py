@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration_fastbert import validate_speeds
-from .flops import bert_flops, fastbert_flops
+from .flops import fastbert_flops, stock_flops
 from .modeling_fastbert import select_exits
 
 
@@ -46,7 +46,7 @@ def metrics_at_speeds(
 
     Returns:
         `list[dict]`, one per speed, with keys `speed`, `accuracy` (fraction in [0, 1]), `mean_exit_layer` (1-based;
-        `num_hidden_layers` = full depth) and `flops_speedup` (FLOPs of `BertForSequenceClassification` with the same
+        `num_hidden_layers` = full depth) and `flops_speedup` (FLOPs of the stock classifier of the family with the same
         backbone divided by the FLOPs early-exit inference spends, summed over the samples).
 
     Example:
@@ -79,7 +79,7 @@ def metrics_at_speeds(
     if all_logits.shape[0] == 0:
         raise ValueError("Cannot compute metrics on zero samples.")
 
-    baseline = bert_flops(config, seq_lengths).sum().item()
+    baseline = stock_flops(config, seq_lengths).sum().item()
     results = []
     for speed in speeds:
         logits, exit_layers = select_exits(all_logits, speed, config.uncertainty_top_k)
@@ -170,7 +170,7 @@ class FastBertMetrics:
             exit_layers, flops = np.asarray(predictions[1]), np.asarray(predictions[2])
             metrics["mean_exit_layer"] = float(exit_layers.mean())
             if seq_lengths is not None:
-                baseline = bert_flops(self.config, torch.as_tensor(seq_lengths)).sum().item()
+                baseline = stock_flops(self.config, torch.as_tensor(seq_lengths)).sum().item()
                 metrics["flops_speedup"] = baseline / float(flops.astype(np.float64).sum())
         return metrics
 
