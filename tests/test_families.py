@@ -319,3 +319,22 @@ def test_token_types_are_refused_where_the_family_has_none(models, family):
     input_ids, attention_mask = random_batch()
     with pytest.raises(ValueError, match="token_type_ids"):
         run(models[family], input_ids, attention_mask, token_type_ids=torch.zeros_like(input_ids), speed=0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paper_teacher_head_replaces_the_stock_one(family):
+    model = family_model(family, teacher_head="branch")
+    for path in model.backbone.stock_head_modules:  # every stock head module but `classifier` is gone
+        if path != "classifier":
+            owner = model
+            for part in path.split("."):
+                owner = getattr(owner, part)
+            assert owner is None, path
+    assert type(model.classifier).__name__ == "FastBertBranch"
+    input_ids, attention_mask = random_batch(batch_size=12)
+    engine = run(model, input_ids, attention_mask, speed=0.3)
+    full = run(model, input_ids, attention_mask, speed=0.3, output_all_logits=True)
+    torch.testing.assert_close(engine.logits, full.logits, rtol=0, atol=1e-5)
+    assert engine.exit_layers.tolist() == full.exit_layers.tolist()
+    speed_zero = run(model, input_ids, attention_mask, speed=0.0)
+    torch.testing.assert_close(speed_zero.logits, full.all_logits[:, -1], rtol=0, atol=1e-5)
