@@ -468,3 +468,27 @@ def test_hidden_states_requested_at_a_speed_run_full_depth_and_keep_the_exit_rul
     assert len(output.hidden_states) == 5  # embeddings and 4 layers
     assert output.exit_layers.tolist() == engine.exit_layers.tolist()
     torch.testing.assert_close(output.logits, engine.logits, rtol=0, atol=1e-5)
+
+
+def textbook_branch(branch, hidden_states, attention_mask):
+    """FastBertBranch computed the textbook way: keys and values of every token, then the first token's output."""
+    batch_size = hidden_states.shape[0]
+    x = torch.tanh(branch.dense_in(hidden_states))  # (B, T, W)
+    heads = (batch_size, -1, branch.num_heads, x.shape[-1] // branch.num_heads)
+    query = branch.query(x).view(heads).transpose(1, 2)  # (B, heads, T, d): every token's query
+    key = branch.key(x).view(heads).transpose(1, 2)
+    value = branch.value(x).view(heads).transpose(1, 2)
+    mask = attention_mask.bool()[:, None, None, :]
+    context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)[:, :, 0]
+    context = branch.attention_output(context.reshape(batch_size, -1))
+    return branch.classifier(torch.tanh(branch.dense(context)))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_folded_student_equals_textbook_self_attention(heads):
+    model = tiny_model(branch_num_attention_heads=heads)
+    _, attention_mask = random_batch(batch_size=16, seq_length=12)
+    hidden = torch.randn(16, 12, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for branch in model.branches:
+            torch.testing.assert_close(branch(hidden, attention_mask), textbook_branch(branch, hidden, attention_mask))

@@ -46,7 +46,7 @@ def metrics_at_speeds(
 
     Returns:
         `list[dict]`, one per speed, with keys `speed`, `accuracy` (fraction in [0, 1]), `mean_exit_layer` (1-based;
-        `num_hidden_layers` = full depth) and `flops_speedup` (FLOPs of the stock classifier of the family with the same
+        `num_hidden_layers` = full depth) and `flops_speedup` (FLOPs of the family's stock classifier with the same
         backbone divided by the FLOPs early-exit inference spends, summed over the samples).
 
     Example:

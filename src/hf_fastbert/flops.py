@@ -18,13 +18,17 @@ def layer_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
 
 
 def branch_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
-    """FLOPs of one FastBERT student classifier (only the first token's query is needed). (B,) -> (B,) int64."""
+    """
+    FLOPs of one FastBERT student classifier: its input projection over every token, then per head one score and one
+    weighted sum per token (keys and values folded into the first token's query, see `FastBertBranch`), and the
+    first token's projections. (B,) -> (B,) int64.
+    """
     n, h, w, c = seq_lengths.long(), config.hidden_size, config.branch_hidden_size, config.num_labels
-    down_projection = 2 * n * h * w
-    keys_values = 2 * n * w * w * 2
-    first_token = 2 * w * w * 3  # its query, the attention output projection, the dense layer
-    attention = 2 * n * w * 2
-    return down_projection + keys_values + first_token + attention + 2 * w * c
+    heads = config.branch_num_attention_heads
+    input_projection = 2 * n * h * w
+    attention = 2 * n * heads * w * 2  # scores against the folded query, weighted mean of the inputs
+    first_token = 2 * w * w * 5  # query, folding the key and value weights, attention output, dense
+    return input_projection + attention + first_token + 2 * w * c
 
 
 def teacher_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
