@@ -492,3 +492,17 @@ def test_folded_student_equals_textbook_self_attention(heads):
     with torch.no_grad():
         for branch in model.branches:
             torch.testing.assert_close(branch(hidden, attention_mask), textbook_branch(branch, hidden, attention_mask))
+
+
+def test_int8_dynamic_quantization_keeps_the_exit_rule():
+    model = torch.ao.quantization.quantize_dynamic(tiny_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    input_ids, attention_mask = random_batch(batch_size=6)
+    exits = set()
+    for i in range(6):  # one sample per call: int8 activation scales are per batch
+        sample = input_ids[i : i + 1, : int(attention_mask[i].sum())]
+        engine = run(model, sample, speed=0.6)
+        full = run(model, sample, speed=0.6, output_all_logits=True)
+        torch.testing.assert_close(engine.logits, full.logits, rtol=0, atol=1e-5)
+        assert engine.exit_layers.tolist() == full.exit_layers.tolist()
+        exits.add(engine.exit_layers.item())
+    assert len(exits) >= 2

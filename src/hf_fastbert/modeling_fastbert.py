@@ -140,6 +140,13 @@ class FastBertSequenceClassifierOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def _linear_parameters(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's float (weight, bias), also for a dynamically quantized one (`torch.ao` int8)."""
+    weight, bias = linear.weight, linear.bias
+    weight, bias = weight() if callable(weight) else weight, bias() if callable(bias) else bias
+    return (weight.dequantize() if weight.is_quantized else weight), bias
+
+
 class FastBertBranch(nn.Module):
     """
     The paper's classifier: hidden -> width + tanh, multi-head self-attention over the sequence, first token,
@@ -171,18 +178,20 @@ class FastBertBranch(nn.Module):
         width = x.shape[-1]
         head_size = width // self.num_heads
         query = self.query(x[:, 0]).view(batch_size, self.num_heads, head_size)  # (B, heads, d)
-        key_weight = self.key.weight.view(self.num_heads, head_size, width)  # (heads, d, W)
+        key_weight, key_bias = _linear_parameters(self.key)
+        value_weight, value_bias = _linear_parameters(self.value)
+        key_weight = key_weight.view(self.num_heads, head_size, width)  # (heads, d, W)
         folded_query = torch.einsum("bhd,hdw->bhw", query, key_weight) / math.sqrt(head_size)  # (B, heads, W)
         # q . b_k is the same for every token and cancels in the softmax; it is kept so that every parameter takes
         # part in the graph (DDP without find_unused_parameters) and the scores are the textbook ones.
-        key_bias = (query * self.key.bias.view(self.num_heads, head_size)).sum(dim=-1, keepdim=True)  # (B, heads, 1)
+        key_bias = (query * key_bias.view(self.num_heads, head_size)).sum(dim=-1, keepdim=True)  # (B, heads, 1)
         scores = torch.einsum("bhw,btw->bht", folded_query, x) + key_bias / math.sqrt(head_size)  # (B, heads, T)
         if attention_mask is not None:
             scores = scores.masked_fill(~attention_mask.bool()[:, None, :], torch.finfo(scores.dtype).min)
         weights = scores.softmax(dim=-1)  # (B, heads, T)
         pooled = torch.einsum("bht,btw->bhw", weights, x)  # (B, heads, W): each head's weighted mean of x
-        value_weight = self.value.weight.view(self.num_heads, head_size, width)  # (heads, d, W)
-        context = torch.einsum("bhw,hdw->bhd", pooled, value_weight).reshape(batch_size, width) + self.value.bias
+        value_weight = value_weight.view(self.num_heads, head_size, width)  # (heads, d, W)
+        context = torch.einsum("bhw,hdw->bhd", pooled, value_weight).reshape(batch_size, width) + value_bias
         context = self.attention_output(context)  # (B, W)
         return self.classifier(torch.tanh(self.dense(context)))  # (B, C)
 
