@@ -425,20 +425,24 @@ class FastBertModelMixin:
                 student_logits.append(branch_logits)
                 continue
             exits = self.uncertainty(branch_logits) < speed  # (b,)
-            if not exits.any():
+            # The layer's one host sync: how many leave, and the last column a sample that stays still needs.
+            columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (t,)
+            staying_columns = ((mask != 0) & ~exits[:, None]) * columns  # (b, t)
+            num_exits, used_columns = torch.stack([exits.sum(), staying_columns.max()]).tolist()
+            if num_exits == 0:
                 continue
-            logits[rows[exits]] = branch_logits[exits].to(logits.dtype)
-            exit_layers[rows[exits]] = index + 1
-            stay = ~exits
-            if not stay.any():
+            order = torch.argsort(exits.to(torch.int8), descending=True, stable=True)  # leavers first, in order
+            leave, stay = order[:num_exits], order[num_exits:]
+            logits[rows[leave]] = branch_logits[leave].to(logits.dtype)
+            exit_layers[rows[leave]] = index + 1
+            if num_exits == len(rows):
                 teacher_logits = None
                 break
-            rows, hidden, mask = rows[stay], hidden[stay], mask[stay]
-            if positions is not None and positions.shape[0] > 1:
-                positions = positions[stay]
-            used_columns = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
-            hidden, mask = hidden[:, :used_columns], mask[:, :used_columns]
-            positions = None if positions is None else positions[:, :used_columns]
+            used_columns = used_columns or mask.shape[1]  # staying samples with an all-zero mask keep every column
+            rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
+            if positions is not None:
+                positions = positions[stay] if positions.shape[0] > 1 else positions
+                positions = positions[:, :used_columns]
             state = backbone.prepare(self, hidden, mask, positions)
 
         if not full_depth:
