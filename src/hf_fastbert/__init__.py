@@ -1,5 +1,7 @@
 """hf-fastbert: FastBERT's self-distilled early exit for Hugging Face Transformers."""
 
+import importlib
+
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_fastbert import (
@@ -14,9 +16,7 @@ from .configuration_fastbert import (
     FastBertRobertaConfig,
     FastBertXLMRobertaConfig,
 )
-from .evaluation import FastBertMetrics, evaluate_speeds
 from .flops import bert_flops, fastbert_flops, stock_flops
-from .modelcard import write_model_card
 from .modeling_fastbert import (
     FASTBERT_BASE_MODELS,
     FASTBERT_MODELS,
@@ -33,9 +33,30 @@ from .modeling_fastbert import (
     normalized_entropy,
 )
 from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, register_text_classification_pipeline
-from .trainer_fastbert import FastBertDistillationTrainer, distillation_loss
-from .training import train_fastbert
-from .training_args_fastbert import FastBertTrainingArguments
+
+
+# The training stack (Trainer, datasets, pandas) loads on first use, so that inference-only users do not pay for it.
+_LAZY_NAMES = {
+    "FastBertDistillationTrainer": "trainer_fastbert",
+    "FastBertMetrics": "evaluation",
+    "FastBertTrainingArguments": "training_args_fastbert",
+    "distillation_loss": "trainer_fastbert",
+    "evaluate_speeds": "evaluation",
+    "train_fastbert": "training",
+    "write_model_card": "modelcard",
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_NAMES))
 
 
 __version__ = "0.1.0"
