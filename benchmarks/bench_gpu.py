@@ -62,11 +62,13 @@ def measure(family, dtype, batch_size, args, folder):
     with torch.inference_mode():
         features = [feature.cpu() for feature in student_features(fastbert, inputs)]
         forced = {}
-        for name, exits in distributions.items():
+        for name, exits in list(distributions.items()):
             forced[name] = fit_students(fastbert, features, exits)
             fastbert.load_state_dict(forced[name], strict=False)
             if student_exits(fastbert, [f.to(args.device) for f in features]).tolist() != exits:
-                raise RuntimeError(f"{family} {dtype} {name}: forcing failed")
+                # Half precision can miss a least-squares fit of 128 features to 32+ targets: leave that one out.
+                print(f"{family} {dtype} batch {batch_size} {name}: forcing failed, skipped", file=sys.stderr)
+                del distributions[name], forced[name]
         contenders = {
             "stock": Contender(synced(lambda: stock(**inputs))),
             "speed0": Contender(synced(lambda: fastbert(**inputs, speed=0.0))),
@@ -129,7 +131,8 @@ def main(argv=None):
         "|---|---|---:|---:|---:|---|",
     ]
     for row in rows:
-        ratios = ", ".join(f"{r['measured_over_ideal']:.2f}" for r in row["forced"])
+        by_name = {r["distribution"]: r["measured_over_ideal"] for r in row["forced"]}
+        ratios = ", ".join(f"{by_name[name]:.2f}" if name in by_name else "-" for name in DISTRIBUTIONS)
         lines.append(
             f"| {row['family']} | {row['dtype']} | {row['batch_size']} | {row['stock_ms']:.2f} | "
             f"{100 * row['speed0_overhead']:+.1f}% | {ratios} |"
