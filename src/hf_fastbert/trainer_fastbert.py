@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
 from .modeling_fastbert import FastBertModelMixin, normalized_entropy
@@ -76,6 +76,14 @@ def distillation_loss(
     return per_branch_kl.sum(), per_branch_kl
 
 
+class _MarkDistilledAtLastStep(TrainerCallback):
+    """Sets `config.branches_distilled` at the last training step, before that step's checkpoint is saved."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.max_steps > 0 and state.global_step >= state.max_steps:
+            model.config.branches_distilled = True
+
+
 class FastBertDistillationTrainer(Trainer):
     r"""
     FastBERT's self-distillation (stage 3): backbone and teacher are frozen, each student classifier learns the
@@ -92,7 +100,9 @@ class FastBertDistillationTrainer(Trainer):
       logs report `kl_branch_{layer}` next to `loss`.
     - Multi-process (DDP): only the students train and all of them get gradients, so `ddp_find_unused_parameters`
       is set to `False` when left unset.
-    - Once a training step has run, `model.config.branches_distilled` is `True`, so saved checkpoints carry it.
+    - `model.config.branches_distilled` is `False` while the students train and becomes `True` only once `train()`
+      completes (set at the last step, so the final checkpoint carries it): the checkpoints of an interrupted run
+      do not claim distilled students, and resuming from one sets it when the run completes.
 
     Works with plain [`TrainingArguments`] and with [`FastBertTrainingArguments`] (temperature, eval speeds). The
     paper's setting: learning rate 2e-4, 5 epochs.
@@ -148,6 +158,7 @@ class FastBertDistillationTrainer(Trainer):
         self._kl_sum = None
         self._kl_steps = 0
         self._teacher_checked = False
+        self.add_callback(_MarkDistilledAtLastStep())
 
     def _frozen_modules_eval(self, model):
         """Put every module but the students in eval mode (no dropout in the frozen backbone and teacher)."""
@@ -185,10 +196,13 @@ class FastBertDistillationTrainer(Trainer):
             self._kl_steps += 1
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.accelerator.unwrap_model(model).config.branches_distilled = True
-        return loss
+    def train(self, *args, **kwargs):
+        """[`Trainer.train`]; `config.branches_distilled` is `False` until the distillation completes."""
+        config = self.accelerator.unwrap_model(self.model).config
+        config.branches_distilled = False  # the students are being changed: partial until the last step
+        output = super().train(*args, **kwargs)
+        config.branches_distilled = True
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """

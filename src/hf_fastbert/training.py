@@ -238,8 +238,10 @@ def train_fastbert(
     finetune_metrics, finetune_steps = {}, 0
     if finetune_epochs > 0:
         # Stage 2: the stock Trainer. The students are frozen: they get no gradient, and DDP needs no search for
-        # unused parameters.
+        # unused parameters. A new teacher: students distilled from the old one (a FastBERT checkpoint) no longer match
+        # it, and stage 2's checkpoints must not say otherwise.
         model.branches.requires_grad_(False)
+        model.config.branches_distilled = False
         args = _stage_args(
             TrainingArguments,
             os.path.join(output_dir, "_finetune"),
