@@ -137,7 +137,7 @@ CLI_CASES = [
         1,
         ["contains the current folder"],
     ),
-    ("train --model {model} --dataset {good_csv} --max-length 2 --output-dir new", 1, ["leaves no room for text"]),
+    ("train --model {model} --dataset {good_csv} --max-length 2 --output-dir new/a/b", 1, ["leaves no room for text"]),
     ("train --model {model} --dataset {good_csv} --epochs -1", 2, ["--epochs", "must be a number >= 0"]),
     # evaluate
     ("evaluate {mismatched} --dataset {good_csv}", 1, ["mismatched do not fit its config.json", "3 labels"]),
@@ -159,6 +159,7 @@ CLI_CASES = [
     ("predict {model} --file {a_folder}", 1, ["text file", "is a folder, not a file"]),
     ("predict {model} --file {root}/missing.txt", 1, ["text file", "does not exist"]),
     ("predict {model} --file {latin1_txt}", 1, ["latin1.txt is not UTF-8 text", "line 2"]),
+    ("predict {model} good caf\udce9", 1, ["argument 2 is not UTF-8 text (byte 0xe9"]),  # as Python decodes argv
     ("predict {model} good --max-length 1", 1, ["max_length 1 leaves no room for text", "at least 3"]),
     ("predict {model} good --max-length 1000", 1, ["exceeds the model's 512 positions"]),
     ("predict {model} good --pair-separator | --max-length 3", 1, ["at least 4"]),

@@ -862,7 +862,8 @@ def run_train(args):
                 args.eval_split,
             )
             luha = luha_table(*_all_logits_and_labels(output.model, eval_dataset, args.batch_size), args.luha_bins)
-            source = results_source(args.output_dir, output.results_data, output.results_samples)
+            model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
+            source = results_source(model, output.results_data, output.results_samples)
             title = "FastBERT: accuracy against speed-up"
             write_sweep(output.results, luha, Path(work_dir) / "sweep", title=title, source=source)
     minutes = (time.perf_counter() - started) / 60

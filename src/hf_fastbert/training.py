@@ -141,6 +141,7 @@ def staged_output_dir(output_dir, *, main_process: bool | None = None):
     final = Path(os.path.abspath(output_dir))
     holder = final.parent / f".{final.name}{PARTIAL_SUFFIX}"
     staging = holder / final.name
+    existing = _nearest_existing(final.parent)
     if main_process:
         _claim_partial_folder(holder, output_dir)
         staging.mkdir(exist_ok=True)
@@ -153,6 +154,11 @@ def staged_output_dir(output_dir, *, main_process: bool | None = None):
                 logger.warning("The run did not finish; its checkpoints are kept in %s", staging)
             else:
                 shutil.rmtree(holder, ignore_errors=True)
+                for folder in [final.parent, *final.parent.parents]:  # the parents this run created, if empty
+                    if folder == existing or not folder.is_relative_to(existing):
+                        break
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
         raise
     if main_process:
         files = sorted({*os.listdir(staging), RUN_MANIFEST})
