@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import sentiment_fastbert
 
 from hf_fastbert.cli import main
@@ -69,6 +70,10 @@ def files(tmp_path_factory):
     config["id2label"] = {"0": "negative", "1": "neutral", "2": "positive"}
     config["label2id"] = {"negative": 0, "neutral": 1, "positive": 2}
     (mismatched / "config.json").write_text(json.dumps(config))
+    no_students = shutil.copytree(model, root / "no_students")  # claims distilled students, holds none
+    weights = load_file(no_students / "model.safetensors")
+    save_file({key: value for key, value in weights.items() if not key.startswith("branches.")},
+              no_students / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
     rows = labelled_rows(16)
     write_csv(root / "good.csv", rows)
     write_csv(root / "no_label.tsv", [{"text": row["text"]} for row in rows], delimiter="\t")
@@ -164,6 +169,7 @@ CLI_CASES = [
     ("predict {model} good --max-length 1000", 1, ["exceeds the model's 512 positions"]),
     ("predict {model} good --pair-separator | --max-length 3", 1, ["at least 4"]),
     ("predict {mismatched} good", 1, ["do not fit its config.json"]),
+    ("predict {no_students} good", 1, ["branches_distilled=true", "holds no student weights"]),
     ("predict outputs/fastbrt good", 1, ["no such model folder: outputs/fastbrt"]),
     ("predict {model} good --speed 2", 2, ["invalid speed '2'"]),
     # push (all fail before anything is created: no Hub is reachable here)
@@ -268,8 +274,9 @@ def test_a_distillation_trainer_refuses_checkpoint_pushes(in_inputs, tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(in_inputs["model"])
     args = TrainingArguments(str(tmp_path / "out"), push_to_hub=True, hub_model_id="alice/x", report_to="none")
-    with pytest.raises(ValueError, match="hub_strategy='end'"):  # the default, every_save, pushes training_args.bin
+    with pytest.raises(ValueError, match="hub_strategy='every_save' pushes whole training folders"):  # the default
         FastBertDistillationTrainer(model=model, args=args)
+    assert all(parameter.requires_grad for parameter in model.parameters())  # refused before freezing anything
 
 
 def test_the_pipeline_takes_any_real_speed(in_inputs):

@@ -141,15 +141,16 @@ class FastBertDistillationTrainer(Trainer):
             raise ValueError(
                 "FastBertDistillationTrainer computes the distillation loss itself: drop compute_loss_func."
             )
+        if args is not None and args.push_to_hub and args.hub_strategy != "end":
+            strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
+            raise ValueError(
+                f"hub_strategy={strategy!r} pushes whole training folders (training_args.bin, a pickle, and "
+                "checkpoints) during training: use hub_strategy='end', which pushes exactly the model's files."
+            )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for parameter in model.branches.parameters():
             parameter.requires_grad_(True)
-        if args is not None and args.push_to_hub and args.hub_strategy != "end":
-            raise ValueError(
-                f"hub_strategy={str(args.hub_strategy)!r} pushes whole training folders (training_args.bin, a pickle, "
-                "and checkpoints) during training: use hub_strategy='end', which pushes exactly the model's files."
-            )
         if args is not None and args.ddp_find_unused_parameters is None:
             # Every trainable parameter (the students) gets a gradient: DDP need not search for unused ones. Read
             # when the Trainer builds its Accelerator, so it is set before.
