@@ -199,7 +199,8 @@ class HubHandler(BaseHTTPRequestHandler):
         url = f"{self.server.url}/{repo_id}"
         if repo_id in self.state.repos:
             return self._send_json(409, {"error": "You already created this model repo", "url": url})
-        repo = self.state.repos[repo_id] = Repo(repo_id, bool(payload.get("private")))
+        private = bool(payload.get("private")) or payload.get("visibility") == "private"  # huggingface_hub >= 1.x
+        repo = self.state.repos[repo_id] = Repo(repo_id, private)
         repo.commit("main", {".gitattributes": GITATTRIBUTES}, "initial commit")
         self._send_json(200, {"url": url, "name": repo_id, "id": repo_id})
 

@@ -193,7 +193,7 @@ def test_predict_from_arguments_file_and_stdin(fastbert_dir, tmp_path, capsys, m
 
 def test_predict_bad_input(fastbert_dir, bert_dir, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing"), "x"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert "no such model folder" in capsys.readouterr().err
     assert main(["predict", str(fastbert_dir), "--file", str(tmp_path / "none.txt")]) == 1
     assert "text file" in capsys.readouterr().err
     assert main(["predict", str(bert_dir), "a good movie"]) == 1
@@ -218,7 +218,9 @@ def test_sweep_writes_table_files_and_luha(fastbert_dir, data_csv, tmp_path, cap
                  "--output-dir", str(out), "--luha-bins", "5"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "flops_speedup" in printed and "\n  0.9 " in printed
-    rows = json.loads((out / "sweep.json").read_text())
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["data"] == "dev.csv" and saved["samples"] == 40 and saved["model"] == str(fastbert_dir.resolve())
+    rows = saved["results"]
     assert [row["speed"] for row in rows] == [0.0, 0.3, 0.6, 0.9]
     assert rows[0]["flops_speedup"] == 1.0 and rows[0]["mean_exit_layer"] == 3.0
     assert rows[-1]["flops_speedup"] > 1.0 and rows[-1]["mean_exit_layer"] < 3.0
@@ -235,7 +237,9 @@ def test_evaluate_reports_wall_time(fastbert_dir, data_csv, tmp_path, capsys):
     assert main(["evaluate", str(fastbert_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", "0", "0.8",
                  "--output", str(output)]) == 0  # fmt: skip
     assert "wall_speedup" in capsys.readouterr().out
-    rows = json.loads(output.read_text())
+    saved = json.loads(output.read_text())
+    assert saved["data"] == "dev.csv" and saved["samples"] == 40
+    rows = saved["results"]
     assert [row["speed"] for row in rows] == [0.0, 0.8]
     assert rows[0]["wall_speedup"] == 1.0 and all(row["wall_time_s"] > 0 for row in rows)
 
@@ -277,7 +281,9 @@ def test_train_from_local_files(bert_dir, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Speed sweep on 32 held-out examples" in printed and "mean_exit_layer" in printed
-    rows = json.loads((out / "sweep" / "sweep.json").read_text())
+    saved = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert saved["data"] == "dev.csv (validation split)" and saved["samples"] == 32
+    rows = saved["results"]
     assert [row["speed"] for row in rows] == [0.0, 0.5]
     assert len(list(csv.DictReader(open(out / "sweep" / "luha.csv")))) == 3 * 4
     assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "luha.png").is_file()
@@ -318,15 +324,18 @@ def test_push_to_a_hub_server(fastbert_dir, tmp_path, capsys, monkeypatch):
     shutil.copytree(fastbert_dir, model_dir)
     rows = [{"speed": s, "accuracy": 0.8 - s / 10, "mean_exit_layer": 3 - s, "flops_speedup": 1 + s} for s in (0, 0.5)]
     (model_dir / "sweep").mkdir()
-    (model_dir / "sweep" / "sweep.json").write_text(json.dumps(rows))
+    (model_dir / "sweep" / "sweep.json").write_text(json.dumps({"data": "dev.csv", "samples": 1000, "results": rows}))
     with HubServer(tokens={"hf_alice": "alice"}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        args = ["push", str(model_dir), "alice/tiny-fastbert", "--token", "hf_alice", "--allow-undistilled",
-                "--base-model", "bert-base-uncased"]  # fmt: skip
+        monkeypatch.setenv("HF_TOKEN", "hf_alice")  # the token comes from the environment or the stored login
+        args = ["push", str(model_dir), "alice/tiny-fastbert", "--allow-undistilled", "--base-model",
+                "bert-base-uncased"]  # fmt: skip
         assert main(args) == 0
-        assert "alice/tiny-fastbert" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "alice/tiny-fastbert" in printed and "card results: 1,000 samples of dev.csv" in printed
         files = hub.files("alice/tiny-fastbert")
-        assert main([*args[:3], "--token", "hf_wrong", "--allow-undistilled"]) == 1
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        assert main(args) == 1
         last_line = capsys.readouterr().err.strip().splitlines()[-1]
         assert last_line.startswith("hf-fastbert push: error:") and "401" in last_line
     for name in (
@@ -339,6 +348,7 @@ def test_push_to_a_hub_server(fastbert_dir, tmp_path, capsys, monkeypatch):
         assert name in files, sorted(files)
     card = files["README.md"].decode()
     assert "base_model: bert-base-uncased" in card and "| 0.5 | 75.00% | 2.50 | 1.50x |" in card
+    assert "Measured on 1,000 samples of dev.csv:" in card
     assert "Not distilled" in card
 
 

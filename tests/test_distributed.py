@@ -58,6 +58,7 @@ def test_both_stages_under_torchrun_with_two_cpu_processes(tmp_path):
     assert summary["finetune_steps"] == summary["distill_steps"] == 64 // (2 * 8)  # the data is split in two
     assert [row["speed"] for row in summary["results"]] == [0.0, 0.5]
     assert result.stdout.count("Saved to") == 1  # only the main process reports
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base", "dev.csv", "out", "train.csv"]  # no partial
 
     model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)

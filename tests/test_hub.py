@@ -406,6 +406,63 @@ def test_card_needs_a_fastbert_model(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ---- every push path uploads exactly the model's files (in-process: HF_ENDPOINT is read when pushing) ------------
+def _model_files(model, tokenizer, folder: Path) -> set:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return set(os.listdir(folder))
+
+
+def test_the_distillation_trainer_and_train_fastbert_push_only_the_model_files(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+    from hub_server import HubServer
+
+    from hf_fastbert import FastBertDistillationTrainer, FastBertTrainingArguments, train_fastbert
+    from hf_fastbert.data import prepare_dataset
+
+    model, tokenizer = tiny_fastbert()
+    expected = _model_files(model, tokenizer, tmp_path / "model") | {"README.md", "accuracy_vs_speedup.png"}
+    labels = ["negative", "positive"]
+    raw = Dataset.from_dict({"text": TEXTS, "label": [labels[i % 2] for i in range(len(TEXTS))]})
+    output_dir = tmp_path / "out"
+    args = FastBertTrainingArguments(
+        str(output_dir), hub_model_id="alice/distilled", report_to="none", disable_tqdm=True, use_cpu=True
+    )
+    trainer = FastBertDistillationTrainer(model=model, args=args, processing_class=tokenizer)
+    trainer.evaluate(prepare_dataset(raw, tokenizer, label_names=labels))  # results for the card
+    (output_dir / "checkpoint-1").mkdir(parents=True)
+    (output_dir / "notes.txt").write_text("a stray file\n")
+    with HubServer(tokens={TOKEN: "alice"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        trainer.push_to_hub()
+        assert (output_dir / "training_args.bin").is_file()  # saved locally, as Trainer.push_to_hub does...
+        assert set(hub.files("alice/distilled")) - {".gitattributes"} == expected  # ...but only the model goes up
+        card = hub.files("alice/distilled")["README.md"].decode()
+        assert f"Measured on {len(TEXTS)} samples" in card
+
+        train_fastbert(
+            str(tmp_path / "model"),
+            DatasetDict(train=raw, validation=raw),
+            str(tmp_path / "trained"),
+            finetune_epochs=0,
+            distill_epochs=1,
+            batch_size=4,
+            max_length=16,
+            eval_speeds=[0.0, 0.5],
+            progress=False,
+            dataset_name="toy reviews",
+            push_to_hub=True,
+            hub_model_id="alice/trained",
+        )
+        assert {"training_args.bin", "speed_results.json", "training_run.json"} <= set(
+            os.listdir(tmp_path / "trained")
+        )
+        assert set(hub.files("alice/trained")) - {".gitattributes"} == expected
+        card = hub.files("alice/trained")["README.md"].decode()
+        assert f"Measured on {len(TEXTS)} samples of toy reviews (validation split)" in card
+
+
 if __name__ == "__main__":
     command, workdir = sys.argv[1], Path(sys.argv[2])
     (workdir / "result.json").write_text(json.dumps(CLIENTS[command](workdir)))

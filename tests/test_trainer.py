@@ -265,8 +265,35 @@ def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, tokeniz
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))  # interrupted in the first epoch
     for (name, expected), got in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(expected, got), name
-    config = json.loads((tmp_path / "a" / "checkpoint-2" / "config.json").read_text())
-    assert config["branches_distilled"] is True
+    # Only the checkpoint of the last step claims distilled students; a resumed run claims them once it completes.
+    for step, distilled in ((2, False), (4, False), (6, True)):
+        config = json.loads((tmp_path / "a" / f"checkpoint-{step}" / "config.json").read_text())
+        assert config["branches_distilled"] is distilled, step
+    assert resumed.config.branches_distilled is True
+
+
+def test_an_interrupted_distillation_does_not_claim_distilled_students(tmp_path, tokenizer):
+    model = confident_model()
+    model.config.branches_distilled = True  # distilled before: changing the students makes that claim stale
+    args = distill_args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = FastBertDistillationTrainer(
+        model=model, args=args, train_dataset=tokenized(tokenizer, 24), processing_class=tokenizer
+    )
+    original_step = trainer.training_step
+
+    def step_then_interrupt(*step_args, **step_kwargs):
+        if trainer.state.global_step == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the third of 3 steps
+        return original_step(*step_args, **step_kwargs)
+
+    trainer.training_step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert model.config.branches_distilled is False
+    checkpoints = sorted(path.name for path in (tmp_path / "distill").iterdir())
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
+    for name in checkpoints:
+        assert json.loads((tmp_path / "distill" / name / "config.json").read_text())["branches_distilled"] is False
 
 
 # Stage 2 with the stock Trainer, the whole pipeline, and its checkpoints
@@ -473,3 +500,17 @@ def test_train_fastbert_on_other_families(tmp_path, tokenizer, family):
     assert type(loaded) is type(output.model)
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"(`{family}`)" in card
+
+
+def test_fine_tuning_a_distilled_checkpoint_marks_its_students_stale(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(VOCAB), num_labels=2, branches_distilled=True)
+    path = tmp_path / "distilled"
+    FastBertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    raw = DatasetDict(train=sentiment_texts(16))
+    output = train_fastbert(
+        str(path), raw, str(tmp_path / "out"), finetune_epochs=1, distill_epochs=0, max_length=32, progress=False
+    )
+    assert output.model.config.branches_distilled is False  # a new teacher, students not distilled from it
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["branches_distilled"] is False

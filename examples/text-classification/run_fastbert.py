@@ -21,6 +21,7 @@ Arguments can also come from a JSON file: `python run_fastbert.py args.json`.
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -60,6 +61,9 @@ class DataArguments:
 @dataclass
 class RunArguments:
     output_dir: str = field(metadata={"help": "Where the final model, tokenizer, card and results go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir that is not a previous run's output."}
+    )
     finetune_epochs: float = field(default=3.0, metadata={"help": "Stage 2 epochs (0 skips fine-tuning)."})
     finetune_learning_rate: float = field(default=2e-5, metadata={"help": "Stage 2 learning rate."})
     distill_epochs: float = field(default=5.0, metadata={"help": "Stage 3 epochs (0 skips distillation)."})
@@ -115,6 +119,8 @@ def main(argv=None):
         batch_size=run_args.batch_size,
         seed=run_args.seed,
         eval_speeds=run_args.speeds,
+        overwrite_output_dir=run_args.overwrite_output_dir,
+        dataset_name=data_args.dataset_name or Path(data_args.validation_file or data_args.train_file).name,
         push_to_hub=run_args.push_to_hub,
         hub_model_id=run_args.hub_model_id,
         hub_token=run_args.hub_token,

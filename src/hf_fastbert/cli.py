@@ -9,10 +9,13 @@ The `hf-fastbert` command line (also `python -m hf_fastbert`).
     hf-fastbert push        upload a FastBERT model, its tokenizer and its model card to the Hub
 
 Every command prints a one-line error and exits with a non-zero code on bad input (2 for bad arguments, 1 for bad
-files, columns, models or data); `--debug` shows the traceback instead.
+files, columns, models or data), checked before any long work; `--debug` shows the traceback instead. Nothing is lost
+or half-written: `train` replaces its output folder only when the new model is complete, refuses a non-empty folder
+that is not a previous run's (unless --overwrite-output-dir), and `sweep` never replaces another sweep's results.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -143,19 +146,35 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_rows(rows, path):
-    """Write result rows to `path` as CSV or JSON, chosen by the suffix (.csv / .json)."""
+@contextlib.contextmanager
+def _atomic_path(path):
+    """Yield a temporary path next to `path`; renamed to `path` when the block succeeds (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2) + "\n")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_rows(rows, path, source=None):
+    """
+    Write result rows to `path` as CSV or JSON, chosen by the suffix (.csv / .json). With `source` (a dict: model,
+    data, samples), the JSON file is `{**source, "results": rows}`, so that it says where its results come from.
+    """
+    path = Path(path)
+    if path.suffix not in (".csv", ".json"):
         raise ValueError(f"Cannot write results to {path}: use a .csv or .json file name.")
+    with _atomic_path(path) as temporary:
+        if path.suffix == ".json":
+            temporary.write_text(json.dumps({**source, "results": rows} if source else rows, indent=2) + "\n")
+        else:
+            with temporary.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def plot_sweep(rows, path, title=None):
@@ -174,8 +193,8 @@ def plot_sweep(rows, path, title=None):
     axes.set_title(f"{title or 'Accuracy against speed-up'} (point labels: speed)", fontsize=10)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with _atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
 
 
 def plot_luha(rows, path, min_samples=5):
@@ -196,8 +215,8 @@ def plot_luha(rows, path, min_samples=5):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with _atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,6 +261,15 @@ def _positive_float(value):
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
     return number
+
+
+class _RefuseTokenArgument(argparse.Action):
+    """`--token` on the command line shows the token in `ps` and the shell history: refused, with what to do."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "--token would show your token in `ps` and the shell history: set HF_TOKEN or run `hf auth login`"
+        )
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -320,7 +348,17 @@ def build_parser():
     train.add_argument("--text-column", default="text", help="Column holding the text.")
     train.add_argument("--text-pair-column", help="Second text column, for sentence-pair tasks.")
     train.add_argument("--label-column", default="label", help="Column holding the labels.")
-    train.add_argument("--output-dir", default="outputs/fastbert", help="Where the model and results go.")
+    train.add_argument(
+        "--output-dir",
+        default="outputs/fastbert",
+        help="Where the model and results go. It is replaced only once the new model is complete; a non-empty folder "
+        "that is not a previous `train` run's output is refused.",
+    )
+    train.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="Replace a non-empty --output-dir that is not a previous run's output (everything in it is deleted).",
+    )
     demo, paper = DEMO_TRAINING, PAPER_TRAINING
     train.add_argument(
         "--max-train-samples",
@@ -386,7 +424,14 @@ def build_parser():
     )
     _add_model_argument(sweep)
     sweep.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="The grid of speeds.")
-    sweep.add_argument("--output-dir", help="Where the files go (default: <model>/sweep for a local model).")
+    sweep.add_argument(
+        "--output-dir",
+        help="Where the files go (default: <model>/sweep for a local model). A sweep of other data or another model "
+        "there (e.g. the one `push` puts on the model card) is not replaced unless --overwrite-output-dir.",
+    )
+    sweep.add_argument(
+        "--overwrite-output-dir", action="store_true", help="Replace the sweep files of other data in --output-dir."
+    )
     sweep.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
     _add_data_arguments(sweep, split_default="test")
 
@@ -442,15 +487,18 @@ def build_parser():
         help="Upload a FastBERT model, its tokenizer and its model card to the Hub.",
         description="Pushes a local FastBERT model folder in one commit: weights (safetensors), config with its "
         "default speed and labels, the modeling code for users without the plugin (trust_remote_code), the "
-        "tokenizer, and a generated model card with the speed/accuracy table and plot when results exist. "
-        "Authenticate with `hf auth login`, HF_TOKEN or --token.",
+        "tokenizer, and a generated model card with the speed/accuracy table and plot when results exist, saying "
+        "which data and how many samples they come from. Nothing else: no training_args.bin, checkpoints or other "
+        "files. Everything is checked before the repository is created. Authenticate with `hf auth login` or "
+        "HF_TOKEN.",
         formatter_class=_HelpFormatter,
     )
     push.add_argument("model", help="Local FastBERT model folder.")
     push.add_argument("repo_id", help="Target Hub repository, e.g. your-name/fastbert-rotten-tomatoes.")
     push.add_argument(
         "--results",
-        help="Results .json for the card (default: <model>/sweep/sweep.json, else <model>/speed_results.json).",
+        help="Results .json for the card: sweep.json, speed_results.json or `evaluate --output x.json` (default: "
+        "<model>/sweep/sweep.json, else <model>/speed_results.json).",
     )
     push.add_argument(
         "--allow-undistilled", action="store_true", help="Push even if the students were never self-distilled."
@@ -458,9 +506,123 @@ def build_parser():
     push.add_argument("--base-model", help="The checkpoint it was fine-tuned from, for the card's metadata.")
     push.add_argument("--dataset-name", nargs="+", help="Dataset name(s) for the card's metadata.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
-    push.add_argument("--token", help="Hub token (default: the one `hf auth login` saved).")
+    push.add_argument("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
     push.add_argument("--commit-message", default="Upload FastBERT model", help="Commit message.")
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks run before any long work
+# ----------------------------------------------------------------------------------------------------
+
+
+def input_file(path, what):
+    """`path` if it names an existing file; otherwise a one-line error saying what it names instead."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return file
+
+
+def check_writable_folder(folder, context):
+    """Raise unless `folder` exists as a writable folder or can be created (its nearest existing parent is one)."""
+    existing = Path(os.path.abspath(Path(folder).expanduser()))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{context}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{context}: the folder {existing} is not writable")
+
+
+def check_results_file(path):
+    """A results file to write (`--output`): a .csv or .json name in a writable folder, checked before computing."""
+    path = Path(path).expanduser()
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"cannot write results to {path}: use a .csv or .json file name")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write results to {path}: it is a folder")
+    check_writable_folder(path.parent, f"cannot write results to {path}")
+
+
+def model_source(name_or_path):
+    """
+    A local model folder (its path) or a Hub repo id, told apart without the network: a name that cannot be a repo id,
+    or whose first part is a local folder (`outputs/fastbrt`), is a mistyped folder.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path} holds no config.json: it is not a saved model folder")
+        return str(path)
+    first_part = Path(name_or_path.split("/")[0]).expanduser()
+    local = path.is_absolute() or name_or_path.startswith((".", "~")) or ("/" in name_or_path and first_part.is_dir())
+    try:
+        validate_repo_id(name_or_path)
+    except ValueError:
+        local = True
+    if local:
+        raise FileNotFoundError(f"no such model folder: {name_or_path}")
+    return name_or_path
+
+
+def load_model_config(name_or_path):
+    """`(source, config)` of a model folder or Hub id, with a one-line error naming what is wrong."""
+    from transformers import AutoConfig
+
+    source = model_source(name_or_path)
+    try:
+        return source, AutoConfig.from_pretrained(source)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if Path(source).is_dir():
+            raise OSError(f"cannot load the model in {name_or_path}: {reason}") from error
+        raise OSError(
+            f"no folder {name_or_path} here, and no Hub model of that name could be loaded: {reason}"
+        ) from error
+
+
+class _HeldRecords(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _load_fastbert_weights(source, name_or_path, config):
+    """The model, or a one-line error when its weights do not fit its config.json (e.g. an edited id2label)."""
+    from .modeling_fastbert import FastBertForSequenceClassification
+
+    # The loading report is held back: on a size mismatch the error below says it in one line.
+    load_logger = logging.getLogger("transformers.modeling_utils")
+    held, propagate = _HeldRecords(), load_logger.propagate
+    load_logger.addHandler(held)
+    load_logger.propagate = False
+    try:
+        model, info = FastBertForSequenceClassification.from_pretrained(
+            source, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    finally:
+        load_logger.removeHandler(held)
+        load_logger.propagate = propagate
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        key, saved, expected = min(mismatched, key=lambda item: item[0])
+        raise ValueError(
+            f"the weights in {name_or_path} do not fit its config.json: {key} is {list(saved)} in the weights but "
+            f"{list(expected)} for the config ({config.num_labels} labels in id2label) - was config.json edited?"
+        )
+    for record in held.records:
+        load_logger.handle(record)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,41 +632,42 @@ def build_parser():
 
 def load_fastbert(name_or_path):
     """Load a FastBERT model (eval mode) and its tokenizer; a clear error for anything else."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .modeling_fastbert import FastBertForSequenceClassification
-
-    path = Path(name_or_path).expanduser()
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{name_or_path} holds no config.json: it is not a saved model folder")
-    try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
-    except OSError as error:
-        raise OSError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
+    source, config = load_model_config(name_or_path)
     if not is_fastbert_model_type(config.model_type):
         raise ValueError(
             f"{name_or_path} is a {config.model_type!r} model, not FastBERT: make one with "
             f"`{PROG} train --model {name_or_path}`"
         )
-    source = str(path) if path.exists() else name_or_path
-    model = FastBertForSequenceClassification.from_pretrained(source).eval()
+    model = _load_fastbert_weights(source, name_or_path, config).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
+
+
+def _decode_utf8(data, source):
+    """Bytes (or text that carries undecodable bytes as surrogates) -> text; a one-line error naming `source`."""
+    if isinstance(data, str):
+        try:
+            data = data.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{source} is not valid text ({error.reason})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{source} is not UTF-8 text (byte {data[error.start]:#04x} on line {line})") from None
 
 
 def read_texts(texts, file=None, stdin=None):
     """Texts from the arguments (`-` = stdin), a file with one per line, or piped stdin; empty lines are skipped."""
     stdin = sys.stdin if stdin is None else stdin
-    collected = [text for text in texts if text != "-"]
+    collected = [_decode_utf8(text, f"argument {index}") for index, text in enumerate(texts, start=1) if text != "-"]
     if file is not None:
-        if not Path(file).is_file():
-            raise FileNotFoundError(f"text file {file} does not exist")
-        collected += Path(file).read_text(encoding="utf-8").splitlines()
+        collected += _decode_utf8(input_file(file, "text file").read_bytes(), f"text file {file}").splitlines()
     if "-" in texts or (not texts and file is None and not stdin.isatty()):
-        collected += stdin.read().splitlines()
+        stream = getattr(stdin, "buffer", stdin)  # bytes where there are: decoded here, with a clear error
+        collected += _decode_utf8(stream.read(), "stdin").splitlines()
     collected = [text for text in collected if text.strip()]
     if not collected:
         raise ValueError("no texts to classify: give them as arguments, with --file, or on stdin")
@@ -520,8 +683,14 @@ def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, b
     """
     import torch
 
+    from .data import check_max_length
+
+    positions = model.config.max_position_embeddings
     if max_length is None:
-        max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        max_length = min(tokenizer.model_max_length, positions)
+    check_max_length(tokenizer, max_length, pair=pair_separator is not None)
+    if max_length > positions:
+        raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
     results = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
@@ -575,8 +744,7 @@ def training_data(args):
     elif is_local_data(args.dataset):
         files = {"train": args.dataset, "validation": args.validation_file}
         for path in filter(None, files.values()):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"data file {path} does not exist")
+            input_file(path, "data file")
         raw = load_raw_datasets(data_files={split: path for split, path in files.items() if path})
     else:
         raw = load_raw_datasets(dataset_name=args.dataset, dataset_config_name=args.dataset_config)
@@ -596,8 +764,7 @@ def training_data(args):
     unlabeled = None
     if args.unlabeled_file:
         for path in args.unlabeled_file:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"unlabeled file {path} does not exist")
+            input_file(path, "unlabeled file")
         unlabeled = load_raw_datasets(data_files={"unlabeled": args.unlabeled_file})["unlabeled"]
     return raw, unlabeled
 
@@ -616,11 +783,41 @@ def resolve_train_defaults(args):
     return demo
 
 
+def train_data_name(args):
+    """What the training command's data is called, for its results and card ("<name> (<split> split)")."""
+    if args.dataset is None:
+        return "the hf-fastbert demo's Rotten Tomatoes snippets"
+    if is_local_data(args.dataset):
+        return Path(args.validation_file or args.dataset).name
+    return args.dataset + (f"/{args.dataset_config}" if args.dataset_config else "")
+
+
+def check_train_output(args):
+    """The output folder may be written (see `check_output_dir`), and replacing it loses none of the inputs."""
+    from .training import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite_output_dir, flag="--overwrite-output-dir")
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    if not args.overwrite_output_dir or not output_dir.is_dir():
+        return
+    inputs = [("--model", args.model), ("--dataset", args.dataset), ("--validation-file", args.validation_file)]
+    inputs += [("--unlabeled-file", path) for path in args.unlabeled_file or []]
+    for option, value in inputs:
+        path = Path(value).expanduser().resolve() if value else None
+        if path is not None and path.exists() and path != output_dir and path.is_relative_to(output_dir):
+            raise ValueError(
+                f"{option} {value} is inside --output-dir {args.output_dir}, which --overwrite-output-dir deletes: "
+                "move it or pick another folder"
+            )
+
+
 def run_train(args):
-    from .training import train_fastbert
+    from .training import staged_output_dir, train_fastbert
 
     model_given = args.model is not None
     demo = resolve_train_defaults(args)
+    check_train_output(args)
+    load_model_config(args.model)
     if demo:
         print(
             f"Offline demo: fine-tune {args.model if model_given else 'all-MiniLM-L6-v2'} on "
@@ -630,43 +827,50 @@ def run_train(args):
         )
     raw, unlabeled = training_data(args)
     started = time.perf_counter()
-    output = train_fastbert(
-        args.model,
-        raw,
-        args.output_dir,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        eval_split=args.eval_split,
-        unlabeled_dataset=unlabeled,
-        max_length=args.max_length,
-        finetune_epochs=args.epochs,
-        finetune_learning_rate=args.learning_rate,
-        distill_epochs=args.distill_epochs,
-        distill_learning_rate=args.distill_learning_rate,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        eval_speeds=sorted(set(args.speeds)),
-    )
+    # The model, its card and results, and the sweep land in --output-dir together, once all are written.
+    with staged_output_dir(args.output_dir) as work_dir:
+        output = train_fastbert(
+            args.model,
+            raw,
+            work_dir,
+            text_column=args.text_column,
+            text_pair_column=args.text_pair_column,
+            label_column=args.label_column,
+            eval_split=args.eval_split,
+            unlabeled_dataset=unlabeled,
+            max_length=args.max_length,
+            finetune_epochs=args.epochs,
+            finetune_learning_rate=args.learning_rate,
+            distill_epochs=args.distill_epochs,
+            distill_learning_rate=args.distill_learning_rate,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            eval_speeds=sorted(set(args.speeds)),
+            dataset_name=train_data_name(args),
+        )
+        if output.results is not None:
+            from .data import prepare_dataset
+
+            eval_dataset = prepare_dataset(
+                raw[args.eval_split],
+                output.tokenizer,
+                args.text_column,
+                args.text_pair_column,
+                args.label_column,
+                output.label_names,
+                args.max_length,
+                args.eval_split,
+            )
+            luha = luha_table(*_all_logits_and_labels(output.model, eval_dataset, args.batch_size), args.luha_bins)
+            model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
+            source = results_source(model, output.results_data, output.results_samples)
+            title = "FastBERT: accuracy against speed-up"
+            write_sweep(output.results, luha, Path(work_dir) / "sweep", title=title, source=source)
     minutes = (time.perf_counter() - started) / 60
-    print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {output.output_dir}")
+    print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {args.output_dir}")
     if output.results is None:
         return
-    from .data import prepare_dataset
-
-    eval_dataset = prepare_dataset(
-        raw[args.eval_split],
-        output.tokenizer,
-        args.text_column,
-        args.text_pair_column,
-        args.label_column,
-        output.label_names,
-        args.max_length,
-        args.eval_split,
-    )
-    luha = luha_table(*_all_logits_and_labels(output.model, eval_dataset, args.batch_size), args.luha_bins)
     sweep_dir = Path(args.output_dir) / "sweep"
-    write_sweep(output.results, luha, sweep_dir, title="FastBERT: accuracy against speed-up")
     print(f"\nSpeed sweep on {len(eval_dataset)} held-out examples ({args.eval_split} split):")
     print(format_table(output.results, RESULT_COLUMNS))
     print(f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv")
@@ -699,14 +903,28 @@ def load_split(dataset, split, dataset_config=None):
 
         splits = load_rotten_tomatoes()
     elif is_local_data(dataset):
-        if not Path(dataset).is_file():
-            raise FileNotFoundError(f"data file {dataset} does not exist")
+        input_file(dataset, "data file")
         return load_raw_datasets(data_files={"data": dataset})["data"]
     else:
         splits = load_raw_datasets(dataset_name=dataset, dataset_config_name=dataset_config)
     if split not in splits:
         raise ValueError(f"the dataset has no split {split!r}; its splits are {sorted(splits)}: pick one with --split")
     return splits[split]
+
+
+def describe_data(dataset, split, dataset_config=None):
+    """Which data an evaluation command ran on, in words, for its results files and the model card."""
+    if dataset is None:
+        return f"the hf-fastbert demo's Rotten Tomatoes snippets ({split} split)"
+    if is_local_data(dataset):
+        return Path(dataset).name
+    return dataset + (f"/{dataset_config}" if dataset_config else "") + f" ({split} split)"
+
+
+def results_source(model, data, samples):
+    """Where results come from, written into their .json file: the model, the data in words, the sample count."""
+    path = Path(model).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else str(model), "data": data, "samples": samples}
 
 
 def prepare_evaluation(args):
@@ -776,6 +994,8 @@ def measure_wall_time(model, batches, speed):
 def run_evaluate(args):
     import torch
 
+    if args.output:
+        check_results_file(args.output)
     model, tokenizer, dataset = prepare_evaluation(args)
     speeds = sorted(set(args.speeds))
     results, _ = sweep_results(model, dataset, speeds, args.batch_size)
@@ -793,7 +1013,8 @@ def run_evaluate(args):
     )
     print(format_table(results, columns))
     if args.output:
-        write_rows(results, args.output)
+        source = results_source(args.model, describe_data(args.dataset, args.split, args.dataset_config), len(dataset))
+        write_rows(results, args.output, source)
         print(f"results written to {args.output}")
 
 
@@ -802,28 +1023,87 @@ def default_output_dir(model, name):
     return path / name if path.is_dir() else Path(name)
 
 
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png")
+
+
+def read_results_file(path):
+    """`(rows, source)` of a results .json: a list of rows (source None) or `{model, data, samples, results}`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the results file {path} is not valid JSON ({error})") from None
+    if isinstance(data, list):
+        return data, None
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list | type(None)):
+        raise ValueError(f"the results file {path} holds no list of results")
+    source = {key: data.get(key) for key in ("model", "data", "samples")}
+    return data.get("results"), source
+
+
+def _describe_source(source):
+    if not source or source.get("data") is None or source.get("samples") is None:
+        return "unrecorded data"
+    return f"{source['samples']:,} samples of {source['data']}"
+
+
+def check_sweep_dir(output_dir, source, overwrite=False, card=False):
+    """Raise unless `output_dir` may take this sweep: no sweep files there, or a sweep of the same model and data."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"the output folder {output_dir} is a file")
+    check_writable_folder(output_dir, f"cannot write to {output_dir}")
+    if overwrite or not any((output_dir / name).exists() for name in SWEEP_FILES):
+        return
+    previous = None
+    with contextlib.suppress(OSError, ValueError):
+        previous = read_results_file(output_dir / "sweep.json")[1]
+    if previous is not None and all(previous.get(key) == source[key] for key in ("model", "data", "samples")):
+        return  # a rerun on the same model and data
+    what = f"the sweep of {_describe_source(previous)}" + (" that `push` puts on the model card" if card else "")
+    if previous is not None and previous.get("model") not in (None, source["model"]):
+        what += f" (model {previous['model']})"
+    raise ValueError(
+        f"{output_dir} already holds {what}: write this one elsewhere with --output-dir, or replace it with "
+        "--overwrite-output-dir"
+    )
+
+
 def run_sweep(args):
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, "sweep")
     model, _, dataset = prepare_evaluation(args)
+    source = results_source(args.model, describe_data(args.dataset, args.split, args.dataset_config), len(dataset))
+    card = Path(args.model).expanduser().is_dir() and output_dir.resolve() == (Path(args.model) / "sweep").resolve()
+    check_sweep_dir(output_dir, source, args.overwrite_output_dir, card=card)
     results, luha = sweep_results(model, dataset, sorted(set(args.speeds)), args.batch_size, args.luha_bins)
     print(f"{len(dataset)} samples; FLOPs speed-up over every layer (= BertForSequenceClassification)")
     print(format_table(results, RESULT_COLUMNS))
-    write_sweep(results, luha, output_dir, title=f"{Path(args.model).name}: accuracy against speed-up")
+    title = f"{Path(args.model).name}: accuracy against speed-up"
+    write_sweep(results, luha, output_dir, title=title, source=source)
     print(f"wrote sweep.csv, sweep.json, sweep.png, luha.csv and luha.png to {output_dir}")
 
 
-def write_sweep(results, luha, output_dir, title=None):
-    """The sweep's files: sweep.csv/.json/.png and, with LUHA rows, luha.csv/.png."""
+def write_sweep(results, luha, output_dir, title=None, source=None):
+    """The sweep's files: sweep.csv/.json/.png and, with LUHA rows, luha.csv/.png (each written atomically)."""
     output_dir = Path(output_dir)
     write_rows(results, output_dir / "sweep.csv")
-    write_rows(results, output_dir / "sweep.json")
+    write_rows(results, output_dir / "sweep.json", source)
     plot_sweep(results, output_dir / "sweep.png", title=title)
     if luha is not None:
         write_rows(luha, output_dir / "luha.csv")
         plot_luha(luha, output_dir / "luha.png")
+    else:  # no stale LUHA view of an earlier sweep next to this one
+        for name in ("luha.csv", "luha.png"):
+            (output_dir / name).unlink(missing_ok=True)
 
 
 def run_calibrate(args):
+    import tempfile
+
+    save_dir = Path(args.model).expanduser()
+    if args.save:
+        if not save_dir.is_dir():
+            raise ValueError(f"--save needs a local model folder, got {args.model}")
+        check_writable_folder(save_dir, f"--save cannot write {save_dir / 'config.json'}")
     model, _, dataset = prepare_evaluation(args)
     results, _ = sweep_results(model, dataset, sorted(set(args.speeds) | {0.0}), args.batch_size)
     chosen = calibrate_speed(results, max_accuracy_drop=args.max_accuracy_drop, target_speedup=args.target_speedup)
@@ -837,48 +1117,64 @@ def run_calibrate(args):
     )
     print(f"calibrated speed: {chosen['speed']:g} ({criterion})")
     if args.save:
-        path = Path(args.model).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"--save needs a local model folder, got {args.model}")
         model.config.speed = chosen["speed"]
-        model.config.save_pretrained(path)
-        print(f"saved speed={chosen['speed']:g} as the default in {path / 'config.json'}")
+        with tempfile.TemporaryDirectory(dir=save_dir, prefix=".calibrate-") as work_dir:
+            model.config.save_pretrained(work_dir)
+            os.replace(Path(work_dir) / "config.json", save_dir / "config.json")
+        print(f"saved speed={chosen['speed']:g} as the default in {save_dir / 'config.json'}")
 
 
 def card_results(model_dir, results_path=None):
-    """Card results: `results_path`, else the train command's sweep, else `speed_results.json`, else None."""
+    """
+    The card's results: `results_path`, else the train command's sweep, else `speed_results.json`, else None.
+
+    Returns:
+        `None` or a dict with `results` (rows with the card's columns), `data` and `samples` (None when the file does
+        not say) and `path`.
+    """
     from .training import RESULTS_FILENAME
 
     model_dir = Path(model_dir)
     if results_path is not None:
-        if not Path(results_path).is_file():
-            raise FileNotFoundError(f"results file {results_path} does not exist")
-        candidates = [Path(results_path)]
+        candidates = [input_file(results_path, "results file")]
+        if Path(results_path).suffix != ".json":
+            raise ValueError(
+                "--results takes a .json results file (sweep.json, speed_results.json or `evaluate --output "
+                f"x.json`), got {results_path}"
+            )
     else:
         candidates = [model_dir / "sweep" / "sweep.json", model_dir / RESULTS_FILENAME]
     for path in candidates:
         if path.is_file():
-            data = json.loads(path.read_text())
-            rows = data.get("results") if isinstance(data, dict) else data
+            rows, source = read_results_file(path)
             if rows:
+                if not all(isinstance(row, dict) for row in rows):
+                    raise ValueError(f"the results in {path} are not rows of named columns")
                 missing = sorted({key for row in rows for key in RESULT_COLUMNS if key not in row})
                 if missing:
                     raise ValueError(f"the results in {path} lack the columns {missing}")
-                return [{key: row[key] for key in RESULT_COLUMNS} for row in rows]
+                rows = [{key: row[key] for key in RESULT_COLUMNS} for row in rows]
+                source = source or {}
+                return {"results": rows, "data": source.get("data"), "samples": source.get("samples"), "path": path}
     return None
 
 
 def run_push(args):
-    import tempfile
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import validate_repo_id
 
-    from huggingface_hub import HfApi
-
-    from .modelcard import PLOT_FILENAME, write_model_card
+    from .modelcard import PLOT_FILENAME, push_model_to_hub
 
     path = Path(args.model).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{args.model} is a file: push takes a local model folder")
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {args.model} does not exist (push takes a local folder)")
-    results = card_results(path, args.results)
+    try:
+        validate_repo_id(args.repo_id)
+    except ValueError as error:
+        raise ValueError(f"invalid repo id {args.repo_id!r}: {error}") from None
+    card = card_results(path, args.results)
     model, tokenizer = load_fastbert(str(path))
     if not model.config.branches_distilled:
         if not args.allow_undistilled:
@@ -887,18 +1183,26 @@ def run_push(args):
                 "them with `hf-fastbert train` or pass --allow-undistilled (the card will say so)"
             )
         logger.warning("Pushing a model whose students were never distilled; its card says so.")
-    # HF_ENDPOINT read now rather than when huggingface_hub was imported: same result, and a test server can be used.
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=args.token)
-    repo_id = api.create_repo(args.repo_id, private=args.private or None, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as work_dir:
-        model.save_pretrained(work_dir)
-        tokenizer.save_pretrained(work_dir)
-        write_model_card(
-            work_dir, model, base_model=args.base_model, datasets=args.dataset_name, results=results, repo_id=repo_id
-        )
-        commit = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=args.commit_message)
-    extra = f" and the plot {PLOT_FILENAME}" if results else ""
-    print(f"pushed the model, its tokenizer, the model card{extra} to {repo_id}: {commit.commit_url}")
+    if get_token() is None:
+        raise ValueError("not logged in to the Hub: run `hf auth login` or set HF_TOKEN")
+    if card is not None:
+        if card["data"] is None or card["samples"] is None:
+            logger.warning("%s does not say which data its results come from; the card says so.", card["path"])
+        print(f"card results: {_describe_source(card)}, from {card['path']}")
+    commit = push_model_to_hub(
+        model,
+        args.repo_id,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        tokenizer=tokenizer,
+        base_model=args.base_model,
+        datasets=args.dataset_name,
+        results=card and card["results"],
+        results_data=card and card["data"],
+        results_samples=card and card["samples"],
+    )
+    extra = f" and the plot {PLOT_FILENAME}" if card else ""
+    print(f"pushed the model, its tokenizer, the model card{extra} to {args.repo_id}: {commit.commit_url}")
 
 
 def main(argv=None) -> int:
@@ -921,6 +1225,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug, or bad input nobody foresaw: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(
+            f"{PROG} {args.command}: unexpected error: {type(error).__name__}: {message} (--debug shows the "
+            "traceback; please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 COMMANDS = {

@@ -3,12 +3,15 @@
 Every check runs before any tokenization or training, and raises a `ValueError` naming the problem.
 """
 
+import contextlib
+import json
 import logging
 import os
 from collections.abc import Sequence
 
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 
 
 logger = logging.getLogger(__name__)
@@ -66,11 +69,95 @@ def load_raw_datasets(
     if dataset_name is not None:
         return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     data_files = {split: _as_list(files) for split, files in data_files.items() if files}
-    builder = file_builder([path for files in data_files.values() for path in files])
+    paths = [path for files in data_files.values() for path in files]
+    builder = file_builder(paths)
     kwargs = {}
-    if builder == "csv" and all(path.lower().endswith(".tsv") for files in data_files.values() for path in files):
+    if builder == "csv" and all(path.lower().endswith(".tsv") for path in paths):
         kwargs["delimiter"] = "\t"
-    return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **kwargs)
+
+    def load(files):
+        with _datasets_errors_not_logged():
+            return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+
+    try:
+        return load(data_files)
+    except (DatasetGenerationError, ValueError) as error:  # a malformed file (ArrowInvalid, UnicodeDecodeError...)
+        bad_path, cause = None, error.__cause__ or error
+        for path in paths if len(paths) > 1 else []:  # which file?
+            try:
+                load({"data": path})
+            except (DatasetGenerationError, ValueError) as file_error:
+                bad_path, cause = path, file_error.__cause__ or file_error
+                break
+        if len(paths) == 1:
+            bad_path = paths[0]
+        if bad_path is None:
+            raise ValueError(f"Cannot read the data files {paths} together: {_first_line(cause)}") from error
+        raise ValueError(f"Cannot read {bad_path}: {_read_problem(bad_path, cause)}") from error
+
+
+@contextlib.contextmanager
+def _datasets_errors_not_logged():
+    """`datasets` logs a malformed file's error before raising it: the raised error says it (once, with the file)."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _json_error(text: str) -> json.JSONDecodeError | None:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return error
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    """The first JSON syntax error of a .json/.jsonl file (a line of JSON Lines, or a position), if any."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    document_error = _json_error(text)
+    if document_error is None:
+        return None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if _json_error(first) is None:  # JSON Lines: the first line that is not JSON
+        for number, line in enumerate(lines, start=1):
+            line_error = _json_error(line) if line.strip() else None
+            if line_error is not None:
+                return f"line {number} is not valid JSON ({line_error.msg}, column {line_error.colno})"
+    return f"it is not valid JSON ({document_error.msg}, line {document_error.lineno})"
+
+
+def _read_problem(path: str, cause: BaseException) -> str:
+    """What is wrong with a data file that `datasets` could not read, in words."""
+    if isinstance(cause, UnicodeDecodeError):
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as file:
+                data = file.read()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                return f"it is not UTF-8 text (byte {data[error.start]:#04x} on line {line})"
+        return f"it is not UTF-8 text ({cause.reason})"
+    if path.lower().endswith((".json", ".jsonl")):
+        problem = _json_problem(path)
+        if problem is not None:
+            return problem
+    return _first_line(cause)
 
 
 def check_columns(dataset: Dataset, columns: Sequence[str | None], split: str = "train"):
@@ -157,8 +244,7 @@ def prepare_dataset(
         when labelled, `labels` (int64 class indices).
     """
     check_columns(dataset, [text_column, text_pair_column, label_column], split)
-    if max_length < 2:
-        raise ValueError(f"`max_length` must be >= 2, got {max_length}.")
+    check_max_length(tokenizer, max_length, pair=text_pair_column is not None)
     for column in (text_column, text_pair_column):
         if column is not None and any(not isinstance(text, str) for text in dataset[column]):
             raise ValueError(f"The {split} column {column!r} must contain only strings (found missing values).")
@@ -177,6 +263,16 @@ def prepare_dataset(
     return tokenized
 
 
+def check_max_length(tokenizer, max_length: int, pair: bool = False) -> None:
+    """Raise a `ValueError` unless `max_length` leaves room for text after the tokenizer's special tokens."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= special:
+        raise ValueError(
+            f"max_length {max_length!r} leaves no room for text: the tokenizer adds {special} special tokens"
+            f"{' to a pair' if pair else ''}, so use at least {special + 1}."
+        )
+
+
 def label_maps(label_names: Sequence[str]) -> dict:
     """`{"id2label": ..., "label2id": ...}` for a model config, from the label names."""
     return {
@@ -187,6 +283,7 @@ def label_maps(label_names: Sequence[str]) -> dict:
 
 __all__ = [
     "check_columns",
+    "check_max_length",
     "file_builder",
     "label_maps",
     "label_names_from",

@@ -84,6 +84,26 @@ def _check_results(results, num_layers: int) -> list[dict] | None:
     return sorted(rows, key=lambda row: row["speed"])
 
 
+def _check_results_source(results, results_data, results_samples) -> str:
+    """Validate where the results come from; return the card's words for it ("1,000 samples of ...")."""
+    if results is None:
+        if results_data is not None or results_samples is not None:
+            raise ValueError("`results_data` and `results_samples` describe `results`: give the results too.")
+        return ""
+    if results_data is not None and (
+        not isinstance(results_data, str) or not results_data.strip() or "\n" in results_data
+    ):
+        raise ValueError(f"`results_data` must be a non-empty one-line string, got {results_data!r}.")
+    if results_samples is not None and (
+        isinstance(results_samples, bool) or not isinstance(results_samples, int) or results_samples <= 0
+    ):
+        raise ValueError(f"`results_samples` must be a positive integer, got {results_samples!r}.")
+    if results_data is None and results_samples is None:
+        return "data that was not recorded (which data, how many samples)"
+    samples = "an unrecorded number of samples" if results_samples is None else f"{results_samples:,} samples"
+    return f"{samples} of {results_data}" if results_data is not None else f"{samples} (data not recorded)"
+
+
 def _fastbert_config(model):
     config = getattr(model, "config", None)
     if not is_fastbert_model_type(getattr(config, "model_type", None)):
@@ -180,6 +200,8 @@ def render_model_card(
     base_model=None,
     datasets=None,
     results=None,
+    results_data: str | None = None,
+    results_samples: int | None = None,
     tags=None,
     plot_filename: str | None = None,
 ) -> str:
@@ -198,6 +220,7 @@ def render_model_card(
     dataset_names = _as_name_list(datasets, "datasets")
     extra_tags = _as_name_list(tags, "tags") or []
     rows = _check_results(results, config.num_hidden_layers)
+    source = _check_results_source(results, results_data, results_samples)
     repo_id = repo_id or "your-namespace/fastbert-model"
     distilled = config.branches_distilled is True
 
@@ -250,8 +273,8 @@ def render_model_card(
     if rows:
         section = [
             "## Speed and accuracy\n",
-            "Measured on held-out data: accuracy, mean exit layer and FLOPs speedup over running every layer, at "
-            "each speed.\n",
+            f"Measured on {source}: accuracy, mean exit layer and FLOPs speedup over running every layer, at each "
+            "speed.\n",
             _results_table(rows) + "\n",
         ]
         if plot_filename:
@@ -279,6 +302,8 @@ def write_model_card(
     base_model=None,
     datasets=None,
     results=None,
+    results_data: str | None = None,
+    results_samples: int | None = None,
     repo_id: str | None = None,
     tags=None,
 ) -> Path:
@@ -304,6 +329,11 @@ def write_model_card(
         results (`list[dict]`, *optional*):
             Evaluation results, one dict per speed with keys `speed`, `accuracy` (a fraction in [0, 1], or `None`
             when evaluated without labels), `mean_exit_layer` and `flops_speedup`.
+        results_data (`str`, *optional*):
+            Which data the results were measured on, e.g. `"rotten_tomatoes (validation split)"`; the card says so.
+        results_samples (`int`, *optional*):
+            How many samples the results were measured on; the card says so. Without these two the card says that
+            the results' data was not recorded.
         repo_id (`str`, *optional*):
             The Hub repository the card is for, used in the title and the usage snippets; defaults to the name of
             `save_directory`.
@@ -319,7 +349,10 @@ def write_model_card(
     >>> from hf_fastbert.modelcard import write_model_card
 
     >>> results = [{"speed": 0.0, "accuracy": 0.81, "mean_exit_layer": 6.0, "flops_speedup": 1.0}]
-    >>> write_model_card("out/fastbert-rt", model, base_model="bert-base-uncased", results=results)
+    >>> write_model_card(
+    ...     "out/fastbert-rt", model, base_model="bert-base-uncased", results=results, results_samples=1000,
+    ...     results_data="rotten_tomatoes (validation split)",
+    ... )
     ```"""
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
@@ -332,6 +365,8 @@ def write_model_card(
         base_model=base_model,
         datasets=datasets,
         results=results,
+        results_data=results_data,
+        results_samples=results_samples,
         tags=tags,
         plot_filename=PLOT_FILENAME if plot else None,
     )
@@ -356,29 +391,57 @@ def push_model_to_hub(
     create_pr: bool = False,
     max_shard_size: int | str | None = "50GB",
     tags: list[str] | None = None,
+    tokenizer=None,
+    base_model=None,
+    datasets=None,
+    results=None,
+    results_data: str | None = None,
+    results_samples: int | None = None,
 ):
     """
-    What `FastBertForSequenceClassification.push_to_hub` runs: [`~PreTrainedModel.push_to_hub`] (same arguments, same
-    result: a `CommitInfo`) with the FastBERT model card of [`write_model_card`] instead of the generic one.
+    Every push of a FastBERT model (`FastBertForSequenceClassification.push_to_hub`, the distillation trainer's
+    `push_to_hub`, `train_fastbert(push_to_hub=True)`, `hf-fastbert push`): [`~PreTrainedModel.push_to_hub`] (same
+    arguments, same result: a `CommitInfo`) with the FastBERT model card of [`write_model_card`].
 
-    The repository is created if needed (an existing one is reused); weights, config and modeling code come from
-    `save_pretrained`, the card and the files are uploaded in one commit.
+    Uploads exactly the model's files, written afresh into an empty folder: weights (safetensors), config, modeling
+    code, the tokenizer's files with `tokenizer`, the card (README.md) and, with `results`, its plot. Never a pickle
+    (`training_args.bin`), a checkpoint or any other file of a training folder. Everything is written and validated
+    before the repository is created (an existing one is reused), and the files go up in one commit.
+
+    Args:
+        tokenizer (*optional*): uploaded with the model (its `save_pretrained` files).
+        base_model, datasets, results, results_data, results_samples: the card's, see [`write_model_card`].
     """
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    card = dict(
+        base_model=base_model,
+        datasets=datasets,
+        results=results,
+        results_data=results_data,
+        results_samples=results_samples,
+    )
     model_tags = list(getattr(model, "model_tags", None) or [])
     tags = [tags] if isinstance(tags, str) else list(tags or [])
+    card["tags"] = (model_tags + tags) or None
+    # HF_ENDPOINT read now rather than when huggingface_hub was imported: same result, and a test Hub can be used.
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     with tempfile.TemporaryDirectory() as work_dir:
         model.save_pretrained(work_dir, max_shard_size=max_shard_size)
-        write_model_card(work_dir, model, repo_id=repo_id, tags=(model_tags + tags) or None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work_dir)
+        write_model_card(work_dir, model, repo_id=repo_id, **card)  # validates the card's inputs
+        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if created != repo_id:  # a name without namespace: the card's snippets need the full id
+            write_model_card(work_dir, model, repo_id=created, **card)
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=created, branch=revision, exist_ok=True)
         return api.upload_folder(
-            repo_id=repo_id,
+            repo_id=created,
             folder_path=work_dir,
             commit_message=commit_message or "Upload model",
             commit_description=commit_description,
-            token=token,
             revision=revision,
             create_pr=create_pr,
         )

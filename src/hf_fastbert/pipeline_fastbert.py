@@ -59,7 +59,7 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
                 )
         if speed is not None:
             validate_speed(speed)
-            forward_params["speed"] = speed
+            forward_params["speed"] = float(speed)  # any real number (a Fraction, a numpy float) as the model's float
         if return_exit_layer is not None:
             if not isinstance(return_exit_layer, bool):
                 raise ValueError(f"`return_exit_layer` must be a bool, got {return_exit_layer!r}.")
@@ -147,6 +147,7 @@ def pipeline(
     ```"""
     if speed is not None:
         validate_speed(speed)
+        speed = float(speed)
     if task is None and is_fastbert(model):
         task = TASK
     if task in TASK_ALIASES and pipeline_class is None:

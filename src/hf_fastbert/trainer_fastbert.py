@@ -6,11 +6,12 @@ Stage 2 (fine-tuning backbone + teacher) needs nothing special: the stock `Train
 """
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
 from .modeling_fastbert import FastBertModelMixin, normalized_entropy
@@ -76,6 +77,14 @@ def distillation_loss(
     return per_branch_kl.sum(), per_branch_kl
 
 
+class _MarkDistilledAtLastStep(TrainerCallback):
+    """Sets `config.branches_distilled` at the last training step, before that step's checkpoint is saved."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.max_steps > 0 and state.global_step >= state.max_steps:
+            model.config.branches_distilled = True
+
+
 class FastBertDistillationTrainer(Trainer):
     r"""
     FastBERT's self-distillation (stage 3): backbone and teacher are frozen, each student classifier learns the
@@ -92,7 +101,9 @@ class FastBertDistillationTrainer(Trainer):
       logs report `kl_branch_{layer}` next to `loss`.
     - Multi-process (DDP): only the students train and all of them get gradients, so `ddp_find_unused_parameters`
       is set to `False` when left unset.
-    - Once a training step has run, `model.config.branches_distilled` is `True`, so saved checkpoints carry it.
+    - `model.config.branches_distilled` is `False` while the students train and becomes `True` only once `train()`
+      completes (set at the last step, so the final checkpoint carries it): the checkpoints of an interrupted run
+      do not claim distilled students, and resuming from one sets it when the run completes.
 
     Works with plain [`TrainingArguments`] and with [`FastBertTrainingArguments`] (temperature, eval speeds). The
     paper's setting: learning rate 2e-4, 5 epochs.
@@ -130,6 +141,12 @@ class FastBertDistillationTrainer(Trainer):
             raise ValueError(
                 "FastBertDistillationTrainer computes the distillation loss itself: drop compute_loss_func."
             )
+        if args is not None and args.push_to_hub and args.hub_strategy != "end":
+            strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
+            raise ValueError(
+                f"hub_strategy={strategy!r} pushes whole training folders (training_args.bin, a pickle, and "
+                "checkpoints) during training: use hub_strategy='end', which pushes exactly the model's files."
+            )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for parameter in model.branches.parameters():
@@ -145,9 +162,12 @@ class FastBertDistillationTrainer(Trainer):
         validate_temperature(self.temperature)
         self.eval_speeds = list(getattr(self.args, "eval_speeds", [0.0, 0.1, 0.5]))
         self.speed_results = None  # list of dicts from the last labelled evaluation, for the model card
+        self.speed_results_samples = None  # how many samples they were measured on
+        self.speed_results_data = None  # and which data, in words, when known (the card says so)
         self._kl_sum = None
         self._kl_steps = 0
         self._teacher_checked = False
+        self.add_callback(_MarkDistilledAtLastStep())
 
     def _frozen_modules_eval(self, model):
         """Put every module but the students in eval mode (no dropout in the frozen backbone and teacher)."""
@@ -185,10 +205,13 @@ class FastBertDistillationTrainer(Trainer):
             self._kl_steps += 1
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.accelerator.unwrap_model(model).config.branches_distilled = True
-        return loss
+    def train(self, *args, **kwargs):
+        """[`Trainer.train`]; `config.branches_distilled` is `False` until the distillation completes."""
+        config = self.accelerator.unwrap_model(self.model).config
+        config.branches_distilled = False  # the students are being changed: partial until the last step
+        output = super().train(*args, **kwargs)
+        config.branches_distilled = True
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """
@@ -231,6 +254,7 @@ class FastBertDistillationTrainer(Trainer):
             self.speed_results = metrics_at_speeds(
                 all_logits, seq_lengths, config, self.eval_speeds, labels=output.label_ids
             )
+            self.speed_results_samples, self.speed_results_data = len(seq_lengths), None
             if self.compute_metrics is None:
                 for key, value in flatten_speed_metrics(self.speed_results).items():
                     output.metrics[f"{metric_key_prefix}_{key}"] = value
@@ -258,7 +282,7 @@ class FastBertDistillationTrainer(Trainer):
         dataset_args=None,
     ):
         """The FastBERT model card ([`hf_fastbert.modelcard.write_model_card`]), with the last labelled evaluation's
-        speed / accuracy / mean exit layer / FLOPs speed-up table when there is one."""
+        speed / accuracy / mean exit layer / FLOPs speed-up table and its number of samples when there is one."""
         if not self.is_world_process_zero():
             return
         from .modelcard import write_model_card
@@ -266,11 +290,53 @@ class FastBertDistillationTrainer(Trainer):
         write_model_card(
             self.args.output_dir,
             self.accelerator.unwrap_model(self.model),
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            **self._card_arguments(finetuned_from=finetuned_from, dataset=dataset, tags=tags),
+        )
+
+    def _card_arguments(self, finetuned_from=None, dataset=None, tags=None) -> dict:
+        return dict(
             base_model=finetuned_from,
             datasets=dataset,
-            results=self.speed_results,
-            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
             tags=tags,
+            results=self.speed_results,
+            results_data=self.speed_results_data if self.speed_results else None,
+            results_samples=self.speed_results_samples if self.speed_results else None,
+        )
+
+    def push_to_hub(
+        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
+    ):
+        """
+        Save the model to `args.output_dir` (as [`Trainer.push_to_hub`] does), then upload exactly the model's files
+        to `args.hub_model_id` (default: the output folder's name) in one commit: weights, config, modeling code, the
+        tokenizer (`processing_class`), the FastBERT model card and its plot
+        ([`hf_fastbert.modelcard.push_model_to_hub`]). Unlike [`Trainer.push_to_hub`], nothing else in the output
+        folder goes up: no `training_args.bin` (a pickle), no checkpoints, no stray files. The upload always
+        completes before returning (`blocking` is ignored).
+
+        Args:
+            kwargs: the card's `finetuned_from`, `dataset` and `tags` (as in [`Trainer.create_model_card`]).
+        """
+        from .modelcard import push_model_to_hub
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        card = self._card_arguments(
+            finetuned_from=kwargs.get("finetuned_from"), dataset=kwargs.get("dataset"), tags=kwargs.get("tags")
+        )
+        self.create_model_card(finetuned_from=card["base_model"], dataset=card["datasets"], tags=card["tags"])
+        return push_model_to_hub(
+            self.accelerator.unwrap_model(self.model),
+            self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name,
+            commit_message=commit_message,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            private=private if private is not None else self.args.hub_private_repo,
+            tokenizer=self.processing_class,
+            **card,
         )
 
 

@@ -3,20 +3,26 @@
 Shared by `examples/text-classification/run_fastbert.py` and the `hf-fastbert train` command.
 """
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
 from .backbones import BACKBONES
 from .configuration_fastbert import fastbert_config_class, validate_speeds
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
 from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, evaluate_speeds
+from .modelcard import push_model_to_hub
 from .modeling_fastbert import FastBertForSequenceClassification
 from .trainer_fastbert import FastBertDistillationTrainer
 from .training_args_fastbert import FastBertTrainingArguments, validate_temperature
@@ -25,6 +31,140 @@ from .training_args_fastbert import FastBertTrainingArguments, validate_temperat
 logger = logging.getLogger(__name__)
 
 RESULTS_FILENAME = "speed_results.json"
+# Written last into every finished output folder: which files the run made. A folder holding it and nothing else is a
+# previous run that a new one may replace; a folder without it is never replaced unless asked.
+RUN_MANIFEST = "training_run.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: str = "overwrite_output_dir=True"):
+    """
+    Raise unless a training run may write `output_dir`: a folder that does not exist yet, an empty one, or the output
+    of a previous run holding nothing else (its `training_run.json` lists every file it made). Anything else (user
+    files, another tool's output, a run's folder with files added since) is replaced only with `overwrite_output_dir`.
+    The folder must be creatable and writable, and must not contain the current folder.
+
+    Args:
+        flag (`str`, *optional*): How the error message names the overwrite option (the CLI's
+            `--overwrite-output-dir`).
+    """
+    path = Path(os.path.abspath(output_dir))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the output folder {output_dir} is a file")
+    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"the output folder {output_dir} contains the current folder: a run cannot replace it")
+    if path.is_dir() and any(path.iterdir()) and not overwrite_output_dir:
+        made = None
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            made = set(json.loads((path / RUN_MANIFEST).read_text())["files"])
+        if made is None:
+            raise ValueError(
+                f"the output folder {output_dir} is not empty and is not a previous training run's output: pick "
+                f"another folder, or pass {flag} to replace everything in it"
+            )
+        others = sorted(set(os.listdir(path)) - made)
+        if others:
+            raise ValueError(
+                f"the output folder {output_dir} holds files the previous training run did not write "
+                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): move them, pick another folder, or "
+                f"pass {flag} to replace everything in it"
+            )
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the output folder {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the output folder {output_dir}: the folder {existing} is not writable")
+
+
+def _claim_partial_folder(holder: Path, output_dir) -> None:
+    """Make `holder` (the main process). A leftover of an interrupted run is deleted, unless it holds checkpoints or
+    a live run on this machine is using it."""
+    owner_file = holder / "owner.json"
+    if holder.exists():
+        owner = {}
+        with contextlib.suppress(OSError, ValueError):
+            owner = json.loads(owner_file.read_text())
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and pid != os.getpid():
+            if owner.get("host") != socket.gethostname():
+                raise ValueError(
+                    f"{holder} belongs to a training run on {owner.get('host')} writing {output_dir}: wait for it, or "
+                    "delete that folder if no run is writing it"
+                )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)
+                raise ValueError(f"another training run (process {pid}) is writing {output_dir}: wait for it")
+        if any(path.is_dir() for path in holder.rglob("checkpoint-*")):
+            raise ValueError(
+                f"an interrupted run left checkpoints in {holder}: resume from them or delete that folder first"
+            )
+        shutil.rmtree(holder)  # an interrupted run's leftovers: nothing in it was finished
+    holder.mkdir(parents=True, exist_ok=True)
+    owner_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def _replace_folder(source: Path, target: Path, trash: Path) -> None:
+    """Move `source` to `target`, replacing it: two renames, `target` missing only in between."""
+    if target.exists():
+        os.rename(target, trash)
+    try:
+        os.rename(source, target)
+    except OSError:
+        if trash.exists():
+            os.rename(trash, target)
+        raise
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir, *, main_process: bool | None = None):
+    """
+    Context manager for writing a run's output folder all at once: yields an empty folder with the same name inside
+    `.<name>.partial/` next to `output_dir`; when the block ends without error, that folder replaces `output_dir`
+    (whose previous content is deleted) with `training_run.json` listing its files. Until then `output_dir` keeps
+    its previous content, so an interrupted run never leaves a half-written model there. On an error the partial
+    folder is deleted, unless it holds Trainer checkpoints (`checkpoint-*`), which are kept for resuming. A partial
+    folder left by a killed run is deleted by the next run. Check `output_dir` first with [`check_output_dir`].
+
+    With several processes (DDP) every process gets the same folder; only the main one creates and publishes it.
+    """
+    main_process = _is_main_process() if main_process is None else main_process
+    final = Path(os.path.abspath(output_dir))
+    holder = final.parent / f".{final.name}{PARTIAL_SUFFIX}"
+    staging = holder / final.name
+    existing = _nearest_existing(final.parent)
+    if main_process:
+        _claim_partial_folder(holder, output_dir)
+        staging.mkdir(exist_ok=True)
+    try:
+        yield str(staging)
+    except BaseException:
+        if main_process:
+            checkpoints = [path for path in staging.rglob("checkpoint-*") if path.is_dir()]
+            if checkpoints:
+                logger.warning("The run did not finish; its checkpoints are kept in %s", staging)
+            else:
+                shutil.rmtree(holder, ignore_errors=True)
+                for folder in [final.parent, *final.parent.parents]:  # the parents this run created, if empty
+                    if folder == existing or not folder.is_relative_to(existing):
+                        break
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+        raise
+    if main_process:
+        files = sorted({*os.listdir(staging), RUN_MANIFEST})
+        (staging / RUN_MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+        _replace_folder(staging, final, holder / "previous")
+        shutil.rmtree(holder)
 
 
 @dataclass
@@ -39,6 +179,7 @@ class FastBertTrainingOutput:
         label_names: class names in index order.
         results: one dict per speed (`speed`, `accuracy`, `mean_exit_layer`, `flops_speedup`) on the evaluation
             split, or `None` without one.
+        results_data / results_samples: which data (in words) and how many samples the results were measured on.
         finetune_metrics / distill_metrics: the `train()` metrics of each stage (empty when a stage was skipped).
     """
 
@@ -47,6 +188,8 @@ class FastBertTrainingOutput:
     output_dir: str
     label_names: list[str]
     results: list[dict] | None = None
+    results_data: str | None = None
+    results_samples: int | None = None
     finetune_metrics: dict = field(default_factory=dict)
     distill_metrics: dict = field(default_factory=dict)
 
@@ -116,9 +259,12 @@ def train_fastbert(
     weight_decay: float = 0.01,
     seed: int = 42,
     eval_speeds=DEFAULT_SPEEDS,
+    overwrite_output_dir: bool = False,
+    dataset_name: str | None = None,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
     progress: bool = True,
     training_args: dict | None = None,
     finetune_args: dict | None = None,
@@ -130,8 +276,10 @@ def train_fastbert(
     [`FastBertDistillationTrainer`] (backbone and teacher frozen), then the model is evaluated at `eval_speeds` and
     saved with its tokenizer, a model card and `speed_results.json`.
 
-    Every input is validated (columns, label sets, non-empty splits, speeds, the model's config) before any
-    tokenization or training starts; `output_dir` receives the final files only at the end.
+    Every input is validated (columns, label sets, non-empty splits, speeds, the model's config, the output folder,
+    the Hub repo id) before any tokenization or training starts. The run writes into a partial folder next to
+    `output_dir` that replaces it only once everything is saved ([`staged_output_dir`]): an interrupted run leaves
+    `output_dir` as it was, and a finished one never mixes its files with an earlier run's.
 
     Args:
         model_name_or_path (`str`):
@@ -141,8 +289,9 @@ def train_fastbert(
         raw_datasets (`datasets.DatasetDict`):
             Raw text splits; `"train"` is required and labelled. See [`hf_fastbert.data.load_raw_datasets`].
         output_dir (`str`):
-            Where the final model goes (and stage 3's checkpoints, if saved). Stage 2's `Trainer` folder is
-            `output_dir/_finetune`: the leading underscore keeps its checkpoints out of `push_to_hub` uploads.
+            Where the final model goes (and stage 3's checkpoints, if saved; stage 2's go to `output_dir/_finetune`).
+            It must not exist, be empty, or be a previous run's output holding nothing else (see
+            [`check_output_dir`]), unless `overwrite_output_dir`.
         text_column, text_pair_column, label_column (`str`):
             Columns of the raw splits; `text_pair_column` for sentence pairs.
         eval_split (`str`, *optional*, defaults to `"validation"`):
@@ -159,11 +308,19 @@ def train_fastbert(
         distillation_temperature (`float`, *optional*, defaults to 1.0): See [`FastBertTrainingArguments`].
         batch_size, warmup_ratio, weight_decay, seed: Shared by both stages (per-device batch size).
         eval_speeds (`Iterable[float]`, *optional*, defaults to 0.0 .. 0.9): Speeds of the final evaluation.
-        push_to_hub, hub_model_id, hub_token: Push the final model (with its card) to the Hub.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Replace a non-empty `output_dir` that is not a previous run's output: everything in it is deleted once
+            the new model is saved.
+        dataset_name (`str`, *optional*):
+            What the data is called (e.g. `"rotten_tomatoes"`), so that the results and the model card say which
+            data they were measured on: "1,000 samples of rotten_tomatoes (validation split)".
+        push_to_hub, hub_model_id, hub_token, hub_private_repo: Push the final model to the Hub repo `hub_model_id`
+            (default: the name of `output_dir`): exactly its weights, config, code, tokenizer, card and plot
+            ([`hf_fastbert.modelcard.push_model_to_hub`]), never `training_args.bin` or other files of the folder.
         progress (`bool`, *optional*, defaults to `True`): Progress bars.
         training_args, finetune_args, distill_args (`dict`, *optional*):
             Extra [`TrainingArguments`] fields for both stages, stage 2 only, stage 3 only (e.g. `{"bf16": True}`,
-            `{"save_strategy": "epoch"}`).
+            `{"save_strategy": "epoch"}`). Not `push_to_hub`: use this function's `push_to_hub`.
 
     Returns:
         [`FastBertTrainingOutput`].
@@ -185,6 +342,24 @@ def train_fastbert(
     if unlabeled_dataset is not None:
         check_columns(unlabeled_dataset, text_columns, "unlabeled")
     validate_temperature(distillation_temperature)
+    for name, extra in (
+        ("training_args", training_args),
+        ("finetune_args", finetune_args),
+        ("distill_args", distill_args),
+    ):
+        if (extra or {}).get("push_to_hub"):
+            raise ValueError(
+                f"`{name}` cannot set push_to_hub (the stages' pushes upload whole training folders, "
+                "training_args.bin included): use train_fastbert(push_to_hub=True)."
+            )
+    hub_repo_id = None
+    if push_to_hub:
+        hub_repo_id = hub_model_id or Path(os.path.abspath(output_dir)).name
+        try:
+            validate_repo_id(hub_repo_id)
+        except ValueError as error:
+            raise ValueError(f"Cannot push to {hub_repo_id!r}: {error}") from None
+    check_output_dir(output_dir, overwrite_output_dir)
 
     config = AutoConfig.from_pretrained(model_name_or_path)
     config_class = fastbert_config_class(config.model_type)  # ValueError naming the supported families
@@ -235,77 +410,113 @@ def train_fastbert(
         common["use_cpu"] = True
     common.update(training_args or {})
 
-    finetune_metrics, finetune_steps = {}, 0
-    if finetune_epochs > 0:
-        # Stage 2: the stock Trainer. The students are frozen: they get no gradient, and DDP needs no search for
-        # unused parameters.
-        model.branches.requires_grad_(False)
+    with staged_output_dir(output_dir) as work_dir:
+        finetune_metrics, finetune_steps = {}, 0
+        if finetune_epochs > 0:
+            # Stage 2: the stock Trainer. The students are frozen: they get no gradient, and DDP needs no search
+            # for unused parameters. A new teacher: students distilled from the old one (a FastBERT checkpoint) no
+            # longer match it, and stage 2's checkpoints must not say otherwise.
+            model.branches.requires_grad_(False)
+            model.config.branches_distilled = False
+            args = _stage_args(
+                TrainingArguments,
+                os.path.join(work_dir, "_finetune"),
+                finetune_epochs,
+                finetune_learning_rate,
+                common,
+                finetune_args or {},
+            )
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,
+                compute_metrics=FastBertMetrics(model.config, speeds=[0.0]),
+            )
+            finetune_metrics = trainer.train().metrics
+            finetune_steps = trainer.state.global_step
+            model = trainer.accelerator.unwrap_model(trainer.model)
+
+        distill_metrics = {}
         args = _stage_args(
-            TrainingArguments,
-            os.path.join(output_dir, "_finetune"),
-            finetune_epochs,
-            finetune_learning_rate,
+            FastBertTrainingArguments,
+            work_dir,
+            max(distill_epochs, 0),
+            distill_learning_rate,
             common,
-            finetune_args or {},
+            dict(distillation_temperature=distillation_temperature, eval_speeds=speeds, **(distill_args or {})),
         )
-        trainer = Trainer(
+        distiller = FastBertDistillationTrainer(
             model=model,
             args=args,
-            train_dataset=train_dataset,
+            train_dataset=distill_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            compute_metrics=FastBertMetrics(model.config, speeds=[0.0]),
         )
-        finetune_metrics = trainer.train().metrics
-        finetune_steps = trainer.state.global_step
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        if distill_epochs > 0:
+            distill_metrics = distiller.train().metrics
+        model = distiller.accelerator.unwrap_model(distiller.model).eval()
 
-    distill_metrics = {}
-    args = _stage_args(
-        FastBertTrainingArguments,
-        output_dir,
-        max(distill_epochs, 0),
-        distill_learning_rate,
-        common,
-        dict(distillation_temperature=distillation_temperature, eval_speeds=speeds, **(distill_args or {})),
-    )
-    distiller = FastBertDistillationTrainer(
-        model=model, args=args, train_dataset=distill_dataset, eval_dataset=eval_dataset, processing_class=tokenizer
-    )
-    if distill_epochs > 0:
-        distill_metrics = distiller.train().metrics
-    model = distiller.accelerator.unwrap_model(distiller.model).eval()
-
-    results = None
-    if eval_dataset is not None and distiller.is_world_process_zero():
-        results = evaluate_speeds(model, eval_dataset, speeds, batch_size=batch_size, progress=progress)
-        distiller.speed_results = results
-    distiller.save_model(output_dir)
-    base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path  # a Hub id for the card
-    if distiller.is_world_process_zero():
-        with open(os.path.join(output_dir, RESULTS_FILENAME), "w", encoding="utf-8") as file:
-            summary = {
-                "label_names": label_names,
-                "num_processes": distiller.args.world_size,
-                "finetune_steps": finetune_steps,
-                "distill_steps": distiller.state.global_step,
-                "results": results,
-            }
-            json.dump(summary, file, indent=2)
-        distiller.create_model_card(finetuned_from=base_model)
-    if push_to_hub:
-        distiller.args.hub_model_id = hub_model_id
-        distiller.args.hub_token = hub_token
-        distiller.push_to_hub(finetuned_from=base_model)
+        results = None
+        if eval_dataset is not None and distiller.is_world_process_zero():
+            results = evaluate_speeds(model, eval_dataset, speeds, batch_size=batch_size, progress=progress)
+            distiller.speed_results = results
+            distiller.speed_results_samples = len(eval_dataset)
+            distiller.speed_results_data = f"{dataset_name or 'the data'} ({eval_split} split)"
+        distiller.save_model(work_dir)
+        base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path  # a Hub id for the card
+        if distiller.is_world_process_zero():
+            with open(os.path.join(work_dir, RESULTS_FILENAME), "w", encoding="utf-8") as file:
+                summary = {
+                    "label_names": label_names,
+                    "num_processes": distiller.args.world_size,
+                    "finetune_steps": finetune_steps,
+                    "distill_steps": distiller.state.global_step,
+                    "data": distiller.speed_results_data if results else None,
+                    "samples": distiller.speed_results_samples if results else None,
+                    "results": results,
+                }
+                json.dump(summary, file, indent=2)
+            distiller.create_model_card(finetuned_from=base_model)
+    if push_to_hub and distiller.is_world_process_zero():
+        try:
+            push_model_to_hub(
+                model,
+                hub_repo_id,
+                commit_message="End of training",
+                token=hub_token,
+                private=hub_private_repo,
+                tokenizer=tokenizer,
+                **distiller._card_arguments(finetuned_from=base_model),
+            )
+        except Exception:
+            logger.error(
+                "Pushing to %s failed; the trained model is saved in %s: push it with `hf-fastbert push %s %s`.",
+                hub_repo_id,
+                output_dir,
+                output_dir,
+                hub_repo_id,
+            )
+            raise
     return FastBertTrainingOutput(
         model=model,
         tokenizer=tokenizer,
         output_dir=output_dir,
         label_names=label_names,
         results=results,
+        results_data=distiller.speed_results_data if results else None,
+        results_samples=distiller.speed_results_samples if results else None,
         finetune_metrics=finetune_metrics,
         distill_metrics=distill_metrics,
     )
 
 
-__all__ = ["FastBertTrainingOutput", "RESULTS_FILENAME", "train_fastbert"]
+__all__ = [
+    "RESULTS_FILENAME",
+    "RUN_MANIFEST",
+    "FastBertTrainingOutput",
+    "check_output_dir",
+    "staged_output_dir",
+    "train_fastbert",
+]

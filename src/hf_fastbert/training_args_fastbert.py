@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from .configuration_fastbert import validate_speeds
 
@@ -32,6 +33,10 @@ class FastBertTrainingArguments(TrainingArguments):
         eval_speeds (`list[float]`, *optional*, defaults to `[0.0, 0.1, 0.5]`):
             Speeds at which `evaluate()` reports accuracy, mean exit layer and FLOPs speed-up when no
             `compute_metrics` is given (labelled evaluation data only).
+        hub_strategy (`str`, *optional*, defaults to `"end"`):
+            As in [`TrainingArguments`], but `"end"` by default and the only value [`FastBertDistillationTrainer`]
+            accepts with `push_to_hub=True`: the other strategies push whole training folders (`training_args.bin`,
+            a pickle, and checkpoints) while training.
 
     Example:
 
@@ -48,6 +53,11 @@ class FastBertTrainingArguments(TrainingArguments):
     eval_speeds: list[float] = field(
         default_factory=lambda: [0.0, 0.1, 0.5],
         metadata={"help": "Speeds at which evaluate() reports accuracy, mean exit layer and FLOPs speed-up."},
+    )
+
+    hub_strategy: HubStrategy | str = field(
+        default="end",
+        metadata={"help": "When to push with push_to_hub: 'end' (the model's files once training completes)."},
     )
 
     def __post_init__(self):
