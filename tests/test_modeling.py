@@ -506,3 +506,17 @@ def test_int8_dynamic_quantization_keeps_the_exit_rule():
         assert engine.exit_layers.tolist() == full.exit_layers.tolist()
         exits.add(engine.exit_layers.item())
     assert len(exits) >= 2
+
+
+def test_fraction_and_numpy_speeds_are_floats_everywhere(tmp_path):
+    from fractions import Fraction
+
+    import numpy as np
+
+    model = tiny_model(speed=Fraction(1, 2))
+    assert type(model.config.speed) is float and model.config.speed == 0.5
+    model.config.save_pretrained(tmp_path)  # JSON-safe
+    input_ids, attention_mask = random_batch()
+    expected = run(model, input_ids, attention_mask, speed=0.5).exit_layers
+    for speed in (Fraction(1, 2), np.float32(0.5)):
+        assert torch.equal(run(model, input_ids, attention_mask, speed=speed).exit_layers, expected)

@@ -21,10 +21,11 @@ from transformers import (
 TEACHER_HEADS = ("stock", "bert", "branch")
 
 
-def validate_speed(speed, name="speed"):
-    """Raise a `ValueError` naming `name` unless `speed` is a real number in [0, 1]."""
+def validate_speed(speed, name="speed") -> float:
+    """`speed` as a float; a `ValueError` naming `name` unless it is a real number in [0, 1] (a `Fraction` too)."""
     if isinstance(speed, bool) or not isinstance(speed, Real) or math.isnan(speed) or not 0.0 <= speed <= 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1] (0 = full depth), got {speed!r}.")
+    return float(speed)
 
 
 def validate_speeds(speeds, name="speeds") -> list[float]:
@@ -101,7 +102,7 @@ class FastBertConfigMixin:
 
     def validate_fastbert(self):
         """Raise a `ValueError` naming the first invalid FastBERT setting."""
-        validate_speed(self.speed)
+        self.speed = validate_speed(self.speed)  # a float, also from a Fraction or a numpy number (JSON-safe)
         for name in ("branch_hidden_size", "branch_num_attention_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -320,9 +320,7 @@ class FastBertModelMixin:
             Run every sample through every layer and return the logits of every classifier in `all_logits`. The
             returned `logits` and `exit_layers` are still the ones the exit rule picks at `speed`.
         """
-        speed = self.config.speed if speed is None else speed
-        validate_speed(speed)
-        speed = float(speed)
+        speed = validate_speed(self.config.speed if speed is None else speed)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
