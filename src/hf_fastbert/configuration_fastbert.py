@@ -16,6 +16,8 @@ from transformers import (
 )
 
 
+EXIT_RULES = ("entropy", "patience", "thresholds", "learned")  # see exit_rules.py
+
 # "stock": the family's own classification head (BERT checkpoints of hf-fastbert 0.1 say "bert", the same thing);
 # "branch": a head of the students' architecture, as in the paper.
 TEACHER_HEADS = ("stock", "bert", "branch")
@@ -68,6 +70,14 @@ class FastBertConfigMixin:
         branches_distilled (`bool`, *optional*, defaults to `False`):
             Set by [`FastBertDistillationTrainer`] once the students have been self-distilled from the teacher. Until
             then the students are untrained and early exits are meaningless; model cards say so.
+        exit_rule (`str`, *optional*, defaults to `"entropy"`):
+            When a sample leaves: `"entropy"` (FastBERT), `"patience"` (PABEE), `"thresholds"` (per-layer, calibrated)
+            or `"learned"` (a logistic head per layer). Every rule reads `speed` as 0 = full depth, higher = faster;
+            see `hf_fastbert.exit_rules`.
+        exit_thresholds (`list`, *optional*):
+            The `"thresholds"` rule's calibration table (`model.calibrate_exit_rules`).
+        exit_heads (`list`, *optional*):
+            The `"learned"` rule's per-layer weights (`model.calibrate_exit_rules`).
     """
 
     # The model type of the stock checkpoints of this family ("bert", "roberta", ...); set by each family's class.
@@ -79,6 +89,9 @@ class FastBertConfigMixin:
     uncertainty_top_k: int | None = None
     teacher_head: str = "stock"
     branches_distilled: bool = False
+    exit_rule: str = "entropy"
+    exit_thresholds: list | None = None
+    exit_heads: list | None = None
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -117,6 +130,8 @@ class FastBertConfigMixin:
             raise ValueError(f"`uncertainty_top_k` must be None or an integer >= 2, got {top_k!r}.")
         if not isinstance(self.branches_distilled, bool):
             raise ValueError(f"`branches_distilled` must be a bool, got {self.branches_distilled!r}.")
+        if self.exit_rule not in EXIT_RULES:
+            raise ValueError(f"`exit_rule` must be one of {EXIT_RULES}, got {self.exit_rule!r}.")
         if self.teacher_head not in TEACHER_HEADS:
             raise ValueError(f"`teacher_head` must be one of {TEACHER_HEADS}, got {self.teacher_head!r}.")
         if self.problem_type in ("regression", "multi_label_classification") or self.num_labels < 2:

@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration_fastbert import validate_speeds
+from .exit_rules import select_exits
 from .flops import fastbert_flops, stock_flops
-from .modeling_fastbert import select_exits
 
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def metrics_at_speeds(
     baseline = stock_flops(config, seq_lengths).sum().item()
     results = []
     for speed in speeds:
-        logits, exit_layers = select_exits(all_logits, speed, config.uncertainty_top_k)
+        logits, exit_layers = select_exits(all_logits, speed, config)
         predictions = logits.argmax(dim=-1)
         flops = fastbert_flops(config, seq_lengths, exit_layers, branches_ran=speed > 0).sum().item()
         accuracy = None if labels is None else (predictions == labels).double().mean().item()

@@ -48,29 +48,8 @@ from .configuration_fastbert import (
     fastbert_config_class,
     validate_speed,
 )
+from .exit_rules import check_exit_rule, exits_at_layer, normalized_entropy, select_exits
 from .flops import fastbert_flops
-
-
-def normalized_entropy(logits: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
-    """
-    The paper's uncertainty: entropy of softmax(logits) divided by log(num_labels), in [0, 1].
-
-    Args:
-        logits: (..., C) classifier logits.
-        top_k: when set and smaller than C, the entropy of the `top_k` largest probabilities renormalized, divided by
-            log(top_k). Keeps the measure useful with many labels, where the full entropy stays close to 1.
-
-    Returns:
-        (...) float32 tensor.
-    """
-    num_labels = logits.shape[-1]
-    if top_k is not None and top_k < num_labels:
-        logits = logits.topk(top_k, dim=-1).values
-        num_labels = top_k
-    log_probs = logits.float().log_softmax(dim=-1)
-    probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
-    return (entropy / math.log(num_labels)).clamp(0.0, 1.0)
 
 
 def first_confident_layer(uncertainties: torch.Tensor, speed: float) -> torch.Tensor:
@@ -88,23 +67,6 @@ def first_confident_layer(uncertainties: torch.Tensor, speed: float) -> torch.Te
     num_layers = confident.shape[1] + 1
     first = confident.int().argmax(dim=1) + 1  # argmax returns the first maximum
     return torch.where(confident.any(dim=1), first, num_layers)
-
-
-def select_exits(all_logits: torch.Tensor, speed: float, top_k: int | None = None):
-    """
-    What early-exit inference at `speed` answers for each sample, from every classifier's logits.
-
-    Args:
-        all_logits: (B, L, C) logits of the students (layers 1 .. L-1), then the teacher.
-        speed: threshold in [0, 1].
-        top_k: `config.uncertainty_top_k`.
-
-    Returns:
-        `(logits, exit_layers)`: (B, C) logits of the classifier each sample exits at and (B,) 1-based exit layers.
-    """
-    exit_layers = first_confident_layer(normalized_entropy(all_logits[:, :-1], top_k), speed)  # (B,)
-    rows = torch.arange(all_logits.shape[0], device=all_logits.device)
-    return all_logits[rows, exit_layers - 1], exit_layers  # (B, C), (B,)
 
 
 @dataclass
@@ -289,6 +251,19 @@ class FastBertModelMixin:
         """(..., num_labels) logits -> (...) uncertainty in [0, 1], as configured (`config.uncertainty_top_k`)."""
         return normalized_entropy(logits, self.config.uncertainty_top_k)
 
+    def calibrate_exit_rules(self, all_logits: torch.Tensor):
+        """
+        Calibrate the `"thresholds"` rule and fit the `"learned"` rule's heads from the (N, L, C) `all_logits` of a
+        validation pass (`model(..., output_all_logits=True)`); both are stored in the config, saved with the model.
+        Seconds, no backbone pass. See `hf_fastbert.exit_rules`.
+        """
+        from .exit_rules import calibrate_thresholds, fit_exit_heads
+
+        all_logits = all_logits.detach().float().cpu()
+        self.config.exit_thresholds = calibrate_thresholds(all_logits, self.config.uncertainty_top_k)
+        self.config.exit_heads = fit_exit_heads(all_logits, self.config.uncertainty_top_k)
+        return self
+
     def teacher_logits(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) last-layer states and (B, T) mask -> (B, num_labels) teacher logits."""
         if self.config.teacher_head == "branch":
@@ -306,6 +281,7 @@ class FastBertModelMixin:
         labels: torch.Tensor | None = None,
         speed: float | None = None,
         output_all_logits: bool = False,
+        exit_rule: str | None = None,
         **kwargs,
     ) -> FastBertSequenceClassifierOutput:
         r"""
@@ -319,8 +295,11 @@ class FastBertModelMixin:
         output_all_logits (`bool`, *optional*, defaults to `False`):
             Run every sample through every layer and return the logits of every classifier in `all_logits`. The
             returned `logits` and `exit_layers` are still the ones the exit rule picks at `speed`.
+        exit_rule (`str`, *optional*):
+            The exit rule for this call (`hf_fastbert.exit_rules`); defaults to `config.exit_rule` (`"entropy"`).
         """
         speed = validate_speed(self.config.speed if speed is None else speed)
+        exit_rule = check_exit_rule(self.config, exit_rule)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -348,7 +327,9 @@ class FastBertModelMixin:
         else:
             full_depth = self.training or output_all_logits or labels is not None
             students = exits_at_speed or output_all_logits
-            output, teacher_logits = self._forward_layers(inputs, attention_mask, speed, full_depth, students)
+            output, teacher_logits = self._forward_layers(
+                inputs, attention_mask, speed, full_depth, students, exit_rule
+            )
             if not output_all_logits:
                 output.all_logits = None
             if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
@@ -389,7 +370,7 @@ class FastBertModelMixin:
         )
         return output, stock.logits
 
-    def _forward_layers(self, inputs, mask, speed, full_depth, students):
+    def _forward_layers(self, inputs, mask, speed, full_depth, students, exit_rule):
         """
         The engine, for every family. With `full_depth`, every sample runs every layer and every classifier
         (training, `output_all_logits`, labels at a speed); the exit rule then picks from `all_logits`, and `students`
@@ -409,6 +390,7 @@ class FastBertModelMixin:
         logits = hidden.new_empty(batch_size, self.num_labels)  # (B, C)
         exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=hidden.device)  # (B,)
         student_logits = []
+        rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
         state = backbone.prepare(self, hidden, mask, positions)
         for index in range(num_layers):
             hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
@@ -422,7 +404,7 @@ class FastBertModelMixin:
             if full_depth:
                 student_logits.append(branch_logits)
                 continue
-            exits = self.uncertainty(branch_logits) < speed  # (b,)
+            exits, rule_state = exits_at_layer(self.config, speed, index, branch_logits, rule_state, exit_rule)  # (b,)
             # The layer's one host sync: how many leave, and the last column a sample that stays still needs.
             columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (t,)
             staying_columns = ((mask != 0) & ~exits[:, None]) * columns  # (b, t)
@@ -438,6 +420,7 @@ class FastBertModelMixin:
                 break
             used_columns = used_columns or mask.shape[1]  # staying samples with an all-zero mask keep every column
             rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
+            rule_state = tuple(value[stay] for value in rule_state)
             if positions is not None:
                 positions = positions[stay] if positions.shape[0] > 1 else positions
                 positions = positions[:, :used_columns]
@@ -450,7 +433,7 @@ class FastBertModelMixin:
         all_logits = torch.stack(student_logits + [teacher_logits], dim=1)  # (B, L, C)
         logits = teacher_logits
         if exits_at_speed:
-            logits, exit_layers = select_exits(all_logits, speed, self.config.uncertainty_top_k)  # (B, C), (B,)
+            logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)  # (B, C), (B,)
         output = FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers, all_logits=all_logits)
         return output, teacher_logits
 
