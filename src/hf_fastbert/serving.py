@@ -163,7 +163,7 @@ class AdaptiveSpeedController:
         target_latency (`float`): The p95 latency target, in seconds.
         raise_at (`float`, *optional*, defaults to 0.8): Fraction of the target above which the speed is raised.
         lower_at (`float`, *optional*, defaults to 0.5): Fraction of the target a slower rung must be predicted under.
-        window (`float`, *optional*, defaults to 5.0): Seconds of latency history considered.
+        window (`float`, *optional*, defaults to 3.0): Seconds of latency history considered.
         min_samples (`int`, *optional*, defaults to 10): Requests needed at the current speed to measure a p95.
         raise_interval (`float`, *optional*, defaults to 0.5): Seconds at a speed before raising it again.
         lower_interval (`float`, *optional*, defaults to 2.0): Seconds at a speed before lowering it.
@@ -190,7 +190,7 @@ class AdaptiveSpeedController:
         *,
         raise_at: float = 0.8,
         lower_at: float = 0.5,
-        window: float = 5.0,
+        window: float = 3.0,
         min_samples: int = 10,
         raise_interval: float = 0.5,
         lower_interval: float = 2.0,
@@ -328,7 +328,9 @@ class DynamicBatcher:
     r"""
     Gathers the inputs of concurrent requests into batches for the early-exit engine, on an asyncio loop.
 
-    The first input of a batch waits at most `max_wait` seconds for others; a batch holds at most `max_batch_size`
+    A batch starts when it is full, or `max_wait` seconds after its first input arrived or after the engine became
+    free, whichever is later (under load, the clients just answered send their next requests meanwhile, so batches
+    stay full); a batch holds at most `max_batch_size`
     inputs (inputs, not requests: a request's inputs may span batches); inputs are served first come, first served.
     While the worker thread runs a batch, the next one gathers, and starts as soon as the worker is free. A batch with
     several speeds (per-request speeds) runs one forward pass per speed. At most `max_queue_size` inputs wait:
@@ -338,7 +340,7 @@ class DynamicBatcher:
         run_batch (`Callable[[list[dict], float], tuple[Tensor, Tensor]]`):
             Runs in the worker thread: unpadded encodings and a speed -> `(logits (B, C), exit_layers (B,))`.
         max_batch_size (`int`, *optional*, defaults to 32): Inputs per batch.
-        max_wait (`float`, *optional*, defaults to 0.005): Seconds the first input of a batch waits for others.
+        max_wait (`float`, *optional*, defaults to 0.005): Seconds a batch waits for more inputs.
         max_queue_size (`int`, *optional*, defaults to 1024): Inputs allowed to wait.
         current_speed (`Callable[[float], float]`, *optional*):
             Called before each batch (and every `tick` seconds when idle) with the oldest input's queueing delay;
@@ -374,6 +376,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._free_since = -math.inf
         self.batches = 0
 
     @property
@@ -442,7 +445,9 @@ class DynamicBatcher:
                 if not self._queue:
                     self.current_speed(0.0)  # lets the controller see the idle time
                 continue
-            deadline = self._queue[0].enqueued + self.max_wait
+            # Wait at most max_wait after the first input arrived AND after the engine became free: under load the
+            # oldest input has already waited a whole batch, and the clients just answered are about to send again.
+            deadline = max(self._queue[0].enqueued, self._free_since) + self.max_wait
             while len(self._queue) < self.max_batch_size and not self._closing:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
@@ -464,8 +469,9 @@ class DynamicBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(EngineError(f"inference failed: {error}"))
+                self._free_since = self.clock()
                 continue
-            finished = self.clock()
+            finished = self._free_since = self.clock()
             exit_layers, queue_times = [], []
             for group_speed, (logits, layers) in outputs.items():
                 for item, row, layer in zip(groups[group_speed], logits, layers.tolist(), strict=True):
