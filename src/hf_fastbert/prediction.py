@@ -375,7 +375,8 @@ def predict_file(
     """
     Classify every input of a file with early exit, streaming: bounded memory whatever the file's size.
 
-    Run it in one process, or unchanged under `torchrun --nproc_per_node N` / `accelerate launch`: every process
+    Run it in one process, or unchanged under `torchrun --nproc_per_node N` / `accelerate launch --multi_gpu
+    --num_processes N` (on CPU-only machines too, with gloo): every process
     reads the same chunk of `chunk_size * num_processes` inputs, Accelerate's `split_between_processes` gives each its
     contiguous share, and the main process gathers the results and writes them, so the output is one file in input
     order whatever the number of processes.
