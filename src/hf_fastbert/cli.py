@@ -520,8 +520,9 @@ def _add_predict_file_arguments(predict):
     group = predict.add_argument_group(
         "large files",
         "With --output, or a .csv/.tsv/.jsonl/.json/.parquet --file, the file is streamed in chunks (bounded memory) "
-        "with a progress bar; under `torchrun --nproc_per_node N` or `accelerate launch` each chunk is split across "
-        "the processes and the main process writes one output in input order.",
+        "with a progress bar; under `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu "
+        "--num_processes N` (CPU-only machines too) each chunk is split across the processes and the main process "
+        "writes one output in input order.",
     )
     group.add_argument("--output", help="Write the predictions to this .jsonl, .parquet or .csv file (needs --file).")
     group.add_argument("--text-column", default="text", help="Text column of a table --file.")
