@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny_models import sentiment_fastbert
+from tiny_models import FAMILIES, VOCAB_SIZE, family_model, sentiment_fastbert
 
 from hf_fastbert.serving import (
     AdaptiveSpeedController,
@@ -550,3 +550,32 @@ def test_serve_command_end_to_end_with_graceful_sigterm(model_dir):
         output = process.communicate(timeout=60)[0]
     assert process.returncode in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once it has shut down
     assert "Shutting down" in output and "FastBERT server ready" in output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_backbone_family_is_served_like_offline(family):
+    from transformers import BertTokenizerFast
+
+    from hf_fastbert.serving import FastBertServer
+
+    words = [f"w{i}" for i in range(VOCAB_SIZE - 5)]
+    tokenizer = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    )
+    model = family_model(family)
+    if "token_type_ids" not in model.backbone.embedding_inputs:
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    texts = [" ".join(words[i : i + 3 + i % 5]) for i in range(0, 40, 5)]
+    server = FastBertServer(model, tokenizer, ServingConfig(max_wait_ms=0, max_batch_size=3))
+
+    async def ask():
+        server.batcher.start()
+        try:
+            return await server.predict(json.dumps({"inputs": [[text] for text in texts], "speed": 0.5}).encode())
+        finally:
+            await server.batcher.close()
+
+    body, _ = asyncio.run(ask())
+    logits, exits = offline(model, tokenizer, texts, speed=0.5)
+    for predictions, row, layer in zip(body, logits, exits, strict=True):
+        check(predictions, row, layer, labels=[model.config.id2label[i] for i in range(3)], speed=0.5)
