@@ -169,3 +169,15 @@ def test_predict_file_under_torchrun_with_two_processes_matches_one(model_dir, t
     assert [(row["label"], row["exit_layer"]) for row in merged] == [(row["label"], row["exit_layer"]) for row in one]
     assert [row["score"] for row in merged] == pytest.approx([row["score"] for row in one], abs=1e-5)
     assert two.stderr.count("predictions written") == 1  # only the main process reports
+
+
+def test_predict_command_checks_the_output_before_loading_the_model(model_dir, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("gem\n")
+    args = ["predict", str(model_dir), "--file", str(tmp_path / "in.txt"), "--output"]
+    assert main([*args, str(tmp_path / "preds.txt")]) == 1
+    assert "use a .jsonl, .parquet, .csv file name" in capsys.readouterr().err
+    (tmp_path / "taken.jsonl").mkdir()
+    assert main([*args, str(tmp_path / "taken.jsonl")]) == 1
+    assert "it is a folder" in capsys.readouterr().err
+    assert main(["predict", str(model_dir), "--file", str(tmp_path)]) == 1
+    assert "is a folder, not a file" in capsys.readouterr().err

@@ -826,14 +826,22 @@ def is_table_file(path):
 
 def run_predict_file(args):
     """`predict --file ... [--output ...]`: streaming, and split across processes under torchrun/accelerate."""
-    from .prediction import InputSpec, predict_file
+    from .prediction import OUTPUT_SUFFIXES, InputSpec, predict_file
 
     if args.file is None:
         raise ValueError("--output needs --file: give the inputs as a file")
     if args.texts:
         raise ValueError("give the inputs either as arguments or with --file, not both")
-    if not Path(args.file).is_file():
-        raise FileNotFoundError(f"input file {args.file} does not exist")
+    input_file(args.file, "input file")
+    if args.output is not None:  # checked before the model loads and the job starts
+        output = Path(args.output).expanduser()
+        if output.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(
+                f"cannot write predictions to {args.output}: use a {', '.join(OUTPUT_SUFFIXES)} file name"
+            )
+        if output.is_dir():
+            raise IsADirectoryError(f"cannot write predictions to {args.output}: it is a folder")
+        check_writable_folder(output.parent, f"cannot write predictions to {args.output}")
     model, tokenizer = load_fastbert(args.model)
 
     def emit(rows):
@@ -874,7 +882,7 @@ def run_serve(args):
         raise ValueError("--adaptive needs --target-p95-ms, the p95 latency target in milliseconds")
     curve = None
     if args.adaptive:
-        path = args.speed_curve or find_speed_curve(args.model)
+        path = input_file(args.speed_curve, "speed curve") if args.speed_curve else find_speed_curve(args.model)
         if path is None:
             raise ValueError(
                 f"--adaptive needs the model's speed/accuracy curve: run `{PROG} sweep {args.model}` or give "
