@@ -6,6 +6,7 @@ The `hf-fastbert` command line (also `python -m hf_fastbert`).
     hf-fastbert sweep       a grid of speeds -> table, CSV/JSON, accuracy-vs-speed-up plot and the LUHA view
     hf-fastbert calibrate   the largest speed within an accuracy drop, or the smallest reaching a FLOPs speed-up
     hf-fastbert predict     label, score and exit layer for texts from arguments, a file or stdin
+    hf-fastbert serve       an HTTP server (TEI's /predict API) with dynamic batching and load-adaptive speed
     hf-fastbert push        upload a FastBERT model, its tokenizer and its model card to the Hub
 
 Every command prints a one-line error and exits with a non-zero code on bad input (2 for bad arguments, 1 for bad
@@ -471,7 +472,9 @@ def build_parser():
     )
     _add_model_argument(predict)
     predict.add_argument("texts", nargs="*", help="Texts to classify ('-' reads stdin).")
-    predict.add_argument("--file", help="A text file with one input per line.")
+    predict.add_argument(
+        "--file", help="A text file with one input per line, or a .csv/.tsv/.jsonl/.json/.parquet table."
+    )
     predict.add_argument("--speed", type=_speed, help="Early-exit speed (default: the model's config.speed).")
     predict.add_argument(
         "--pair-separator", help="Split each input at this string into a sentence pair (e.g. a tab: $'\\t')."
@@ -481,6 +484,7 @@ def build_parser():
     predict.add_argument(
         "--max-length", type=_positive_int, help="Truncate inputs to N tokens (default: the model's limit)."
     )
+    _add_predict_file_arguments(predict)
 
     push = commands.add_parser(
         "push",
@@ -508,7 +512,87 @@ def build_parser():
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
     push.add_argument("--commit-message", default="Upload FastBERT model", help="Commit message.")
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_predict_file_arguments(predict):
+    group = predict.add_argument_group(
+        "large files",
+        "With --output, or a .csv/.tsv/.jsonl/.json/.parquet --file, the file is streamed in chunks (bounded memory) "
+        "with a progress bar; under `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu "
+        "--num_processes N` (CPU-only machines too) each chunk is split across the processes and the main process "
+        "writes one output in input order.",
+    )
+    group.add_argument("--output", help="Write the predictions to this .jsonl, .parquet or .csv file (needs --file).")
+    group.add_argument("--text-column", default="text", help="Text column of a table --file.")
+    group.add_argument("--text-pair-column", help="Second text column of a table --file, for sentence pairs.")
+    group.add_argument(
+        "--chunk-size", type=_positive_int, default=1024, help="Inputs each process holds in memory at a time."
+    )
+
+
+def _add_serve_parser(commands):
+    serve = commands.add_parser(
+        "serve",
+        help="Serve the model over HTTP (TEI's /predict API) with dynamic batching and load-adaptive speed.",
+        description="An HTTP server (uvicorn) with text-embeddings-inference's POST /predict API plus a per-request "
+        "`speed` and each input's exit layer, GET /health, GET /info and Prometheus GET /metrics. Concurrent "
+        "requests are batched for the early-exit engine. With --adaptive the speed follows the load: raised when the "
+        "p95 latency threatens --target-p95-ms, lowered when the load falls, never past --max-accuracy-drop on the "
+        "model's speed/accuracy curve (from `hf-fastbert sweep` or `train`). Needs the serve extra: "
+        'pip install "hf-fastbert[serve]".',
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server).")
+    serve.add_argument("--port", type=int, default=8080, help="Port to bind.")
+    serve.add_argument("--speed", type=_speed, help="Default speed (default: the model's config.speed).")
+    batching = serve.add_argument_group("batching and limits")
+    batching.add_argument("--max-batch-size", type=_positive_int, default=32, help="Inputs per forward pass.")
+    batching.add_argument(
+        "--max-wait-ms", type=_non_negative_float, default=5.0, help="How long an input waits for a batch to fill."
+    )
+    batching.add_argument(
+        "--max-queue-size", type=_positive_int, default=1024, help="Inputs allowed to wait; more answers 429."
+    )
+    batching.add_argument(
+        "--max-concurrent-requests", type=_positive_int, default=512, help="Requests in progress; more answers 429."
+    )
+    batching.add_argument(
+        "--max-client-batch-size", type=_positive_int, default=32, help="Inputs per request; more answers 413."
+    )
+    batching.add_argument(
+        "--max-input-length", type=_positive_int, help="Tokens per input (default: the model's limit)."
+    )
+    batching.add_argument(
+        "--auto-truncate", action="store_true", help="Truncate over-long inputs unless a request says otherwise."
+    )
+    adaptive = serve.add_argument_group("load-adaptive speed")
+    adaptive.add_argument("--adaptive", action="store_true", help="Choose the speed from the load.")
+    adaptive.add_argument("--target-p95-ms", type=_positive_float, help="The p95 latency target (with --adaptive).")
+    adaptive.add_argument(
+        "--max-accuracy-drop",
+        type=_non_negative_float,
+        default=0.01,
+        help="Accuracy floor below full depth on the curve's data, as a fraction (0.01 = one point).",
+    )
+    adaptive.add_argument(
+        "--speed-curve",
+        help="Speed/accuracy curve (.json rows with speed, accuracy, flops_speedup; default: "
+        "<model>/sweep/sweep.json, else <model>/speed_results.json).",
+    )
+    serve.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice).")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="Log level."
+    )
+    serve.add_argument("--access-log", action="store_true", help="Log every request.")
+    serve.add_argument(
+        "--timeout-graceful-shutdown",
+        type=_non_negative_float,
+        default=30.0,
+        help="Seconds in-flight requests get to finish at shutdown.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,6 +797,8 @@ def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, b
 
 
 def run_predict(args):
+    if args.output is not None or is_table_file(args.file):
+        return run_predict_file(args)
     texts = read_texts(args.texts, args.file)
     model, tokenizer = load_fastbert(args.model)
     results = predict_texts(
@@ -729,6 +815,110 @@ def run_predict(args):
             print(json.dumps(result, ensure_ascii=False))
         else:
             print(f"{result['label']}\t{result['score']:.4f}\t{result['exit_layer']}\t{result['text']}")
+
+
+def is_table_file(path):
+    """Whether `predict --file` names a table (.csv/.tsv/.jsonl/.json/.parquet) rather than one text per line."""
+    from .prediction import TABLE_SUFFIXES
+
+    return path is not None and Path(path).suffix.lower() in TABLE_SUFFIXES
+
+
+def run_predict_file(args):
+    """`predict --file ... [--output ...]`: streaming, and split across processes under torchrun/accelerate."""
+    from .prediction import OUTPUT_SUFFIXES, InputSpec, predict_file
+
+    if args.file is None:
+        raise ValueError("--output needs --file: give the inputs as a file")
+    if args.texts:
+        raise ValueError("give the inputs either as arguments or with --file, not both")
+    input_file(args.file, "input file")
+    if args.output is not None:  # checked before the model loads and the job starts
+        output = Path(args.output).expanduser()
+        if output.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(
+                f"cannot write predictions to {args.output}: use a {', '.join(OUTPUT_SUFFIXES)} file name"
+            )
+        if output.is_dir():
+            raise IsADirectoryError(f"cannot write predictions to {args.output}: it is a folder")
+        check_writable_folder(output.parent, f"cannot write predictions to {args.output}")
+    model, tokenizer = load_fastbert(args.model)
+
+    def emit(rows):
+        for row in rows:
+            if args.json:
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                text = row["text"] if row.get("text_pair") is None else f"{row['text']}\t{row['text_pair']}"
+                print(f"{row['label']}\t{row['score']:.4f}\t{row['exit_layer']}\t{text}")
+
+    spec = InputSpec(args.text_column, args.text_pair_column, args.pair_separator)
+    try:
+        count = predict_file(
+            model,
+            tokenizer,
+            args.file,
+            args.output,
+            spec=spec,
+            speed=args.speed,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            max_length=args.max_length,
+            emit=emit,
+        )
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if args.output is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{count} predictions written to {args.output}", file=sys.stderr)
+
+
+def run_serve(args):
+    from .serving import ServingConfig, find_speed_curve, load_speed_curve, serve
+
+    if args.adaptive and args.target_p95_ms is None:
+        raise ValueError("--adaptive needs --target-p95-ms, the p95 latency target in milliseconds")
+    curve = None
+    if args.adaptive:
+        path = input_file(args.speed_curve, "speed curve") if args.speed_curve else find_speed_curve(args.model)
+        if path is None:
+            raise ValueError(
+                f"--adaptive needs the model's speed/accuracy curve: run `{PROG} sweep {args.model}` or give "
+                "--speed-curve"
+            )
+        curve = load_speed_curve(path)
+    config = ServingConfig(
+        speed=args.speed,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue_size=args.max_queue_size,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        max_input_length=args.max_input_length,
+        auto_truncate=args.auto_truncate,
+        adaptive=args.adaptive,
+        target_p95_ms=args.target_p95_ms,
+        max_accuracy_drop=args.max_accuracy_drop,
+        speed_curve=curve,
+        model_id=args.model,
+    )
+    model, tokenizer = load_fastbert(args.model)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(
+        model,
+        tokenizer,
+        host=args.host,
+        port=args.port,
+        config=config,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+    )
 
 
 def training_data(args):
@@ -1244,4 +1434,5 @@ COMMANDS = {
     "calibrate": run_calibrate,
     "predict": run_predict,
     "push": run_push,
+    "serve": run_serve,
 }
