@@ -1,0 +1,193 @@
+"""Exit rules against the oracle bound, on a trained FastBERT model and real held-out data (CPU).
+
+One full-depth pass over the validation and test splits gives every classifier's logits. The `"thresholds"` and
+`"learned"` rules are calibrated on the validation pass (`model.calibrate_exit_rules`). For each rule, over a grid of
+speeds:
+- **test curve**: the largest FLOPs speed-up on the test split within `--budget` accuracy points of full depth;
+- **calibrated**: the speed picked on validation by the same criterion, then measured on test (what a user gets);
+- both as a fraction of the **oracle** (every sample leaves at the first layer whose answer is the teacher's: the
+  teacher's accuracy at the largest speed-up any rule could reach without losing accuracy).
+Wall time per sample at batch 1 and 32 is measured for each rule at its calibrated speed (interleaved rounds, medians),
+so the per-layer cost of patience and the learned exit is visible.
+
+Usage:
+    make demo   # trains outputs/fastbert-demo (Rotten Tomatoes)
+    python benchmarks/bench_exit_rules.py --model outputs/fastbert-demo --dataset rotten_tomatoes
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from bench_inference import Contender, run_rounds
+from transformers import AutoTokenizer
+
+from hf_fastbert import FastBertForSequenceClassification
+from hf_fastbert.demo_data import load_crowdflower_tweets, load_rotten_tomatoes
+from hf_fastbert.exit_rules import EXIT_RULES, oracle_exits, select_exits
+from hf_fastbert.flops import fastbert_flops, stock_flops
+
+
+DATASETS = {"rotten_tomatoes": load_rotten_tomatoes, "crowdflower_tweets": load_crowdflower_tweets}
+SPEEDS = [round(i / 50, 2) for i in range(51)]
+
+
+@torch.no_grad()
+def full_pass(model, tokenizer, texts, max_length, batch_size=64):
+    """(N, L, C) logits of every classifier and (N,) token counts."""
+    all_logits, lengths = [], []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        all_logits.append(model(**inputs, output_all_logits=True).all_logits.float())
+        lengths.append(inputs["attention_mask"].sum(dim=1))
+    return torch.cat(all_logits), torch.cat(lengths)
+
+
+def curve(all_logits, lengths, labels, config, rule):
+    """(speed, accuracy, FLOPs speed-up) for every speed of the grid."""
+    baseline = stock_flops(config, lengths).sum().item()
+    rows = []
+    for speed in SPEEDS:
+        logits, exits = select_exits(all_logits, speed, config, rule)
+        accuracy = (logits.argmax(dim=-1) == labels).double().mean().item()
+        flops = fastbert_flops(config, lengths, exits, branches_ran=speed > 0).sum().item()
+        rows.append({"speed": speed, "accuracy": accuracy, "flops_speedup": baseline / flops})
+    return rows
+
+
+def best_within(rows, budget):
+    """The row with the largest speed-up whose accuracy is within `budget` of the speed-0 row's."""
+    floor = rows[0]["accuracy"] - budget
+    return max((row for row in rows if row["accuracy"] >= floor - 1e-12), key=lambda row: row["flops_speedup"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a trained (distilled) FastBERT model folder")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="rotten_tomatoes")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.01, help="accuracy drop allowed (0.01 = 1 point)")
+    parser.add_argument("--timing-samples", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = DATASETS[args.dataset]()
+    passes = {}
+    for split in ("validation", "test"):
+        texts, labels = list(data[split]["text"]), torch.tensor(data[split]["label"])
+        passes[split] = (*full_pass(model, tokenizer, texts, args.max_length), labels)
+        print(f"{split}: {len(texts)} samples, {time.time() - started:.0f} s", file=sys.stderr)
+    model.calibrate_exit_rules(passes["validation"][0])
+    config = model.config
+
+    test_logits, test_lengths, test_labels = passes["test"]
+    oracle = oracle_exits(test_logits)
+    teacher_accuracy = (test_logits[:, -1].argmax(dim=-1) == test_labels).double().mean().item()
+    oracle_speedup = (
+        stock_flops(config, test_lengths).sum() / fastbert_flops(config, test_lengths, oracle).sum()
+    ).item()
+    results = {}
+    for rule in EXIT_RULES:
+        validation_curve = curve(*passes["validation"], config, rule)
+        test_curve = curve(*passes["test"], config, rule)
+        chosen_speed = best_within(validation_curve, args.budget)["speed"]
+        calibrated = next(row for row in test_curve if row["speed"] == chosen_speed)
+        best = best_within(test_curve, args.budget)
+        results[rule] = {
+            "test_best": best,
+            "test_best_over_oracle": best["flops_speedup"] / oracle_speedup,
+            "calibrated": calibrated,
+            "calibrated_over_oracle": calibrated["flops_speedup"] / oracle_speedup,
+            "test_curve": test_curve,
+        }
+
+    # Wall time per sample at the calibrated speed, batch 1 and 32.
+    texts = list(data["test"]["text"])[: args.timing_samples]
+    batch = dict(tokenizer(texts[:32], truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"))
+    singles = [
+        dict(tokenizer([text], truncation=True, max_length=args.max_length, return_tensors="pt")) for text in texts
+    ]
+    contenders = {}
+    for rule in EXIT_RULES:
+        speed = results[rule]["calibrated"]["speed"]
+
+        def batched(rule=rule, speed=speed):
+            return model(**batch, speed=speed, exit_rule=rule)
+
+        def one_by_one(rule=rule, speed=speed):
+            return [model(**inputs, speed=speed, exit_rule=rule) for inputs in singles]
+
+        contenders[f"{rule} batch 32"] = Contender(batched)
+        contenders[f"{rule} batch 1"] = Contender(one_by_one)
+    contenders["speed 0 batch 32"] = Contender(lambda: model(**batch, speed=0.0))
+    contenders["speed 0 batch 1"] = Contender(lambda: [model(**inputs, speed=0.0) for inputs in singles])
+    with torch.inference_mode():
+        times = run_rounds(contenders, args.rounds, 1)
+    wall = {name: statistics.median(value["wall"]) for name, value in times.items()}
+    for rule in EXIT_RULES:
+        results[rule]["ms_per_sample_batch32"] = 1000 * wall[f"{rule} batch 32"] / len(batch["input_ids"])
+        results[rule]["ms_per_sample_batch1"] = 1000 * wall[f"{rule} batch 1"] / len(singles)
+
+    result = {
+        "command": "python benchmarks/bench_exit_rules.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": args.dataset,
+        "validation_samples": len(passes["validation"][2]),
+        "test_samples": len(test_labels),
+        "budget": args.budget,
+        "threads": args.threads,
+        "teacher_accuracy": teacher_accuracy,
+        "oracle_flops_speedup": oracle_speedup,
+        "speed0_ms_per_sample": {
+            "batch32": 1000 * wall["speed 0 batch 32"] / len(batch["input_ids"]),
+            "batch1": 1000 * wall["speed 0 batch 1"] / len(singles),
+        },
+        "rules": results,
+        "wall_s": time.time() - started,
+    }
+    lines = [
+        f"{args.dataset}: {result['test_samples']} test samples (rules calibrated on {result['validation_samples']} "
+        f"validation samples), budget {100 * args.budget:g} point(s); teacher accuracy {100 * teacher_accuracy:.1f}%, "
+        f"oracle FLOPs speed-up {oracle_speedup:.2f}x; command: `{result['command']}`",
+        "",
+        "| rule | best on test: speed-up (x oracle) "
+        "| calibrated on validation: speed, test accuracy, speed-up (x oracle) | ms / sample, batch 1 / 32 |",
+        "|---|---|---|---|",
+    ]
+    for rule, row in results.items():
+        best, chosen = row["test_best"], row["calibrated"]
+        lines.append(
+            f"| {rule} | {best['flops_speedup']:.2f}x ({row['test_best_over_oracle']:.2f}) | {chosen['speed']:g}, "
+            f"{100 * chosen['accuracy']:.1f}%, {chosen['flops_speedup']:.2f}x ({row['calibrated_over_oracle']:.2f}) | "
+            f"{row['ms_per_sample_batch1']:.2f} / {row['ms_per_sample_batch32']:.2f} |"
+        )
+    speed0 = result["speed0_ms_per_sample"]
+    lines.append(f"| speed 0 (full depth) | 1.00x | - | {speed0['batch1']:.2f} / {speed0['batch32']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"exit_rules_{args.dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"exit_rules_{args.dataset}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
