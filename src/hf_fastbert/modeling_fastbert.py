@@ -48,7 +48,14 @@ from .configuration_fastbert import (
     fastbert_config_class,
     validate_speed,
 )
-from .exit_rules import check_exit_rule, exits_at_layer, normalized_entropy, select_exits
+from .exit_rules import (
+    calibrate_thresholds,
+    check_exit_rule,
+    exits_at_layer,
+    fit_exit_heads,
+    normalized_entropy,
+    select_exits,
+)
 from .flops import fastbert_flops
 
 
@@ -257,8 +264,6 @@ class FastBertModelMixin:
         validation pass (`model(..., output_all_logits=True)`); both are stored in the config, saved with the model.
         Seconds, no backbone pass. See `hf_fastbert.exit_rules`.
         """
-        from .exit_rules import calibrate_thresholds, fit_exit_heads
-
         all_logits = all_logits.detach().float().cpu()
         self.config.exit_thresholds = calibrate_thresholds(all_logits, self.config.uncertainty_top_k)
         self.config.exit_heads = fit_exit_heads(all_logits, self.config.uncertainty_top_k)
