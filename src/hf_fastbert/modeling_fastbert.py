@@ -110,10 +110,15 @@ class FastBertSequenceClassifierOutput(ModelOutput):
 
 
 def _linear_parameters(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear layer's float (weight, bias), also for a dynamically quantized one (`torch.ao` int8)."""
-    weight, bias = linear.weight, linear.bias
-    weight, bias = weight() if callable(weight) else weight, bias() if callable(bias) else bias
-    return (weight.dequantize() if weight.is_quantized else weight), bias
+    """
+    A linear layer's float (weight, bias), also for a dynamically quantized one (`torch.ao` int8), whose frozen
+    weights are unpacked and dequantized once and kept on the module.
+    """
+    if not callable(linear.weight):
+        return linear.weight, linear.bias
+    if getattr(linear, "_float_parameters", None) is None:
+        linear._float_parameters = (linear.weight().dequantize(), linear.bias())
+    return linear._float_parameters
 
 
 class FastBertBranch(nn.Module):
