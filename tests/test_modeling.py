@@ -495,7 +495,11 @@ def test_folded_student_equals_textbook_self_attention(heads):
 
 
 def test_int8_dynamic_quantization_keeps_the_exit_rule():
-    model = torch.ao.quantization.quantize_dynamic(tiny_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    from hf_fastbert.quantization import is_quantized, quantize_int8
+
+    original = tiny_model()
+    model = quantize_int8(original)
+    assert is_quantized(model) and not is_quantized(original)
     input_ids, attention_mask = random_batch(batch_size=6)
     exits = set()
     for i in range(6):  # one sample per call: int8 activation scales are per batch

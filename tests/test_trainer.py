@@ -514,3 +514,10 @@ def test_fine_tuning_a_distilled_checkpoint_marks_its_students_stale(tmp_path, t
     )
     assert output.model.config.branches_distilled is False  # a new teacher, students not distilled from it
     assert json.loads((tmp_path / "out" / "config.json").read_text())["branches_distilled"] is False
+
+
+def test_an_int8_model_is_refused_by_the_distillation_trainer(tmp_path, tokenizer):
+    from hf_fastbert.quantization import quantize_int8
+
+    with pytest.raises(ValueError, match="int8"):
+        FastBertDistillationTrainer(model=quantize_int8(confident_model()), args=distill_args(tmp_path))

@@ -135,6 +135,11 @@ class FastBertDistillationTrainer(Trainer):
                 "FastBertForSequenceClassification (or the FastBERT class of another family, fine-tuned first), got "
                 f"{type(model).__name__}."
             )
+        if any(callable(getattr(module, "weight", None)) for module in model.modules()):
+            raise ValueError(
+                "FastBertDistillationTrainer needs float weights, but this model is int8-quantized: distill the float "
+                "model, then quantize it (hf_fastbert.quantization.quantize_int8)."
+            )
         if kwargs.get("model_init") is not None:
             raise ValueError("FastBertDistillationTrainer does not support `model_init`: pass the fine-tuned model.")
         if kwargs.get("compute_loss_func") is not None:
