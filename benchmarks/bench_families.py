@@ -84,11 +84,12 @@ FAMILY_SETTINGS = {
 DISTRIBUTIONS = (FIRST, "all exit at layer 3", UNIFORM, HALVING, NONE)
 
 
-def build(family: str, path: Path):
+def build(family: str, path: Path, **overrides):
     """The stock classifier with random weights (seeded), saved; then the FastBERT model loaded from it."""
     stock_config_class = FASTBERT_CONFIGS[family].__mro__[2]  # FastBert<Family>Config(mixin, <Family>Config)
     torch.manual_seed(0)
-    stock = AutoModelForSequenceClassification.from_config(stock_config_class(num_labels=2, **FAMILY_SETTINGS[family]))
+    settings = {**FAMILY_SETTINGS[family], **overrides}
+    stock = AutoModelForSequenceClassification.from_config(stock_config_class(num_labels=2, **settings))
     stock.eval().save_pretrained(path / family)
     fastbert = FastBertForSequenceClassification.from_pretrained(path / family).eval()
     return stock, fastbert

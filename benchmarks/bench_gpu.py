@@ -50,8 +50,11 @@ def synced(call):
     return run
 
 
+BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+
+
 def measure(family, dtype, batch_size, args, folder):
-    stock, fastbert = build(family, folder)
+    stock, fastbert = build(family, folder, **(BASE if args.shape == "base" else {}))
     stock, fastbert = stock.to(args.device, dtype), fastbert.to(args.device, dtype)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, stock.config.vocab_size, (batch_size, args.seq_length), generator=generator)
@@ -108,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--shape", choices=["minilm", "base"], default="minilm", help="base: 12 layers x 768")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -123,7 +127,7 @@ def main(argv=None):
                     print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [
         f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, "
+        f"transformers {transformers.__version__}, {args.shape} shape, "
         f"{args.seq_length} tokens, {args.rounds} interleaved rounds",
         "",
         "| family | dtype | batch | stock ms | speed-0 overhead "
@@ -147,8 +151,9 @@ def main(argv=None):
         "wall_s": time.time() - started,
         "rows": rows,
     }
-    (output_dir / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output_dir / "gpu.md").write_text(table)
+    suffix = "" if args.shape == "minilm" else f"_{args.shape}"
+    (output_dir / f"gpu{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"gpu{suffix}.md").write_text(table)
     print(table)
 
 
