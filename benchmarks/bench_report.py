@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from hf_fastbert import FastBertForSequenceClassification
-from hf_fastbert.cli import calibrate_speed, format_table
+from hf_fastbert.analysis import calibrate_speed, format_table
 from hf_fastbert.data import label_maps, prepare_dataset
 from hf_fastbert.demo_data import load_crowdflower_tweets, load_rotten_tomatoes, minilm_path
 from hf_fastbert.evaluation import metrics_at_speeds, predict_all_logits

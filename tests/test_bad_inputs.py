@@ -156,6 +156,9 @@ CLI_CASES = [
     ("sweep {model} --dataset {good_csv} --output-dir {a_file}", 1, ["a_file is a file"]),
     ("sweep {model} --dataset {latin1_csv}", 1, ["latin1.csv", "not UTF-8"]),
     ("sweep {model} --dataset {good_csv} --max-length 1", 1, ["leaves no room for text"]),
+    ("sweep {model} --dataset {good_csv} --exit-rule learned", 1, ["'learned' is fitted on validation data"]),
+    ("sweep {model} --dataset {good_csv} --exit-rule fastest", 2, ["--exit-rule", "invalid choice: 'fastest'"]),
+    ("sweep {model} --dataset {good_csv} --uncertainty-top-k 0", 2, ["must be a positive integer"]),
     # calibrate
     ("calibrate {root}/missing --max-accuracy-drop 0.01 --save", 1, ["--save needs a local model folder"]),
     ("calibrate {model} --dataset {no_label_tsv} --max-accuracy-drop 0.01", 1, ["no column 'label'"]),

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
-from hf_fastbert.cli import calibrate_speed, format_table, luha_table, main, read_texts
+from hf_fastbert.cli import main, read_texts
 
 
 WORDS = "a an the good great fine bad awful dull movie film plot acting was is not very fun boring".split()
@@ -83,66 +83,6 @@ def write_csv(path, rows):
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-# --- pure helpers ------------------------------------------------------------------------------------------------
-
-
-RESULTS = [
-    {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0},
-    {"speed": 0.1, "accuracy": 0.80, "flops_speedup": 1.6},
-    {"speed": 0.2, "accuracy": 0.796, "flops_speedup": 2.1},
-    {"speed": 0.3, "accuracy": 0.78, "flops_speedup": 2.9},
-    {"speed": 0.4, "accuracy": 0.77, "flops_speedup": 3.5},
-]
-
-
-def test_calibrate_speed_accuracy_drop():
-    assert calibrate_speed(RESULTS, max_accuracy_drop=0.005)["speed"] == 0.2
-    assert calibrate_speed(RESULTS, max_accuracy_drop=0.0)["speed"] == 0.1
-    assert calibrate_speed(RESULTS, max_accuracy_drop=0.02)["speed"] == 0.3  # 0.78 = 0.80 - 0.02 exactly
-    assert calibrate_speed(list(reversed(RESULTS)), max_accuracy_drop=1.0)["speed"] == 0.4
-
-
-def test_calibrate_speed_target_speedup():
-    assert calibrate_speed(RESULTS, target_speedup=2.0)["speed"] == 0.2
-    assert calibrate_speed(RESULTS, target_speedup=1.0)["speed"] == 0.0
-    with pytest.raises(ValueError, match="best: 3.50x at speed 0.4"):
-        calibrate_speed(RESULTS, target_speedup=4.0)
-
-
-def test_calibrate_speed_bad_requests():
-    with pytest.raises(ValueError, match="exactly one"):
-        calibrate_speed(RESULTS)
-    with pytest.raises(ValueError, match="exactly one"):
-        calibrate_speed(RESULTS, max_accuracy_drop=0.01, target_speedup=2)
-    with pytest.raises(ValueError, match="speed-0"):
-        calibrate_speed(RESULTS[1:], max_accuracy_drop=0.01)
-
-
-def test_luha_table_bins_and_accuracy():
-    # Two layers, three samples, two labels. Layer 1: a confident right answer, a confident wrong one, an unsure one.
-    all_logits = torch.tensor(
-        [
-            [[9.0, 0.0], [0.0, 0.0]],
-            [[9.0, 0.0], [0.0, 9.0]],
-            [[0.1, 0.0], [0.0, 9.0]],
-        ]
-    )
-    labels = torch.tensor([0, 1, 1])
-    rows = luha_table(all_logits, labels, num_bins=2)
-    by_key = {(row["layer"], row["uncertainty_low"]): row for row in rows}
-    assert len(rows) == 4
-    assert by_key[(1, 0.0)]["samples"] == 2 and by_key[(1, 0.0)]["accuracy"] == 0.5
-    assert by_key[(1, 0.5)]["samples"] == 1 and by_key[(1, 0.5)]["accuracy"] == 0.0
-    assert by_key[(2, 0.0)]["samples"] == 2 and by_key[(2, 0.0)]["accuracy"] == 1.0
-    # uniform logits have uncertainty exactly 1: they fall in the last bin, not past it
-    assert by_key[(2, 0.5)]["samples"] == 1 and by_key[(2, 0.5)]["accuracy"] == 1.0
-
-
-def test_format_table():
-    table = format_table([{"speed": 0.1, "n": 3, "x": None, "accuracy": 0.5}], ["speed", "n", "x", "accuracy"])
-    assert table.splitlines() == ["speed  n  x  accuracy", "-----  -  -  --------", "  0.1  3  -    0.5000"]
 
 
 def test_read_texts_sources(tmp_path):
@@ -251,8 +191,29 @@ def test_calibrate_and_save(fastbert_dir, data_csv, tmp_path, capsys):
     shutil.copytree(fastbert_dir, model_dir)
     assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS,
                  "--max-accuracy-drop", "1.0", "--save"]) == 0  # fmt: skip
-    assert "calibrated speed: 0.99" in capsys.readouterr().out
-    assert json.loads((model_dir / "config.json").read_text())["speed"] == 0.99
+    printed = capsys.readouterr().out
+    assert "calibrated speed: 0.99 with exit rule" in printed and "oracle" in printed
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["speed"] == 0.99 and saved["exit_rule"] in ("entropy", "patience", "thresholds", "learned")
+    assert len(saved["exit_thresholds"]) == 2 and len(saved["exit_heads"]) == 2  # fitted, saved with the model
+    # The calibrated rules can now be swept side by side, with the oracle bound beside them.
+    out = tmp_path / "rules"
+    assert main(["sweep", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", "0", "0.5",
+                 "--exit-rule", "entropy", "patience", "thresholds", "learned", "--uncertainty-top-k", "2",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "oracle" in printed and "oracle_fraction" in printed and "learned" in printed
+    sweep_json = json.loads((out / "sweep.json").read_text())
+    assert (
+        sweep_json["exit_rule"] == "entropy" and [row["exit_rule"] for row in sweep_json["results"]] == ["entropy"] * 2
+    )
+    assert set(sweep_json["exit_rules"]) == {"entropy", "patience", "thresholds", "learned"}
+    assert sweep_json["oracle"]["flops_speedup"] >= 1
+    with open(out / "sweep.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+    assert main(["evaluate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", "0", "0.5",
+                 "--exit-rule", "patience", "--no-timing"]) == 0  # fmt: skip
+    assert "exit rule patience" in capsys.readouterr().out
     assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS, "--target-speedup", "50"]) == 1
     assert "reaches a 50.0x FLOPs speed-up" in capsys.readouterr().err
     assert main(["calibrate", str(model_dir), "--dataset", str(data_csv), *DATA_ARGS]) == 2  # no criterion

@@ -349,6 +349,19 @@ def test_card_with_results_has_metadata_table_and_plot(tmp_path, fastbert):
     assert (tmp_path / "accuracy_vs_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_card_shows_the_calibrated_exit_rule(tmp_path, fastbert):
+    import copy
+
+    from hf_fastbert import write_model_card
+
+    assert "- Exit rule: `entropy`: FastBERT's rule" in write_model_card(tmp_path / "a", fastbert).read_text()
+    model = copy.deepcopy(fastbert)
+    model.config.exit_rule, model.config.speed = "patience", 0.7
+    text = write_model_card(tmp_path / "b", model).read_text()
+    assert "- Exit rule: `patience`: PABEE's patience" in text
+    assert 'config.exit_rule = "patience"' in text and "config.speed = 0.7" in text
+
+
 def test_card_of_a_distilled_model_is_not_labelled_undistilled(tmp_path, fastbert):
     from hf_fastbert import write_model_card
 

@@ -190,6 +190,28 @@ def test_same_as_stock_pipeline_without_fastbert_options(fastbert, bert, tokeniz
         assert ours(inputs, **kwargs) == stock(inputs, **kwargs)
 
 
+def test_exit_rule_at_construction_and_per_call(fastbert, tokenizer):
+    def exits(rule, speed):
+        with torch.no_grad():
+            return [
+                int(
+                    fastbert(
+                        **{k: torch.tensor([v]) for k, v in tokenizer(text).items()}, speed=speed, exit_rule=rule
+                    ).exit_layers[0]
+                )  # fmt: skip
+                for text in TEXTS
+            ]
+
+    classifier = hf_fastbert.pipeline("text-classification", model=fastbert, tokenizer=tokenizer, exit_rule="patience")
+    results = classifier(TEXTS, speed=0.9, return_exit_layer=True)
+    assert [r["exit_layer"] for r in results] == exits("patience", 0.9)
+    assert exits("patience", 0.9) != exits("entropy", 0.9)  # the rule made a difference
+    results = classifier(TEXTS, speed=0.9, exit_rule="entropy", return_exit_layer=True)
+    assert [r["exit_layer"] for r in results] == exits("entropy", 0.9)
+    with pytest.raises(ValueError, match="`exit_rule` must be one of"):
+        classifier(TEXTS, exit_rule="fastest")
+
+
 def test_non_fastbert_models_refuse_fastbert_options(bert, tokenizer):
     with pytest.raises(ValueError, match="`speed` is a FastBERT option.*BertForSequenceClassification"):
         transformers.pipeline("text-classification", model=bert, tokenizer=tokenizer, speed=0.1)
@@ -240,10 +262,11 @@ def test_from_a_local_path(fastbert, tokenizer, tmp_path):
 def test_hf_fastbert_pipeline_signature_is_transformers_plus_speed():
     ours = inspect.signature(hf_fastbert.pipeline).parameters
     theirs = inspect.signature(transformers.pipeline).parameters
-    assert [name for name in ours if name != "speed"] == list(theirs)
+    assert [name for name in ours if name not in ("speed", "exit_rule")] == list(theirs)
     for name, parameter in theirs.items():
         assert (ours[name].kind, ours[name].default) == (parameter.kind, parameter.default), name
     assert (ours["speed"].kind, ours["speed"].default) == (inspect.Parameter.KEYWORD_ONLY, None)
+    assert (ours["exit_rule"].kind, ours["exit_rule"].default) == (inspect.Parameter.KEYWORD_ONLY, None)
 
 
 def test_hf_fastbert_pipeline_has_no_global_side_effects(fastbert, tokenizer, monkeypatch):

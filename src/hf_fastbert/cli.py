@@ -16,8 +16,6 @@ that is not a previous run's (unless --overwrite-output-dir), and `sweep` never 
 """
 
 import argparse
-import contextlib
-import csv
 import json
 import logging
 import os
@@ -25,16 +23,26 @@ import sys
 import time
 from pathlib import Path
 
-from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .analysis import (
+    check_writable_folder,
+    describe_source,
+    format_table,
+    read_results_file,
+    results_source,
+    write_rows,
+    write_sweep,
+)
+from .configuration_fastbert import EXIT_RULES, is_fastbert_model_type, validate_speed
 
 
 logger = logging.getLogger(__name__)
 
 PROG = "hf-fastbert"
-SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9
-CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99
+SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9 (= hf_fastbert.analysis.SWEEP_SPEEDS)
+CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99 (= analysis.CALIBRATION_SPEEDS)
 EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
 RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
+SUMMARY_COLUMNS = ("exit_rule", "speed", "accuracy", "flops_speedup", "oracle_fraction")
 # The offline demo, sized for 2 CPU cores: 3 x 80 fine-tuning steps (1.4-2.3 s each at batch 32, length 64) and
 # 2 x 80 cheaper distillation steps. Fewer epochs leave the teacher, hence the students, too unsure to exit early.
 DEMO_TRAINING = dict(
@@ -42,182 +50,6 @@ DEMO_TRAINING = dict(
 )
 # User data: the paper's recipe (3 epochs at 2e-5, then 5 distillation epochs at 2e-4).
 PAPER_TRAINING = dict(epochs=3.0, learning_rate=2e-5, distill_epochs=5.0, max_length=128)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pure helpers (tested without a model)
-# ----------------------------------------------------------------------------------------------------
-
-
-def calibrate_speed(results, *, max_accuracy_drop=None, target_speedup=None):
-    """
-    Choose a speed from per-speed results.
-
-    Args:
-        results (`list[dict]`):
-            One dict per speed with at least `speed`, `accuracy` and `flops_speedup` (what a sweep returns). With
-            `max_accuracy_drop` it must contain speed 0, the full-depth reference.
-        max_accuracy_drop (`float`, *optional*):
-            Return the largest speed whose accuracy is at least the speed-0 accuracy minus this (a fraction:
-            0.005 is half an accuracy point).
-        target_speedup (`float`, *optional*):
-            Return the smallest speed whose FLOPs speed-up reaches this.
-
-    Returns:
-        The chosen result dict.
-
-    Raises:
-        `ValueError`: when neither or both criteria are given, speed 0 is missing, or no speed reaches the target.
-    """
-    if (max_accuracy_drop is None) == (target_speedup is None):
-        raise ValueError("Give exactly one of max_accuracy_drop and target_speedup.")
-    rows = sorted(results, key=lambda row: row["speed"])
-    if not rows:
-        raise ValueError("No results to calibrate on.")
-    if max_accuracy_drop is not None:
-        if max_accuracy_drop < 0:
-            raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}.")
-        reference = [row for row in rows if row["speed"] == 0]
-        if not reference:
-            raise ValueError("Calibrating on an accuracy drop needs the speed-0 (full depth) result as reference.")
-        floor = reference[0]["accuracy"] - max_accuracy_drop - 1e-9
-        return [row for row in rows if row["accuracy"] >= floor][-1]
-    reaching = [row for row in rows if row["flops_speedup"] >= target_speedup]
-    if not reaching:
-        best = max(rows, key=lambda row: row["flops_speedup"])
-        raise ValueError(
-            f"No speed up to {rows[-1]['speed']} reaches a {target_speedup}x FLOPs speed-up on this data "
-            f"(best: {best['flops_speedup']:.2f}x at speed {best['speed']})."
-        )
-    return reaching[0]
-
-
-def luha_table(all_logits, labels, num_bins=10, top_k=None):
-    """
-    The paper's "lower uncertainty, higher accuracy" view: each classifier's accuracy by uncertainty bin.
-
-    Args:
-        all_logits (`torch.Tensor` of shape `(num_samples, num_layers, num_labels)`):
-            Every classifier's logits, students first, the teacher last (`model(..., output_all_logits=True)`).
-        labels (`torch.Tensor` of shape `(num_samples,)`): the gold labels.
-        num_bins (`int`, *optional*, defaults to 10): equal-width uncertainty bins over [0, 1].
-        top_k (`int`, *optional*): `config.uncertainty_top_k`, so that the bins match the exit rule's uncertainty.
-
-    Returns:
-        `list[dict]` with keys layer (1-based), uncertainty_low, uncertainty_high, samples, accuracy (None for an
-        empty bin), one per layer and bin.
-    """
-    from .modeling_fastbert import normalized_entropy
-
-    uncertainty = normalized_entropy(all_logits, top_k)  # (N, L)
-    correct = all_logits.argmax(dim=-1) == labels[:, None]  # (N, L)
-    bins = (uncertainty * num_bins).long().clamp(max=num_bins - 1)  # (N, L)
-    rows = []
-    for layer in range(all_logits.shape[1]):
-        for index in range(num_bins):
-            in_bin = bins[:, layer] == index  # (N,)
-            count = int(in_bin.sum())
-            rows.append(
-                {
-                    "layer": layer + 1,
-                    "uncertainty_low": round(index / num_bins, 6),
-                    "uncertainty_high": round((index + 1) / num_bins, 6),
-                    "samples": count,
-                    "accuracy": float(correct[in_bin, layer].float().mean()) if count else None,
-                }
-            )
-    return rows
-
-
-def format_table(rows, columns):
-    """Rows of dicts -> an aligned plain-text table (floats with 4 decimals but speeds as given, None as '-')."""
-
-    def cell(column, value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:g}" if column == "speed" else f"{value:.4f}"
-        return str(value)
-
-    cells = [[cell(column, row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.rjust(width) for column, width in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * width for width in widths))
-    lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths, strict=True)) for line in cells]
-    return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _atomic_path(path):
-    """Yield a temporary path next to `path`; renamed to `path` when the block succeeds (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_rows(rows, path, source=None):
-    """
-    Write result rows to `path` as CSV or JSON, chosen by the suffix (.csv / .json). With `source` (a dict: model,
-    data, samples), the JSON file is `{**source, "results": rows}`, so that it says where its results come from.
-    """
-    path = Path(path)
-    if path.suffix not in (".csv", ".json"):
-        raise ValueError(f"Cannot write results to {path}: use a .csv or .json file name.")
-    with _atomic_path(path) as temporary:
-        if path.suffix == ".json":
-            temporary.write_text(json.dumps({**source, "results": rows} if source else rows, indent=2) + "\n")
-        else:
-            with temporary.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-
-
-def plot_sweep(rows, path, title=None):
-    """Accuracy against FLOPs speed-up, one labelled point per speed, saved as a PNG."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.subplots()
-    speedups = [row["flops_speedup"] for row in rows]
-    accuracies = [100 * row["accuracy"] for row in rows]
-    axes.plot(speedups, accuracies, marker="o", label="FastBERT")
-    for row, x, y in zip(rows, speedups, accuracies, strict=True):
-        axes.annotate(f"{row['speed']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes.set_xlabel("FLOPs speed-up over full depth (x)")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"{title or 'Accuracy against speed-up'} (point labels: speed)", fontsize=10)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    with _atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
-
-
-def plot_luha(rows, path, min_samples=5):
-    """Each classifier's accuracy by uncertainty bin (bins with fewer than `min_samples` samples left out)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.subplots()
-    layers = sorted({row["layer"] for row in rows})
-    for layer in layers:
-        points = [row for row in rows if row["layer"] == layer and row["samples"] >= min_samples]
-        centers = [(row["uncertainty_low"] + row["uncertainty_high"]) / 2 for row in points]
-        label = "teacher" if layer == layers[-1] else f"student {layer}"
-        axes.plot(centers, [100 * row["accuracy"] for row in points], marker=".", label=label)
-    axes.set_xlabel("uncertainty (normalized entropy)")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"LUHA: accuracy by uncertainty bin (bins with >= {min_samples} samples)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    with _atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,6 +137,25 @@ def _add_data_arguments(parser, *, split_default="validation"):
     group.add_argument("--max-samples", type=_positive_int, help="Use only the first N examples.")
     group.add_argument("--max-length", type=_positive_int, default=128, help="Truncate inputs to N tokens.")
     group.add_argument("--batch-size", type=_positive_int, default=32, help="Inference batch size.")
+
+
+def _add_exit_rule_arguments(parser, *, several=False, default=None, help_text=None):
+    group = parser.add_argument_group("exit rule")
+    group.add_argument(
+        "--exit-rule",
+        nargs="+" if several else None,
+        choices=EXIT_RULES,
+        default=default,
+        metavar="RULE",
+        help=help_text
+        or f"Exit rule ({', '.join(EXIT_RULES)}; default: the model's config.exit_rule). "
+        "thresholds and learned need `calibrate --save` first.",
+    )
+    group.add_argument(
+        "--uncertainty-top-k",
+        type=_positive_int,
+        help="Uncertainty over the K most probable labels (many-class tasks; default: the model's config).",
+    )
 
 
 def build_parser():
@@ -412,13 +263,15 @@ def build_parser():
     evaluate.add_argument("--speeds", type=_speed, nargs="+", default=EVALUATE_SPEEDS, help="Speeds to evaluate.")
     evaluate.add_argument("--output", help="Also write the results to this .csv or .json file.")
     evaluate.add_argument("--no-timing", action="store_true", help="Skip the wall-time measurement.")
+    _add_exit_rule_arguments(evaluate)
     _add_data_arguments(evaluate, split_default="test")
 
     sweep = commands.add_parser(
         "sweep",
         help="A grid of speeds -> table, CSV/JSON, accuracy-vs-speed-up plot and the LUHA view.",
         description="Runs the data through every layer once and derives every speed's accuracy, mean exit layer and "
-        "FLOPs speed-up from it (exact: exits depend only on the branches' outputs). Writes sweep.csv, sweep.json, "
+        "FLOPs speed-up from it under each --exit-rule (exact: exits depend only on the branches' outputs), with the "
+        "oracle bound (leave at the first layer that answers as the teacher). Writes sweep.csv, sweep.json, "
         "sweep.png (accuracy against speed-up), luha.csv and luha.png (each classifier's accuracy by uncertainty "
         "bin: the paper's 'lower uncertainty, higher accuracy').",
         formatter_class=_HelpFormatter,
@@ -434,14 +287,22 @@ def build_parser():
         "--overwrite-output-dir", action="store_true", help="Replace the sweep files of other data in --output-dir."
     )
     sweep.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
+    _add_exit_rule_arguments(
+        sweep,
+        several=True,
+        help_text=f"Exit rules to compare side by side ({', '.join(EXIT_RULES)}; default: the model's "
+        "config.exit_rule); thresholds and learned need `calibrate --save` first. The oracle bound is reported beside "
+        "them.",
+    )
     _add_data_arguments(sweep, split_default="test")
 
     calibrate = commands.add_parser(
         "calibrate",
-        help="Pick the largest speed within an accuracy drop, or the smallest reaching a speed-up.",
-        description="On a validation set, finds the largest speed whose accuracy stays within --max-accuracy-drop "
-        "of full depth, or the smallest speed reaching --target-speedup (FLOPs). --save writes it into the model's "
-        "config.json as its default speed.",
+        help="Pick the exit rule and speed for an accuracy budget or a target speed-up.",
+        description="On a validation set, fits the calibrated exit rules (per-layer thresholds, learned exit), then "
+        "picks the exit rule and speed with the largest FLOPs speed-up whose accuracy stays within "
+        "--max-accuracy-drop of full depth, or the most accurate reaching --target-speedup. Prints each rule's "
+        "choice beside the oracle bound. --save writes the choice into the model's config.json as its default.",
         formatter_class=_HelpFormatter,
     )
     _add_model_argument(calibrate)
@@ -459,7 +320,18 @@ def build_parser():
         default=CALIBRATION_SPEEDS,
         help="Candidate speeds; 0 is always added (default: 0, 0.01, ..., 0.99).",
     )
-    calibrate.add_argument("--save", action="store_true", help="Write the speed into the local model's config.json.")
+    calibrate.add_argument(
+        "--save",
+        action="store_true",
+        help="Write the chosen rule and speed (with the calibrated thresholds and learned heads) into the local "
+        "model's config.json.",
+    )
+    _add_exit_rule_arguments(
+        calibrate,
+        several=True,
+        default=list(EXIT_RULES),
+        help_text="Candidate exit rules; thresholds and learned are fitted on this validation data first.",
+    )
     _add_data_arguments(calibrate)
 
     predict = commands.add_parser(
@@ -610,17 +482,6 @@ def input_file(path, what):
     return file
 
 
-def check_writable_folder(folder, context):
-    """Raise unless `folder` exists as a writable folder or can be created (its nearest existing parent is one)."""
-    existing = Path(os.path.abspath(Path(folder).expanduser()))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{context}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{context}: the folder {existing} is not writable")
-
-
 def check_results_file(path):
     """A results file to write (`--output`): a .csv or .json name in a writable folder, checked before computing."""
     path = Path(path).expanduser()
@@ -765,9 +626,8 @@ def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, b
     Returns:
         `list[dict]` with keys label, score (the exiting classifier's probability of that label), exit_layer, text.
     """
-    import torch
-
     from .data import check_max_length
+    from .prediction import classify_encodings, results_from_logits, tokenize
 
     positions = model.config.max_position_embeddings
     if max_length is None:
@@ -775,25 +635,25 @@ def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, b
     check_max_length(tokenizer, max_length, pair=pair_separator is not None)
     if max_length > positions:
         raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
-    results = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        if pair_separator is None:
-            firsts, seconds = chunk, None
-        else:
-            pairs = [text.split(pair_separator, 1) for text in chunk]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ValueError(f"every input must hold the pair separator {pair_separator!r}")
-            firsts, seconds = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
-        inputs = tokenizer(firsts, seconds, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode():
-            output = model(**inputs, speed=speed)
-        scores, indices = output.logits.float().softmax(dim=-1).max(dim=-1)  # (B,), (B,)
-        for text, score, index, layer in zip(
-            chunk, scores.tolist(), indices.tolist(), output.exit_layers.tolist(), strict=True
-        ):
-            results.append({"label": model.config.id2label[index], "score": score, "exit_layer": layer, "text": text})
-    return results
+    if pair_separator is None:
+        firsts, seconds = texts, None
+    else:
+        pairs = [text.split(pair_separator, 1) for text in texts]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"every input must hold the pair separator {pair_separator!r}")
+        firsts, seconds = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    # The library's one prediction path, shared with `predict --file` and `serve`.
+    encodings = tokenize(tokenizer, firsts, seconds, truncation=True, max_length=max_length)
+    logits, exit_layers = classify_encodings(
+        model,
+        encodings,
+        speed,
+        batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        padding_side=tokenizer.padding_side,
+    )
+    results = results_from_logits(logits, exit_layers, model.config.id2label)
+    return [{**result, "text": text} for result, text in zip(results, texts, strict=True)]
 
 
 def run_predict(args):
@@ -1039,7 +899,9 @@ def run_train(args):
             dataset_name=train_data_name(args),
         )
         if output.results is not None:
+            from .analysis import sweep_logits
             from .data import prepare_dataset
+            from .evaluation import predict_all_logits
 
             eval_dataset = prepare_dataset(
                 raw[args.eval_split],
@@ -1051,11 +913,13 @@ def run_train(args):
                 args.max_length,
                 args.eval_split,
             )
-            luha = luha_table(*_all_logits_and_labels(output.model, eval_dataset, args.batch_size), args.luha_bins)
+            all_logits, seq_lengths, labels = predict_all_logits(output.model, eval_dataset, args.batch_size, True)
+            speeds = sorted(set(args.speeds))
+            report = sweep_logits(all_logits, seq_lengths, labels, output.model.config, speeds, None, args.luha_bins)
             model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
             source = results_source(model, output.results_data, output.results_samples)
             title = "FastBERT: accuracy against speed-up"
-            write_sweep(output.results, luha, Path(work_dir) / "sweep", title=title, source=source)
+            write_sweep(output.results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle)
     minutes = (time.perf_counter() - started) / 60
     print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {args.output_dir}")
     if output.results is None:
@@ -1063,15 +927,20 @@ def run_train(args):
     sweep_dir = Path(args.output_dir) / "sweep"
     print(f"\nSpeed sweep on {len(eval_dataset)} held-out examples ({args.eval_split} split):")
     print(format_table(output.results, RESULT_COLUMNS))
+    print_oracle(report.oracle, [])
     print(f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv")
-    print(f'Next: {PROG} predict {args.output_dir} "A gripping, beautifully shot film." --speed 0.1')
+    example = closing_example(raw[args.eval_split], args.text_column)
+    print(f"Next: {PROG} predict {args.output_dir} {example} --speed 0.1")
 
 
-def _all_logits_and_labels(model, dataset, batch_size):
-    from .evaluation import predict_all_logits
+def closing_example(split, text_column, limit=60):
+    """A text of the user's own held-out data, quoted for the shell, for the closing `predict` hint."""
+    import shlex
 
-    all_logits, _, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=True)
-    return all_logits, labels
+    head = split.select(range(min(20, len(split))))[text_column]
+    text = next((str(value) for value in head if str(value).strip()), "A text to classify.")
+    text = " ".join(text.split())
+    return shlex.quote(text if len(text) <= limit else text[: limit - 3].rstrip() + "...")
 
 
 def is_local_data(name):
@@ -1111,12 +980,6 @@ def describe_data(dataset, split, dataset_config=None):
     return dataset + (f"/{dataset_config}" if dataset_config else "") + f" ({split} split)"
 
 
-def results_source(model, data, samples):
-    """Where results come from, written into their .json file: the model, the data in words, the sample count."""
-    path = Path(model).expanduser()
-    return {"model": str(path.resolve()) if path.exists() else str(model), "data": data, "samples": samples}
-
-
 def prepare_evaluation(args):
     """Load the FastBERT model and its tokenizer, then the labelled evaluation data, tokenized with its label set."""
     from .data import check_columns, prepare_dataset
@@ -1124,6 +987,8 @@ def prepare_evaluation(args):
     raw = load_split(args.dataset, args.split, args.dataset_config)
     check_columns(raw, [args.text_column, args.text_pair_column, args.label_column], split=args.split)
     model, tokenizer = load_fastbert(args.model)
+    if getattr(args, "uncertainty_top_k", None) is not None:
+        model.config.uncertainty_top_k = args.uncertainty_top_k
     if args.max_samples is not None:
         raw = raw.select(range(min(args.max_samples, len(raw))))
     label_names = [str(model.config.id2label[index]) for index in range(model.config.num_labels)]
@@ -1140,66 +1005,25 @@ def prepare_evaluation(args):
     return model, tokenizer, dataset
 
 
-def sweep_results(model, dataset, speeds, batch_size=32, luha_bins=None):
-    """
-    Every speed's accuracy, mean exit layer and FLOPs speed-up from ONE full-depth pass, and optionally the LUHA rows.
-
-    Returns:
-        `(results, luha_rows)`; `luha_rows` is None without `luha_bins`.
-    """
-    from .evaluation import metrics_at_speeds, predict_all_logits
-
-    all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=True)
-    if labels is None:
-        raise ValueError("the evaluation data has no labels: accuracy needs a label column (--label-column)")
-    results = metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
-    luha = None if luha_bins is None else luha_table(all_logits, labels, luha_bins, model.config.uncertainty_top_k)
-    return results, luha
-
-
-def timing_batches(dataset, tokenizer, batch_size):
-    """The inputs as padded batches (no labels: labels make the model run every layer for the loss)."""
-    from transformers import DataCollatorWithPadding
-
-    columns = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in dataset.column_names]
-    rows = dataset.select_columns(columns)
-    collator = DataCollatorWithPadding(tokenizer)
-    return [collator(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
-
-
-def measure_wall_time(model, batches, speed):
-    """Seconds the early-exit engine takes over `batches` at `speed`, after one warm-up batch."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model.eval()
-    with torch.inference_mode():
-        model(**batches[0], speed=speed)
-        start = time.perf_counter()
-        for batch in tqdm(batches, desc=f"Timing speed {speed:g}", leave=False):
-            model(**batch, speed=speed)
-        return time.perf_counter() - start
-
-
 def run_evaluate(args):
     import torch
+
+    from .analysis import add_wall_time, timing_batches
+    from .evaluation import evaluate_speeds
 
     if args.output:
         check_results_file(args.output)
     model, tokenizer, dataset = prepare_evaluation(args)
     speeds = sorted(set(args.speeds))
-    results, _ = sweep_results(model, dataset, speeds, args.batch_size)
+    results = evaluate_speeds(model, dataset, speeds, args.batch_size, progress=True, exit_rule=args.exit_rule)
+    if results[0]["accuracy"] is None:
+        raise ValueError("the evaluation data has no labels: accuracy needs a label column (--label-column)")
     if not args.no_timing:
-        batches = timing_batches(dataset, tokenizer, args.batch_size)
-        reference = measure_wall_time(model, batches, 0.0)
-        for row in results:
-            seconds = reference if row["speed"] == 0 else measure_wall_time(model, batches, row["speed"])
-            row["wall_time_s"] = seconds
-            row["wall_speedup"] = reference / seconds
+        add_wall_time(results, model, timing_batches(dataset, tokenizer, args.batch_size), args.exit_rule)
     columns = list(RESULT_COLUMNS) + ([] if args.no_timing else ["wall_time_s", "wall_speedup"])
     print(
-        f"{len(dataset)} samples, batch size {args.batch_size}, {torch.get_num_threads()} CPU threads; speed-ups are "
-        "over speed 0 (every layer, = BertForSequenceClassification)"
+        f"{len(dataset)} samples, batch size {args.batch_size}, {torch.get_num_threads()} CPU threads, exit rule "
+        f"{args.exit_rule or model.config.exit_rule}; speed-ups are over speed 0 (every layer, = the stock classifier)"
     )
     print(format_table(results, columns))
     if args.output:
@@ -1213,81 +1037,48 @@ def default_output_dir(model, name):
     return path / name if path.is_dir() else Path(name)
 
 
-SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png")
-
-
-def read_results_file(path):
-    """`(rows, source)` of a results .json: a list of rows (source None) or `{model, data, samples, results}`."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"the results file {path} is not valid JSON ({error})") from None
-    if isinstance(data, list):
-        return data, None
-    if not isinstance(data, dict) or not isinstance(data.get("results", []), list | type(None)):
-        raise ValueError(f"the results file {path} holds no list of results")
-    source = {key: data.get(key) for key in ("model", "data", "samples")}
-    return data.get("results"), source
-
-
-def _describe_source(source):
-    if not source or source.get("data") is None or source.get("samples") is None:
-        return "unrecorded data"
-    return f"{source['samples']:,} samples of {source['data']}"
-
-
-def check_sweep_dir(output_dir, source, overwrite=False, card=False):
-    """Raise unless `output_dir` may take this sweep: no sweep files there, or a sweep of the same model and data."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"the output folder {output_dir} is a file")
-    check_writable_folder(output_dir, f"cannot write to {output_dir}")
-    if overwrite or not any((output_dir / name).exists() for name in SWEEP_FILES):
-        return
-    previous = None
-    with contextlib.suppress(OSError, ValueError):
-        previous = read_results_file(output_dir / "sweep.json")[1]
-    if previous is not None and all(previous.get(key) == source[key] for key in ("model", "data", "samples")):
-        return  # a rerun on the same model and data
-    what = f"the sweep of {_describe_source(previous)}" + (" that `push` puts on the model card" if card else "")
-    if previous is not None and previous.get("model") not in (None, source["model"]):
-        what += f" (model {previous['model']})"
-    raise ValueError(
-        f"{output_dir} already holds {what}: write this one elsewhere with --output-dir, or replace it with "
-        "--overwrite-output-dir"
+def print_oracle(oracle, summary):
+    """The oracle bound, and each rule's share of it within one accuracy point."""
+    print(
+        f"oracle (leave at the first layer that answers as the teacher): accuracy {oracle['accuracy']:.4f}, "
+        f"mean exit layer {oracle['mean_exit_layer']:.2f}, {oracle['flops_speedup']:.2f}x FLOPs speed-up"
     )
+    if summary:
+        print("fastest speed within 1 accuracy point of full depth, per rule (oracle_fraction: of the oracle's gain):")
+        print(format_table(summary, SUMMARY_COLUMNS))
 
 
 def run_sweep(args):
+    from .analysis import check_sweep_dir, sweep
+
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, "sweep")
     model, _, dataset = prepare_evaluation(args)
     source = results_source(args.model, describe_data(args.dataset, args.split, args.dataset_config), len(dataset))
     card = Path(args.model).expanduser().is_dir() and output_dir.resolve() == (Path(args.model) / "sweep").resolve()
     check_sweep_dir(output_dir, source, args.overwrite_output_dir, card=card)
-    results, luha = sweep_results(model, dataset, sorted(set(args.speeds)), args.batch_size, args.luha_bins)
-    print(f"{len(dataset)} samples; FLOPs speed-up over every layer (= BertForSequenceClassification)")
-    print(format_table(results, RESULT_COLUMNS))
+    report = sweep(
+        model,
+        dataset,
+        sorted(set(args.speeds)),
+        exit_rules=args.exit_rule,
+        batch_size=args.batch_size,
+        luha_bins=args.luha_bins,
+        progress=True,
+    )
+    several = len(report.by_rule) > 1
+    print(f"{len(dataset)} samples; FLOPs speed-up over every layer (= the stock classifier)")
+    print(format_table(report.rows, (("exit_rule",) if several else ()) + RESULT_COLUMNS))
+    print_oracle(report.oracle, report.summary)
     title = f"{Path(args.model).name}: accuracy against speed-up"
-    write_sweep(results, luha, output_dir, title=title, source=source)
+    source = {**source, "exit_rule": next(iter(report.by_rule))}
+    write_sweep(report.results, report.luha, output_dir, title, source, report.oracle, report.by_rule)
     print(f"wrote sweep.csv, sweep.json, sweep.png, luha.csv and luha.png to {output_dir}")
-
-
-def write_sweep(results, luha, output_dir, title=None, source=None):
-    """The sweep's files: sweep.csv/.json/.png and, with LUHA rows, luha.csv/.png (each written atomically)."""
-    output_dir = Path(output_dir)
-    write_rows(results, output_dir / "sweep.csv")
-    write_rows(results, output_dir / "sweep.json", source)
-    plot_sweep(results, output_dir / "sweep.png", title=title)
-    if luha is not None:
-        write_rows(luha, output_dir / "luha.csv")
-        plot_luha(luha, output_dir / "luha.png")
-    else:  # no stale LUHA view of an earlier sweep next to this one
-        for name in ("luha.csv", "luha.png"):
-            (output_dir / name).unlink(missing_ok=True)
 
 
 def run_calibrate(args):
     import tempfile
+
+    from .analysis import calibrate
 
     save_dir = Path(args.model).expanduser()
     if args.save:
@@ -1295,23 +1086,36 @@ def run_calibrate(args):
             raise ValueError(f"--save needs a local model folder, got {args.model}")
         check_writable_folder(save_dir, f"--save cannot write {save_dir / 'config.json'}")
     model, _, dataset = prepare_evaluation(args)
-    results, _ = sweep_results(model, dataset, sorted(set(args.speeds) | {0.0}), args.batch_size)
-    chosen = calibrate_speed(results, max_accuracy_drop=args.max_accuracy_drop, target_speedup=args.target_speedup)
-    reference = results[0]
+    choice = calibrate(
+        model,
+        dataset,
+        max_accuracy_drop=args.max_accuracy_drop,
+        target_speedup=args.target_speedup,
+        exit_rules=args.exit_rule,
+        speeds=args.speeds,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    reference = choice.reference
     print(f"{len(dataset)} samples; full depth: accuracy {reference['accuracy']:.4f}")
-    print(format_table([reference, chosen] if chosen is not reference else [chosen], RESULT_COLUMNS))
+    rows = [{"exit_rule": rule, **(row or {})} for rule, row in choice.candidates.items()]
+    print(format_table(rows, ("exit_rule",) + RESULT_COLUMNS))
+    print_oracle(choice.oracle, [])
     criterion = (
         f"accuracy within {args.max_accuracy_drop:g} of full depth"
         if args.max_accuracy_drop is not None
         else f"a FLOPs speed-up of at least {args.target_speedup:g}x"
     )
-    print(f"calibrated speed: {chosen['speed']:g} ({criterion})")
+    print(
+        f"calibrated speed: {choice.speed:g} with exit rule {choice.exit_rule} ({criterion}; "
+        f"{choice.row['flops_speedup']:.2f}x FLOPs, accuracy {choice.row['accuracy']:.4f})"
+    )
     if args.save:
-        model.config.speed = chosen["speed"]
         with tempfile.TemporaryDirectory(dir=save_dir, prefix=".calibrate-") as work_dir:
             model.config.save_pretrained(work_dir)
             os.replace(Path(work_dir) / "config.json", save_dir / "config.json")
-        print(f"saved speed={chosen['speed']:g} as the default in {save_dir / 'config.json'}")
+        saved = f"exit_rule={choice.exit_rule}, speed={choice.speed:g}"
+        print(f"saved {saved} as the default in {save_dir / 'config.json'}")
 
 
 def card_results(model_dir, results_path=None):
@@ -1378,7 +1182,7 @@ def run_push(args):
     if card is not None:
         if card["data"] is None or card["samples"] is None:
             logger.warning("%s does not say which data its results come from; the card says so.", card["path"])
-        print(f"card results: {_describe_source(card)}, from {card['path']}")
+        print(f"card results: {describe_source(card)}, from {card['path']}")
     commit = push_model_to_hub(
         model,
         args.repo_id,

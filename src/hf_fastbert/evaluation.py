@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration_fastbert import validate_speeds
-from .exit_rules import select_exits
+from .exit_rules import check_exit_rule, select_exits
 from .flops import fastbert_flops, stock_flops
 
 
@@ -27,7 +27,7 @@ def _as_tensor(values) -> torch.Tensor:
 
 
 def metrics_at_speeds(
-    all_logits, seq_lengths, config, speeds: Iterable[float] = DEFAULT_SPEEDS, labels=None
+    all_logits, seq_lengths, config, speeds: Iterable[float] = DEFAULT_SPEEDS, labels=None, exit_rule=None
 ) -> list[dict]:
     """
     Accuracy, mean exit layer and FLOPs speed-up at each speed, from one full-depth pass.
@@ -43,6 +43,8 @@ def metrics_at_speeds(
             Speeds to report, each in [0, 1].
         labels (`torch.Tensor` or `np.ndarray` of shape `(N,)`, *optional*):
             Class indices. Without them `accuracy` is `None`.
+        exit_rule (`str`, *optional*):
+            The exit rule (`hf_fastbert.exit_rules`); defaults to `config.exit_rule`.
 
     Returns:
         `list[dict]`, one per speed, with keys `speed`, `accuracy` (fraction in [0, 1]), `mean_exit_layer` (1-based;
@@ -63,6 +65,7 @@ def metrics_at_speeds(
     [(0.0, 1.0, 2.0), (0.5, 1.0, 1.5)]
     ```"""
     speeds = validate_speeds(speeds)
+    exit_rule = check_exit_rule(config, exit_rule)
     all_logits = _as_tensor(all_logits).float()
     seq_lengths = _as_tensor(seq_lengths).long()
     if all_logits.ndim != 3 or all_logits.shape[1] != config.num_hidden_layers:
@@ -82,7 +85,7 @@ def metrics_at_speeds(
     baseline = stock_flops(config, seq_lengths).sum().item()
     results = []
     for speed in speeds:
-        logits, exit_layers = select_exits(all_logits, speed, config)
+        logits, exit_layers = select_exits(all_logits, speed, config, exit_rule)
         predictions = logits.argmax(dim=-1)
         flops = fastbert_flops(config, seq_lengths, exit_layers, branches_ran=speed > 0).sum().item()
         accuracy = None if labels is None else (predictions == labels).double().mean().item()
@@ -246,7 +249,12 @@ def predict_all_logits(model, dataset, batch_size: int = 32, progress: bool = Fa
 
 
 def evaluate_speeds(
-    model, dataset, speeds: Iterable[float] = DEFAULT_SPEEDS, batch_size: int = 32, progress: bool = False
+    model,
+    dataset,
+    speeds: Iterable[float] = DEFAULT_SPEEDS,
+    batch_size: int = 32,
+    progress: bool = False,
+    exit_rule: str | None = None,
 ) -> list[dict]:
     """
     Accuracy, mean exit layer and FLOPs speed-up of `model` on `dataset` at every speed, from ONE full-depth pass.
@@ -257,6 +265,7 @@ def evaluate_speeds(
         speeds (`Iterable[float]`, *optional*, defaults to 0.0, 0.1, ..., 0.9): Speeds to report.
         batch_size (`int`, *optional*, defaults to 32): Samples per forward pass.
         progress (`bool`, *optional*, defaults to `False`): Show a progress bar.
+        exit_rule (`str`, *optional*): The exit rule; defaults to `model.config.exit_rule`.
 
     Returns:
         `list[dict]` with keys `speed`, `accuracy` (`None` without labels), `mean_exit_layer`, `flops_speedup`: the
@@ -272,7 +281,7 @@ def evaluate_speeds(
     ```"""
     speeds = validate_speeds(speeds)
     all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=progress)
-    return metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
+    return metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels, exit_rule=exit_rule)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Model cards for FastBERT models: Hub metadata, usage with a chosen speed, and the speed/accuracy trade-off.
 
 `save_pretrained` copies this module next to the modeling code (the model's `push_to_hub` imports it), so it imports
-only the standard library, huggingface_hub and its siblings; matplotlib is imported lazily inside a `try` block.
+only the standard library, huggingface_hub and its siblings (the plot comes from `plotting.py`).
 """
 
 import math
@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData
 
 from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .plotting import plot_model_card
 
 
 RESULT_KEYS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
@@ -128,37 +129,28 @@ def _results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_results(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy against FLOPs speedup, one point per speed with an accuracy, as a PNG (no pyplot global state)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("The model card's plot needs matplotlib: `pip install matplotlib`.") from error
-
-    rows = [row for row in rows if row["accuracy"] is not None]
-    figure = Figure(figsize=(5.5, 4), dpi=100)
-    axes = figure.subplots()
-    speedups = [row["flops_speedup"] for row in rows]
-    accuracies = [100 * row["accuracy"] for row in rows]
-    axes.plot(speedups, accuracies, marker="o")
-    for row, x, y in zip(rows, speedups, accuracies, strict=True):
-        axes.annotate(f"speed {row['speed']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.set_xlabel("FLOPs speedup over full depth (x)")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, format="png", metadata={"Software": None})
+def exit_rule_description(config, uncertainty: str = "normalized entropy") -> str:
+    """How the model's `config.exit_rule` decides that a sample leaves, and how it reads `speed`, in words."""
+    rule = getattr(config, "exit_rule", "entropy")
+    return {
+        "entropy": f"FastBERT's rule: a sample leaves at the first student whose {uncertainty} is below `speed`",
+        "patience": "PABEE's patience: a sample leaves once the last `1 + round((1 - speed) * (layers - 2))` "
+        "students agree on its label",
+        "thresholds": f"per-layer thresholds on the {uncertainty}, calibrated on validation data so that at least "
+        "`1 - speed` of the samples each layer lets out answer as the teacher",
+        "learned": "a learned exit (a tiny head per layer, fitted on the frozen model's validation outputs) lets a "
+        "sample leave when its probability that the student agrees with the teacher exceeds `1 - speed`",
+    }.get(rule, f"`{rule}`")
 
 
 def _usage(repo_id: str, config) -> str:
     speed = 0.1 if config.speed == 0 else config.speed
+    rule = getattr(config, "exit_rule", "entropy")
     return f"""## Usage
 
-`speed` in [0, 1] is the early-exit threshold: a sample leaves at the first layer whose student's normalized
-uncertainty is below it. `0` runs every layer (the stock classifier); higher values are faster and may be less
-accurate.
-This model's default is `config.speed = {config.speed:g}`.
+`speed` in [0, 1] is the one knob: `0` runs every layer (the stock classifier); higher values are faster and may be
+less accurate. This model's exit rule is `{rule}` ({exit_rule_description(config)}).
+This model's default is `config.speed = {config.speed:g}`, `config.exit_rule = "{rule}"`.
 
 ### With the hf-fastbert plugin (`pip install hf-fastbert`)
 
@@ -259,7 +251,7 @@ def render_model_card(
         f"- Layers: {config.num_hidden_layers} (students after layers 1-{config.num_hidden_layers - 1})",
         f"- Labels ({config.num_labels}): {', '.join(f'`{label}`' for label in labels)}",
         f"- Default speed: `{config.speed:g}`",
-        f"- Exit criterion: {uncertainty} < speed",
+        f"- Exit rule: `{getattr(config, 'exit_rule', 'entropy')}`: {exit_rule_description(config, uncertainty)}",
         f"- Teacher head: `{config.teacher_head}`; student width {config.branch_hidden_size}, "
         f"{config.branch_num_attention_heads} attention heads",
         f"- Students self-distilled: {'yes' if distilled else '**no**'}",
@@ -373,7 +365,7 @@ def write_model_card(
     directory.mkdir(parents=True, exist_ok=True)
     if plot:
         title = f"{(repo_id or directory.resolve().name).split('/')[-1]}: accuracy vs FLOPs speedup"
-        _write_atomically(directory / PLOT_FILENAME, lambda path: _plot_results(rows, path, title))
+        _write_atomically(directory / PLOT_FILENAME, lambda path: plot_model_card(rows, path, title))
     readme = directory / "README.md"
     _write_atomically(readme, lambda path: path.write_text(text, encoding="utf-8"))
     return readme

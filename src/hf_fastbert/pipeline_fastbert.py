@@ -7,7 +7,7 @@ import transformers
 from transformers import TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .configuration_fastbert import EXIT_RULES, is_fastbert_model_type, validate_speed
 
 
 TASK = "text-classification"
@@ -31,6 +31,9 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
         speed (`float`, *optional*):
             Early-exit threshold in [0, 1]; defaults to the model's `config.speed`. A sample leaves at the first layer
             whose student's normalized uncertainty is below `speed`.
+        exit_rule (`str`, *optional*):
+            The exit rule (`"entropy"`, `"patience"`, `"thresholds"`, `"learned"`; see `hf_fastbert.exit_rules`);
+            defaults to the model's `config.exit_rule`, the one `hf-fastbert calibrate` picked.
         return_exit_layer (`bool`, *optional*, defaults to `False`):
             Add `"exit_layer"`, the 1-based layer the sample left at, to each result.
 
@@ -49,9 +52,9 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
     >>> classifier(["A gem.", "Too long."], speed=0.5)  # per-call speed
     ```"""
 
-    def _sanitize_parameters(self, speed=None, return_exit_layer=None, **kwargs):
+    def _sanitize_parameters(self, speed=None, return_exit_layer=None, exit_rule=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
-        for name, value in (("speed", speed), ("return_exit_layer", return_exit_layer)):
+        for name, value in (("speed", speed), ("return_exit_layer", return_exit_layer), ("exit_rule", exit_rule)):
             if value is not None and not is_fastbert(self.model):
                 raise ValueError(
                     f"`{name}` is a FastBERT option, but this pipeline's model is {type(self.model).__name__} "
@@ -60,13 +63,17 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
         if speed is not None:
             validate_speed(speed)
             forward_params["speed"] = float(speed)  # any real number (a Fraction, a numpy float) as the model's float
+        if exit_rule is not None:
+            if exit_rule not in EXIT_RULES:
+                raise ValueError(f"`exit_rule` must be one of {EXIT_RULES}, got {exit_rule!r}.")
+            forward_params["exit_rule"] = exit_rule
         if return_exit_layer is not None:
             if not isinstance(return_exit_layer, bool):
                 raise ValueError(f"`return_exit_layer` must be a bool, got {return_exit_layer!r}.")
             postprocess_params["return_exit_layer"] = return_exit_layer
         return preprocess_params, forward_params, postprocess_params
 
-    def _forward(self, model_inputs, speed=None):
+    def _forward(self, model_inputs, speed=None, exit_rule=None):
         if is_fastbert(self.model):
             effective_speed = self.model.config.speed if speed is None else speed
             if self.model.training and effective_speed > 0:
@@ -76,6 +83,8 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
                 )
             if speed is not None:
                 model_inputs = {**model_inputs, "speed": speed}
+            if exit_rule is not None:
+                model_inputs = {**model_inputs, "exit_rule": exit_rule}
         return super()._forward(model_inputs)
 
     def postprocess(self, model_outputs, return_exit_layer=False, **kwargs):
@@ -122,10 +131,11 @@ def pipeline(
     pipeline_class: Any | None = None,
     *,
     speed: float | None = None,
+    exit_rule: str | None = None,
     **kwargs: Any,
 ):
     """
-    [`transformers.pipeline`] with FastBERT's `speed`: the same arguments, plus `speed`.
+    [`transformers.pipeline`] with FastBERT's `speed` and `exit_rule`: the same arguments, plus those two.
 
     For "text-classification" (and "sentiment-analysis") it builds a [`FastBertTextClassificationPipeline`] whatever
     the global pipeline registry holds, and for a FastBERT model instance the task defaults to "text-classification".
@@ -136,6 +146,9 @@ def pipeline(
             Default early-exit threshold in [0, 1] of the pipeline's calls (each call can override it); defaults to
             the model's `config.speed`. Only for text classification with a FastBERT model: anything else raises a
             `ValueError`.
+        exit_rule (`str`, *optional*):
+            Default exit rule of the pipeline's calls (each call can override it); defaults to the model's
+            `config.exit_rule`. Same restrictions as `speed`.
 
     Example:
 
@@ -152,10 +165,12 @@ def pipeline(
         task = TASK
     if task in TASK_ALIASES and pipeline_class is None:
         pipeline_class = FastBertTextClassificationPipeline
-    if speed is not None:
+    for name, value in (("speed", speed), ("exit_rule", exit_rule)):
+        if value is None:
+            continue
         if task not in TASK_ALIASES and not (task is None and isinstance(model, str)):
-            raise ValueError(f"`speed` applies to the text-classification task of FastBERT models, not to {task!r}.")
-        kwargs["speed"] = speed
+            raise ValueError(f"`{name}` applies to the text-classification task of FastBERT models, not to {task!r}.")
+        kwargs[name] = value
     return transformers.pipeline(
         task=task,
         model=model,

@@ -1,0 +1,207 @@
+"""The library behind `sweep`, `calibrate` and `evaluate`: calibration, the LUHA view, exit rules and the oracle."""
+
+import pytest
+import torch
+
+from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+from hf_fastbert.analysis import (
+    calibrate,
+    calibrate_speed,
+    choose_exit_rule,
+    format_table,
+    luha_table,
+    oracle_metrics,
+    rule_summary,
+    sweep,
+    sweep_logits,
+)
+from hf_fastbert.exit_rules import oracle_exits
+
+
+# --- pure helpers ------------------------------------------------------------------------------------------------
+
+
+RESULTS = [
+    {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0},
+    {"speed": 0.1, "accuracy": 0.80, "flops_speedup": 1.6},
+    {"speed": 0.2, "accuracy": 0.796, "flops_speedup": 2.1},
+    {"speed": 0.3, "accuracy": 0.78, "flops_speedup": 2.9},
+    {"speed": 0.4, "accuracy": 0.77, "flops_speedup": 3.5},
+]
+
+
+def test_calibrate_speed_accuracy_drop():
+    assert calibrate_speed(RESULTS, max_accuracy_drop=0.005)["speed"] == 0.2
+    assert calibrate_speed(RESULTS, max_accuracy_drop=0.0)["speed"] == 0.1
+    assert calibrate_speed(RESULTS, max_accuracy_drop=0.02)["speed"] == 0.3  # 0.78 = 0.80 - 0.02 exactly
+    assert calibrate_speed(list(reversed(RESULTS)), max_accuracy_drop=1.0)["speed"] == 0.4
+
+
+def test_calibrate_speed_target_speedup():
+    assert calibrate_speed(RESULTS, target_speedup=2.0)["speed"] == 0.2
+    assert calibrate_speed(RESULTS, target_speedup=1.0)["speed"] == 0.0
+    with pytest.raises(ValueError, match="best: 3.50x at speed 0.4"):
+        calibrate_speed(RESULTS, target_speedup=4.0)
+
+
+def test_calibrate_speed_bad_requests():
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_speed(RESULTS)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_speed(RESULTS, max_accuracy_drop=0.01, target_speedup=2)
+    with pytest.raises(ValueError, match="speed-0"):
+        calibrate_speed(RESULTS[1:], max_accuracy_drop=0.01)
+
+
+def test_luha_table_bins_and_accuracy():
+    # Two layers, three samples, two labels. Layer 1: a confident right answer, a confident wrong one, an unsure one.
+    all_logits = torch.tensor(
+        [
+            [[9.0, 0.0], [0.0, 0.0]],
+            [[9.0, 0.0], [0.0, 9.0]],
+            [[0.1, 0.0], [0.0, 9.0]],
+        ]
+    )
+    labels = torch.tensor([0, 1, 1])
+    rows = luha_table(all_logits, labels, num_bins=2)
+    by_key = {(row["layer"], row["uncertainty_low"]): row for row in rows}
+    assert len(rows) == 4
+    assert by_key[(1, 0.0)]["samples"] == 2 and by_key[(1, 0.0)]["accuracy"] == 0.5
+    assert by_key[(1, 0.5)]["samples"] == 1 and by_key[(1, 0.5)]["accuracy"] == 0.0
+    assert by_key[(2, 0.0)]["samples"] == 2 and by_key[(2, 0.0)]["accuracy"] == 1.0
+    # uniform logits have uncertainty exactly 1: they fall in the last bin, not past it
+    assert by_key[(2, 0.5)]["samples"] == 1 and by_key[(2, 0.5)]["accuracy"] == 1.0
+
+
+def test_format_table():
+    table = format_table([{"speed": 0.1, "n": 3, "x": None, "accuracy": 0.5}], ["speed", "n", "x", "accuracy"])
+    assert table.splitlines() == ["speed  n  x  accuracy", "-----  -  -  --------", "  0.1  3  -    0.5000"]
+
+
+# --- exit rules against the oracle -------------------------------------------------------------------------------
+
+
+def tiny_config(layers=4, labels=3):
+    return FastBertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        num_labels=labels,
+        branch_hidden_size=16,
+    )
+
+
+def random_pass(samples=64, layers=4, labels=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    all_logits = torch.randn(samples, layers, labels, generator=generator) * 3  # (N, L, C)
+    seq_lengths = torch.randint(4, 16, (samples,), generator=generator)
+    gold = torch.randint(0, labels, (samples,), generator=generator)
+    return all_logits, seq_lengths, gold
+
+
+def test_oracle_metrics_is_the_teachers_accuracy_at_the_first_agreeing_layer():
+    config = tiny_config()
+    all_logits, seq_lengths, labels = random_pass()
+    oracle = oracle_metrics(all_logits, seq_lengths, config, labels)
+    teacher = (all_logits[:, -1].argmax(-1) == labels).double().mean().item()
+    assert oracle["exit_rule"] == "oracle" and oracle["accuracy"] == pytest.approx(teacher)
+    assert oracle["mean_exit_layer"] == pytest.approx(oracle_exits(all_logits).double().mean().item())
+    assert oracle["flops_speedup"] > 1
+    # No rule keeping every answer of the teacher spends fewer FLOPs than the oracle.
+    report = sweep_logits(all_logits, seq_lengths, labels, config, [0.0, 0.3, 0.6, 0.9], ["entropy", "patience"])
+    for rows in report.by_rule.values():
+        for row in rows:
+            if row["accuracy"] == pytest.approx(teacher) and row["mean_exit_layer"] < oracle["mean_exit_layer"]:
+                pytest.fail(f"{row} beats the oracle {oracle}")
+
+
+def test_sweep_logits_compares_rules_side_by_side():
+    config = tiny_config()
+    all_logits, seq_lengths, labels = random_pass()
+    report = sweep_logits(all_logits, seq_lengths, labels, config, [0.0, 0.5, 0.9], ["patience", "entropy"])
+    assert list(report.by_rule) == ["patience", "entropy"] and report.results == report.by_rule["patience"]
+    assert [row["exit_rule"] for row in report.rows] == ["patience"] * 3 + ["entropy"] * 3
+    assert [row["exit_rule"] for row in report.summary] == ["patience", "entropy"]
+    assert all(0 <= row["oracle_fraction"] for row in report.summary)
+    assert report.luha is None and report.samples == 64
+    with pytest.raises(ValueError, match="calibrate it first"):
+        sweep_logits(all_logits, seq_lengths, labels, config, [0.0], ["thresholds"])
+    with pytest.raises(ValueError, match="unknown exit rule"):
+        sweep_logits(all_logits, seq_lengths, labels, config, [0.0], ["nope"])
+
+
+def test_rule_summary_oracle_fraction():
+    by_rule = {
+        "entropy": [
+            {"speed": 0.0, "accuracy": 0.8, "flops_speedup": 1.0},
+            {"speed": 0.5, "accuracy": 0.795, "flops_speedup": 2.0},
+            {"speed": 0.9, "accuracy": 0.6, "flops_speedup": 4.0},
+        ]
+    }
+    (row,) = rule_summary(by_rule, {"flops_speedup": 3.0})
+    assert row["speed"] == 0.5 and row["oracle_fraction"] == pytest.approx(0.5)
+
+
+def test_choose_exit_rule_budget_and_target():
+    by_rule = {
+        "entropy": [
+            {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0},
+            {"speed": 0.5, "accuracy": 0.795, "flops_speedup": 2.0},
+            {"speed": 0.9, "accuracy": 0.70, "flops_speedup": 5.0},
+        ],
+        "patience": [
+            {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0},
+            {"speed": 0.5, "accuracy": 0.79, "flops_speedup": 2.5},
+            {"speed": 0.9, "accuracy": 0.75, "flops_speedup": 3.0},
+        ],
+    }
+    rule, row, candidates = choose_exit_rule(by_rule, max_accuracy_drop=0.01)
+    assert (rule, row["speed"]) == ("patience", 0.5) and candidates["entropy"]["speed"] == 0.5
+    rule, row, candidates = choose_exit_rule(by_rule, target_speedup=2.8)
+    assert (rule, row["speed"]) == ("patience", 0.9) and candidates["entropy"]["speed"] == 0.9
+    rule, row, candidates = choose_exit_rule(by_rule, target_speedup=4.0)
+    assert rule == "entropy" and candidates["patience"] is None
+    with pytest.raises(ValueError, match="no exit rule reaches a 9.0x"):
+        choose_exit_rule(by_rule, target_speedup=9.0)
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    from datasets import Dataset
+
+    torch.manual_seed(0)
+    model = FastBertForSequenceClassification(tiny_config()).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.branches.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(
+                    torch.randn(module.weight.shape, generator=generator) * 2 / module.in_features**0.5
+                )
+    lengths = torch.randint(4, 12, (48,), generator=generator).tolist()
+    rows = {
+        "input_ids": [[2] + torch.randint(5, 40, (n,), generator=generator).tolist() + [3] for n in lengths],
+        "label": torch.randint(0, 3, (48,), generator=generator).tolist(),
+    }
+    return model, Dataset.from_dict(rows)
+
+
+def test_calibrate_picks_a_rule_and_sets_the_config(model_and_data):
+    model, dataset = model_and_data
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
+    choice = calibrate(model, dataset, max_accuracy_drop=1.0, speeds=[0.0, 0.5, 0.9], batch_size=16)
+    assert choice.exit_rule in ("entropy", "patience", "thresholds", "learned")
+    assert (model.config.exit_rule, model.config.speed) == (choice.exit_rule, choice.speed)
+    assert set(choice.candidates) == {"entropy", "patience", "thresholds", "learned"}
+    best = max(row["flops_speedup"] for row in choice.candidates.values())
+    assert choice.row["flops_speedup"] == best and choice.reference["speed"] == 0.0
+    assert model.config.exit_thresholds is not None and model.config.exit_heads is not None  # fitted first
+    # The calibrated rules now sweep, and the sweep agrees with the model run at that rule and speed.
+    report = sweep(model, dataset, [0.0, 0.5], exit_rules=["thresholds", "learned"], batch_size=16)
+    assert set(report.by_rule) == {"thresholds", "learned"} and report.oracle["accuracy"] == choice.oracle["accuracy"]
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(model, dataset)
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
