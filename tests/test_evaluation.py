@@ -1,5 +1,7 @@
 """Speed metrics from one full-depth pass: agreement with the early-exit engine, FastBertMetrics, bad input."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -124,10 +126,19 @@ def test_fastbert_metrics_with_stock_trainer_predictions():
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, speed=0.5)
     padded_inputs = torch.cat([input_ids, torch.full((24, 3), -100)], dim=1).numpy()
     predictions = (out.logits.numpy(), out.exit_layers.numpy(), out.flops.numpy())
-    metrics = FastBertMetrics(model.config)(EvalPrediction(predictions, labels.numpy(), inputs=padded_inputs))
-    assert metrics["accuracy"] == pytest.approx((out.logits.argmax(-1) == labels).float().mean().item())
-    assert metrics["mean_exit_layer"] == pytest.approx(out.exit_layers.float().mean().item())
+    config = copy.deepcopy(model.config)
+    config.speed = 0.5  # the speed the stock Trainer's model ran at
+    metrics = FastBertMetrics(config)(EvalPrediction(predictions, labels.numpy(), inputs=padded_inputs))
+    assert metrics["accuracy_speed_0.5"] == pytest.approx((out.logits.argmax(-1) == labels).float().mean().item())
+    assert "accuracy" not in metrics  # always the teacher's (full depth): not known from exits at speed 0.5
+    assert metrics["mean_exit_layer_speed_0.5"] == pytest.approx(out.exit_layers.float().mean().item())
     baseline = bert_flops(model.config, attention_mask.sum(dim=1)).sum().item()
-    assert metrics["flops_speedup"] == pytest.approx(baseline / out.flops.sum().item())
-    without_inputs = FastBertMetrics(model.config)(EvalPrediction(predictions, labels.numpy()))
-    assert "flops_speedup" not in without_inputs and "accuracy" in without_inputs
+    assert metrics["flops_speedup_speed_0.5"] == pytest.approx(baseline / out.flops.sum().item())
+    without_inputs = FastBertMetrics(config)(EvalPrediction(predictions, labels.numpy()))
+    assert "flops_speedup_speed_0.5" not in without_inputs and "accuracy_speed_0.5" in without_inputs
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)
+    predictions = (full.logits.numpy(), full.exit_layers.numpy(), full.flops.numpy())
+    config.speed = 0.0
+    at_full_depth = FastBertMetrics(config)(EvalPrediction(predictions, labels.numpy()))
+    assert at_full_depth["accuracy"] == at_full_depth["accuracy_speed_0"]

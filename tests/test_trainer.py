@@ -326,7 +326,7 @@ def test_stage_two_is_the_stock_trainer(tmp_path, tokenizer):
     trainer.train()
     after = trainer.evaluate()
     assert after["eval_loss"] < 0.7 * before["eval_loss"] and after["eval_accuracy"] >= 0.9
-    assert after["eval_mean_exit_layer"] == 4.0 and after["eval_flops_speedup"] == pytest.approx(1.0)
+    assert after["eval_mean_exit_layer_speed_0"] == 4.0 and after["eval_flops_speedup_speed_0"] == pytest.approx(1.0)
     assert all(torch.equal(p, students[name]) for name, p in model.branches.named_parameters())
 
 

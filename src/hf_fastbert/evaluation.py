@@ -102,8 +102,9 @@ def metrics_at_speeds(
 
 def flatten_speed_metrics(results: Sequence[dict]) -> dict[str, float]:
     """
-    Flat metric names for `Trainer` logs: `accuracy` (full depth, when labels were given) and, per speed `s`,
-    `accuracy_speed_{s}`, `mean_exit_layer_speed_{s}`, `flops_speedup_speed_{s}`.
+    Flat metric names for `Trainer` logs: per speed `s`, `accuracy_speed_{s}` (only when labels were given),
+    `mean_exit_layer_speed_{s}` and `flops_speedup_speed_{s}`. (The full-depth `accuracy` is added by
+    [`FastBertMetrics`], not here.)
     """
     metrics = {}
     for row in results:
@@ -119,11 +120,14 @@ class FastBertMetrics:
     A ready, offline `compute_metrics` for the [`Trainer`]: accuracy, mean exit layer and FLOPs speed-up at one or
     more speeds (no `evaluate.load`, no Hub).
 
+    The names mean the same under every trainer: `accuracy` is the teacher's accuracy (full depth, speed 0), and
+    `accuracy_speed_{s}`, `mean_exit_layer_speed_{s}`, `flops_speedup_speed_{s}` are early exit at speed `s`.
+
     With [`FastBertDistillationTrainer`], the predictions are `(all_logits, seq_lengths, per_branch_kl)` and every
     speed is reported from one full-depth pass. With the stock [`Trainer`] (stage 2), the model returns `(logits,
-    exit_layers, flops)` at its own `config.speed`: the metrics are then reported at that speed only, and the FLOPs
-    speed-up needs the token lengths, which it reads from the inputs when the training arguments have
-    `include_for_metrics=["inputs"]` (tokens different from `pad_token_id`).
+    exit_layers, flops)` at its own `config.speed`: the metrics are then reported at that speed only (`accuracy`
+    too when that speed is 0), and the FLOPs speed-up needs the token lengths, which it reads from the inputs when the
+    training arguments have `include_for_metrics=["inputs"]` (tokens different from `pad_token_id`).
 
     Args:
         config ([`FastBertConfig`]):
@@ -166,15 +170,18 @@ class FastBertMetrics:
         all_logits = next((np.asarray(p) for p in predictions if np.ndim(p) == 3), None)
         if all_logits is not None and seq_lengths is not None:
             return self._from_all_logits(all_logits, seq_lengths, labels)
-        metrics = {}
+        metrics, speed = {}, float(self.config.speed)
+        suffix = f"speed_{speed:g}"
         if labels is not None:
-            metrics["accuracy"] = float((first.argmax(-1) == np.asarray(labels).reshape(-1)).mean())
+            metrics[f"accuracy_{suffix}"] = float((first.argmax(-1) == np.asarray(labels).reshape(-1)).mean())
+            if speed == 0:  # full depth: these are the teacher's answers
+                metrics["accuracy"] = metrics[f"accuracy_{suffix}"]
         if len(predictions) >= 3:
             exit_layers, flops = np.asarray(predictions[1]), np.asarray(predictions[2])
-            metrics["mean_exit_layer"] = float(exit_layers.mean())
+            metrics[f"mean_exit_layer_{suffix}"] = float(exit_layers.mean())
             if seq_lengths is not None:
                 baseline = stock_flops(self.config, torch.as_tensor(seq_lengths)).sum().item()
-                metrics["flops_speedup"] = baseline / float(flops.astype(np.float64).sum())
+                metrics[f"flops_speedup_{suffix}"] = baseline / float(flops.astype(np.float64).sum())
         return metrics
 
     def _from_all_logits(self, all_logits, seq_lengths, labels) -> dict[str, float]:

@@ -403,6 +403,7 @@ def train_fastbert(
         weight_decay=weight_decay,
         seed=seed,
         disable_tqdm=not progress,
+        dataloader_pin_memory=torch.accelerator.is_available(),  # without an accelerator pinning only warns
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
         # Several processes without an accelerator (torchrun/accelerate launch on CPU): transformers only runs DDP
