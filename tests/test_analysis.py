@@ -142,7 +142,7 @@ def test_rule_summary_oracle_fraction():
         ]
     }
     (row,) = rule_summary(by_rule, {"flops_speedup": 3.0})
-    assert row["speed"] == 0.5 and row["oracle_fraction"] == pytest.approx(0.5)
+    assert row["speed"] == 0.5 and row["oracle_fraction"] == pytest.approx(2.0 / 3.0)
 
 
 def test_choose_exit_rule_budget_and_target():

@@ -1044,7 +1044,7 @@ def print_oracle(oracle, summary):
         f"mean exit layer {oracle['mean_exit_layer']:.2f}, {oracle['flops_speedup']:.2f}x FLOPs speed-up"
     )
     if summary:
-        print("fastest speed within 1 accuracy point of full depth, per rule (oracle_fraction: of the oracle's gain):")
+        print("per rule, the fastest speed within 1 point of full depth (oracle_fraction: speed-up / oracle's):")
         print(format_table(summary, SUMMARY_COLUMNS))
 
 
