@@ -205,3 +205,30 @@ def test_calibrate_picks_a_rule_and_sets_the_config(model_and_data):
     with pytest.raises(ValueError, match="exactly one"):
         calibrate(model, dataset)
     model.config.exit_rule, model.config.speed = "entropy", 0.0
+
+
+def test_rows_of_rule_and_the_serving_curve(tmp_path):
+    import json
+
+    from hf_fastbert.analysis import rows_of_rule
+    from hf_fastbert.serving import load_speed_curve
+
+    def rows(rule, accuracy):
+        return [
+            {"exit_rule": rule, "speed": 0.0, "accuracy": 0.8, "flops_speedup": 1.0},
+            {"exit_rule": rule, "speed": 0.5, "accuracy": accuracy, "flops_speedup": 1.5},
+        ]
+
+    data = {"results": rows("entropy", 0.7), "exit_rules": {"entropy": rows("entropy", 0.7)}}
+    data["exit_rules"]["learned"] = rows("learned", 0.79)
+    assert rows_of_rule(data, "learned")[1]["accuracy"] == 0.79
+    assert (
+        rows_of_rule(data) is data["results"] and rows_of_rule(rows("entropy", 0.7), "entropy")[1]["accuracy"] == 0.7
+    )
+    assert rows_of_rule([{"speed": 0.0}], "patience") == [{"speed": 0.0}]  # rows that do not say their rule
+    with pytest.raises(ValueError, match="measured with the exit rule entropy"):
+        rows_of_rule({"results": rows("entropy", 0.7)}, "patience")
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(data))
+    assert load_speed_curve(path, exit_rule="learned")[1]["accuracy"] == 0.79
+    assert load_speed_curve(path)[1]["accuracy"] == 0.7

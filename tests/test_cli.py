@@ -333,3 +333,24 @@ def test_train_defaults_demo_and_paper():
 def test_calibrate_refuses_a_nan_accuracy_drop(capsys):
     assert main(["calibrate", "some-model", "--max-accuracy-drop", "nan"]) == 2
     assert "max-accuracy-drop" in capsys.readouterr().err
+
+
+def test_card_results_follow_the_models_exit_rule(tmp_path):
+    from hf_fastbert.cli import card_results
+
+    def rows(rule, accuracy):
+        return [
+            {"exit_rule": rule, "speed": 0.0, "accuracy": 0.8, "mean_exit_layer": 3.0, "flops_speedup": 1.0},
+            {"exit_rule": rule, "speed": 0.5, "accuracy": accuracy, "mean_exit_layer": 2.0, "flops_speedup": 1.4},
+        ]
+
+    (tmp_path / "sweep").mkdir()
+    sweep = {"model": "m", "data": "dev.csv", "samples": 40, "exit_rule": "entropy", "results": rows("entropy", 0.7)}
+    sweep["exit_rules"] = {"entropy": rows("entropy", 0.7), "patience": rows("patience", 0.75)}
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(sweep))
+    assert card_results(tmp_path, exit_rule="patience")["results"][1]["accuracy"] == 0.75
+    assert card_results(tmp_path, exit_rule="entropy")["results"][1]["accuracy"] == 0.7
+    del sweep["exit_rules"]
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(sweep))
+    with pytest.raises(ValueError, match="measured with the exit rule entropy, but the model now uses 'patience'"):
+        card_results(tmp_path, exit_rule="patience")

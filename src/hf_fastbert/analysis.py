@@ -494,6 +494,28 @@ def results_source(model, data, samples):
     return {"model": str(path.resolve()) if path.exists() else str(model), "data": data, "samples": samples}
 
 
+def rows_of_rule(data, exit_rule=None, path="the results file"):
+    """
+    The rows of a results file's content (`data`: a list of rows, or `{..., "results": rows}`) that were measured
+    with `exit_rule`: a sweep of several rules keeps each one's under `exit_rules`. A file measured with another rule
+    only is refused (a card or a serving ladder would show one rule's curve under another's name); rows that do not
+    say their rule are taken as they are.
+    """
+    rows = data.get("results") if isinstance(data, dict) else data
+    if exit_rule is None or not isinstance(rows, list) or not rows:
+        return rows
+    by_rule = data.get("exit_rules") if isinstance(data, dict) else None
+    if isinstance(by_rule, dict) and exit_rule in by_rule:
+        return by_rule[exit_rule]
+    swept = {row.get("exit_rule") for row in rows if isinstance(row, dict)} - {None}
+    if swept and exit_rule not in swept:
+        raise ValueError(
+            f"the results in {path} were measured with the exit rule {', '.join(sorted(swept))}, but the model now "
+            f"uses {exit_rule!r}: rerun `hf-fastbert sweep MODEL --exit-rule {exit_rule}`"
+        )
+    return rows
+
+
 def describe_source(source):
     """`source` (model, data, samples) in words."""
     if not source or source.get("data") is None or source.get("samples") is None:
@@ -581,6 +603,7 @@ __all__ = [
     "oracle_metrics",
     "read_results_file",
     "results_source",
+    "rows_of_rule",
     "rule_summary",
     "sweep",
     "sweep_logits",

@@ -29,6 +29,7 @@ from .analysis import (
     format_table,
     read_results_file,
     results_source,
+    rows_of_rule,
     write_rows,
     write_sweep,
 )
@@ -748,7 +749,7 @@ def run_serve(args):
                 f"--adaptive needs the model's speed/accuracy curve: run `{PROG} sweep {args.model}` or give "
                 "--speed-curve"
             )
-        curve = load_speed_curve(path)
+        curve = load_speed_curve(path, exit_rule=getattr(load_model_config(args.model)[1], "exit_rule", None))
     config = ServingConfig(
         speed=args.speed,
         max_batch_size=args.max_batch_size,
@@ -1118,9 +1119,11 @@ def run_calibrate(args):
         print(f"saved {saved} as the default in {save_dir / 'config.json'}")
 
 
-def card_results(model_dir, results_path=None):
+def card_results(model_dir, results_path=None, exit_rule=None):
     """
-    The card's results: `results_path`, else the train command's sweep, else `speed_results.json`, else None.
+    The card's results: `results_path`, else the train command's sweep, else `speed_results.json`, else None. With
+    `exit_rule` (the model's), a sweep of several rules gives that rule's rows, and a sweep of another rule is refused:
+    the card would show one rule's curve under another's name.
 
     Returns:
         `None` or a dict with `results` (rows with the card's columns), `data` and `samples` (None when the file does
@@ -1141,6 +1144,7 @@ def card_results(model_dir, results_path=None):
     for path in candidates:
         if path.is_file():
             rows, source = read_results_file(path)
+            rows = rows_of_rule(json.loads(path.read_text(encoding="utf-8")), exit_rule, path)
             if rows:
                 if not all(isinstance(row, dict) for row in rows):
                     raise ValueError(f"the results in {path} are not rows of named columns")
@@ -1168,7 +1172,7 @@ def run_push(args):
         validate_repo_id(args.repo_id)
     except ValueError as error:
         raise ValueError(f"invalid repo id {args.repo_id!r}: {error}") from None
-    card = card_results(path, args.results)
+    card = card_results(path, args.results, getattr(load_model_config(str(path))[1], "exit_rule", None))
     model, tokenizer = load_fastbert(str(path))
     if not model.config.branches_distilled:
         if not args.allow_undistilled:

@@ -42,16 +42,19 @@ SERVE_EXTRA_HINT = 'the server needs the serve extra: pip install "hf-fastbert[s
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_speed_curve(path) -> list[dict]:
+def load_speed_curve(path, exit_rule: str | None = None) -> list[dict]:
     """
     A speed/accuracy curve written by `hf-fastbert sweep` (`sweep/sweep.json`) or `train` (`speed_results.json`):
-    rows with `speed`, `accuracy` and `flops_speedup`, sorted by speed.
+    rows with `speed`, `accuracy` and `flops_speedup`, sorted by speed. With `exit_rule` (the served model's), the
+    rows of that rule (`hf_fastbert.analysis.rows_of_rule`).
     """
+    from .analysis import rows_of_rule
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"speed curve {path} does not exist")
     data = json.loads(path.read_text())
-    rows = data.get("results") if isinstance(data, dict) else data
+    rows = rows_of_rule(data, exit_rule, path)
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{path} holds no speed/accuracy rows")
     for row in rows:
