@@ -245,7 +245,8 @@ def test_train_from_local_files(bert_dir, tmp_path, capsys):
     saved = json.loads((out / "sweep" / "sweep.json").read_text())
     assert saved["data"] == "dev.csv (validation split)" and saved["samples"] == 32
     rows = saved["results"]
-    assert [row["speed"] for row in rows] == [0.0, 0.5]
+    assert [row["speed"] for row in rows] == [0.0, 0.5] and {row["exit_rule"] for row in rows} == {"entropy"}
+    assert saved["exit_rule"] == "entropy" and saved["oracle"]["exit_rule"] == "oracle"
     assert len(list(csv.DictReader(open(out / "sweep" / "luha.csv")))) == 3 * 4
     assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "luha.png").is_file()
     model = FastBertForSequenceClassification.from_pretrained(out)

@@ -918,9 +918,11 @@ def run_train(args):
             speeds = sorted(set(args.speeds))
             report = sweep_logits(all_logits, seq_lengths, labels, output.model.config, speeds, None, args.luha_bins)
             model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
-            source = results_source(model, output.results_data, output.results_samples)
+            rule = output.model.config.exit_rule  # said in the rows, so that a later calibrate to another rule shows
+            source = {**results_source(model, output.results_data, output.results_samples), "exit_rule": rule}
+            results = [{"exit_rule": rule, **row} for row in output.results]
             title = "FastBERT: accuracy against speed-up"
-            write_sweep(output.results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle)
+            write_sweep(results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle)
     minutes = (time.perf_counter() - started) / 60
     print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {args.output_dir}")
     if output.results is None:
