@@ -386,7 +386,14 @@ def test_a_sweep_never_replaces_the_card_results_silently(files, tmp_path, capsy
     replaced = json.loads((model_dir / "sweep" / "sweep.json").read_text())
     assert replaced["samples"] == 8 and replaced["data"] == "small.csv"
     assert main(sweep) == 0  # a rerun on the same model and data replaces its own files
-    assert sorted(os.listdir(model_dir / "sweep")) == ["luha.csv", "luha.png", "sweep.csv", "sweep.json", "sweep.png"]
+    assert sorted(os.listdir(model_dir / "sweep")) == [
+        "luha.csv",
+        "luha.png",
+        "students.csv",
+        "sweep.csv",
+        "sweep.json",
+        "sweep.png",
+    ]
 
 
 def test_push_checks_everything_before_creating_the_repo(files, tmp_path, capsys, monkeypatch):

@@ -314,8 +314,8 @@ def test_push_to_a_hub_server(fastbert_dir, tmp_path, capsys, monkeypatch):
     assert "Not distilled" in card
 
 
-def test_train_defaults_demo_and_paper():
-    from hf_fastbert.cli import DEMO_TRAINING, PAPER_TRAINING, build_parser, resolve_train_defaults
+def test_train_defaults_demo_and_user_data():
+    from hf_fastbert.cli import DEMO_TRAINING, USER_TRAINING, build_parser, resolve_train_defaults
     from hf_fastbert.demo_data import minilm_path
 
     demo = build_parser().parse_args(["train"])
@@ -324,7 +324,9 @@ def test_train_defaults_demo_and_paper():
     assert demo.max_train_samples == DEMO_TRAINING["max_train_samples"]
     user = build_parser().parse_args(["train", "--model", "bert-base-uncased", "--dataset", "rotten_tomatoes"])
     assert resolve_train_defaults(user) is False
-    assert user.model == "bert-base-uncased" and user.epochs == PAPER_TRAINING["epochs"]
+    # User data: both stages until held-out convergence, learning rate by model size (train_fastbert's defaults).
+    assert user.model == "bert-base-uncased" and user.epochs is None and user.distill_epochs is None
+    assert user.learning_rate is None and user.max_length == USER_TRAINING["max_length"]
     assert user.max_train_samples is None
     explicit = build_parser().parse_args(["train", "--epochs", "0", "--max-length", "32"])
     resolve_train_defaults(explicit)

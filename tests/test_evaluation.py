@@ -142,3 +142,26 @@ def test_fastbert_metrics_with_stock_trainer_predictions():
     config.speed = 0.0
     at_full_depth = FastBertMetrics(config)(EvalPrediction(predictions, labels.numpy()))
     assert at_full_depth["accuracy"] == at_full_depth["accuracy_speed_0"]
+
+    assert metrics["flops_speedup"] == pytest.approx(baseline / out.flops.sum().item())
+    without_inputs = FastBertMetrics(model.config)(EvalPrediction(predictions, labels.numpy()))
+    assert "flops_speedup" not in without_inputs and "accuracy" in without_inputs
+
+
+def test_student_gaps_and_the_failed_distillation_warning():
+    from hf_fastbert.evaluation import distillation_warning, student_gaps
+
+    teacher = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0]])  # (N=4, C=2)
+    good = teacher.clone()
+    wrong = teacher.flip(-1)
+    all_logits = torch.stack([wrong, wrong, good, teacher], dim=1)  # (N, L=4, C): students 1-3, then the teacher
+    gaps = student_gaps(all_logits, labels=torch.tensor([0, 1, 0, 0]))
+    assert [row["layer"] for row in gaps] == [1, 2, 3]
+    assert [row["agreement"] for row in gaps] == [0.0, 0.0, 1.0]
+    assert gaps[2]["kl"] == pytest.approx(0.0, abs=1e-6) and gaps[0]["kl"] > 2
+    assert [row["accuracy"] for row in gaps] == [0.25, 0.25, 0.75]
+    assert distillation_warning(gaps) is None  # the upper half (layer 3) agrees
+    failed = student_gaps(torch.stack([good, wrong, wrong, teacher], dim=1))
+    message = distillation_warning(failed)
+    assert "student of layer 3 agrees with the teacher on only 0%" in message and "Distil longer" in message
+    assert student_gaps(all_logits)[0]["accuracy"] is None

@@ -151,10 +151,11 @@ def test_distillation_trains_only_the_students_without_a_graph_through_the_backb
         for layer in model.bert.encoder.layer
     ]
     hooks += [
-        branch.register_forward_hook(lambda m, i, o: seen["students"].append(o.requires_grad))
+        # Training passes only: the convergence check's held-out evaluations run without gradients.
+        branch.register_forward_hook(lambda m, i, o: seen["students"].append(o.requires_grad) if m.training else None)
         for branch in model.branches
     ]
-    # Plain TrainingArguments work too; unlabeled text is enough.
+    # Plain TrainingArguments work too (distilling until convergence on a held-out slice); unlabeled text is enough.
     args = TrainingArguments(
         str(tmp_path / "plain"), per_device_train_batch_size=8, learning_rate=1e-2, seed=0, num_train_epochs=1, **QUIET
     )
@@ -521,3 +522,147 @@ def test_an_int8_model_is_refused_by_the_distillation_trainer(tmp_path, tokenize
 
     with pytest.raises(ValueError, match="int8"):
         FastBertDistillationTrainer(model=quantize_int8(confident_model()), args=distill_args(tmp_path))
+
+
+# Convergence: both stages train until a held-out metric stops improving and keep the best weights
+
+
+class _State:
+    def __init__(self, step, epoch=None, max_steps=100):
+        self.global_step, self.epoch, self.max_steps = step, epoch if epoch is not None else float(step), max_steps
+
+
+class _Control:
+    should_evaluate = should_training_stop = False
+
+
+def test_convergence_stops_after_patience_and_restores_the_best_weights():
+    from hf_fastbert.convergence import ConvergenceCallback
+
+    model = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    model.frozen = frozen
+    callback = ConvergenceCallback(patience=2, min_relative_improvement=0.1, description="self-distillation")
+    args = TrainingArguments("unused", report_to="none")
+    control = _Control()
+    callback.on_train_begin(args, _State(0), control)
+    best_weight = None
+    for step, loss in enumerate([1.0, 0.5, 0.48, 0.47, 0.2], start=1):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        callback.on_evaluate(args, _State(step), control, metrics={"eval_loss": loss}, model=model)
+        if loss == 0.47:
+            best_weight = model.weight.detach().clone()
+        if control.should_training_stop:
+            break
+    # 0.48 and 0.47 improve on 0.5 by less than 10%: two evaluations without progress -> stop at step 4,
+    # keeping the weights of step 4 (0.47, the lowest loss seen).
+    assert control.should_training_stop and step == 4
+    callback.on_train_end(args, _State(4), control, model=model)
+    torch.testing.assert_close(model.weight, best_weight)
+    summary = callback.summary()
+    assert summary["stopped"] == "converged" and summary["best"] == 0.47 and summary["best_step"] == 4
+    assert [row["value"] for row in summary["history"]] == [1.0, 0.5, 0.48, 0.47]
+    assert "converged" in callback.message() and "(restored)" in callback.message()
+
+    # A budget that ends while the metric still improves says so; earlier weights come back if the last was worse.
+    callback = ConvergenceCallback(patience=3)
+    callback.on_train_begin(args, _State(0), control)
+    for step, loss in enumerate([1.0, 0.8, 0.9], start=1):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        callback.on_evaluate(args, _State(step, max_steps=3), control, metrics={"eval_loss": loss}, model=model)
+    callback.on_train_end(args, _State(3, max_steps=3), control, model=model)
+    assert (model.weight == 2.0).all() and callback.summary()["stopped"] == "budget"
+    assert "whole budget" in callback.message()
+
+
+def test_convergence_schedules_evaluations_only_when_the_arguments_do_not():
+    from hf_fastbert.convergence import ConvergenceCallback
+
+    callback = ConvergenceCallback(eval_every=3)
+    control = _Control()
+    callback.on_train_begin(TrainingArguments("unused", report_to="none"), _State(0), control)
+    callback.on_step_end(None, _State(2), control)
+    assert not control.should_evaluate
+    callback.on_step_end(None, _State(3), control)
+    assert control.should_evaluate
+    control.should_evaluate = False
+    callback.on_epoch_end(None, _State(4), control)
+    assert control.should_evaluate  # every epoch's end
+    control.should_evaluate = False
+    callback.on_train_begin(TrainingArguments("unused", report_to="none", eval_strategy="epoch"), _State(0), control)
+    callback.on_step_end(None, _State(3), control)
+    callback.on_epoch_end(None, _State(4), control)
+    assert not control.should_evaluate  # the arguments' own schedule
+    with pytest.raises(ValueError, match="patience"):
+        ConvergenceCallback(patience=0)
+
+
+def test_split_held_out_is_seeded_and_sized():
+    from hf_fastbert.convergence import split_held_out
+
+    data = Dataset.from_dict({"x": list(range(50))})
+    train, held_out = split_held_out(data, 0.1, seed=3)
+    assert len(held_out) == 5 and len(train) == 45 and not set(train["x"]) & set(held_out["x"])
+    assert split_held_out(data, 0.1, seed=3)[1]["x"] == held_out["x"]
+    assert len(split_held_out(data, 0.5, max_samples=7)[1]) == 7
+    assert [len(part) for part in split_held_out(list(range(2)), 0.1)] == [1, 1]
+
+
+def test_distillation_converges_by_default_on_a_held_out_slice(tmp_path, tokenizer):
+    model = confident_model()
+    data = tokenized(tokenizer, 60, labelled=False)
+    args = FastBertTrainingArguments(
+        str(tmp_path / "converge"), per_device_train_batch_size=8, seed=0, num_train_epochs=30, **QUIET
+    )
+    assert args.learning_rate == 1e-3 and args.convergence_patience == 2
+    trainer = FastBertDistillationTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 54 and len(trainer.eval_dataset) == 6  # 10% held out, not trained on
+    trainer.train()
+    summary = trainer.convergence
+    assert summary["stopped"] == "converged" and summary["steps"] < summary["max_steps"] == 30 * 7
+    assert summary["evaluations"] == summary["steps"] // 7 and summary["best"] < summary["first"] / 2
+    # The students of the best evaluation were restored.
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(summary["best"], rel=1e-5)
+    assert model.config.branches_distilled
+    trainer.save_model(str(tmp_path / "saved"))
+    trainer.create_model_card()
+    assert "Self-distillation converged" in (tmp_path / "converge" / "README.md").read_text()
+
+    # A fixed number of epochs on all the data, as before.
+    fixed = FastBertTrainingArguments(
+        str(tmp_path / "fixed"), per_device_train_batch_size=8, num_train_epochs=1, convergence_patience=None, **QUIET
+    )
+    trainer = FastBertDistillationTrainer(model=confident_model(), args=fixed, train_dataset=data)
+    assert trainer.eval_dataset is None and len(trainer.train_dataset) == 60 and trainer.convergence is None
+
+
+def test_train_fastbert_converges_both_stages_by_default(tmp_path, base_checkpoint):
+    raw = DatasetDict(train=sentiment_texts(80), validation=sentiment_texts(16, seed=1))
+    output = train_fastbert(
+        base_checkpoint,
+        raw,
+        str(tmp_path / "out"),
+        max_length=32,
+        batch_size=16,
+        finetune_max_epochs=3,
+        distill_max_epochs=3,
+        finetune_learning_rate=5e-3,
+        eval_speeds=[0.0, 0.5],
+        progress=False,
+    )
+    assert set(output.convergence) == {"finetune", "distill"}
+    saved = json.loads((tmp_path / "out" / "speed_results.json").read_text())
+    assert saved["held_out_samples"] == 8 and saved["distill_learning_rate"] == 1e-3
+    assert saved["finetune_learning_rate"] == 5e-3 and saved["convergence"]["distill"]["max_steps"] == 3 * 5
+    assert saved["finetune_steps"] <= 3 * 5  # 72 training samples, batch 16
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Training" in card and "- Fine-tuning (backbone + teacher" in card and "- Self-distillation" in card
+
+
+def test_default_finetune_learning_rate_follows_the_model_size():
+    from hf_fastbert.training import default_finetune_learning_rate
+
+    assert default_finetune_learning_rate(BertConfig(hidden_size=384)) == 1e-4
+    assert default_finetune_learning_rate(BertConfig(hidden_size=768)) == 2e-5

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .configuration_fastbert import EXIT_RULES
-from .evaluation import metrics_at_speeds, predict_all_logits
+from .evaluation import metrics_at_speeds, predict_all_logits, student_gaps
 from .exit_rules import check_exit_rule, normalized_entropy, oracle_exits
 from .flops import fastbert_flops, stock_flops
 
@@ -37,7 +37,7 @@ from .flops import fastbert_flops, stock_flops
 SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9
 CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99
 RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
-SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png")
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png", "students.csv")
 CALIBRATED_RULES = ("thresholds", "learned")  # rules fitted on validation data (`model.calibrate_exit_rules`)
 
 
@@ -219,6 +219,7 @@ class Sweep:
     summary: list
     luha: list | None = None
     samples: int = 0
+    students: list | None = None  # [`hf_fastbert.evaluation.student_gaps`]: each student against the teacher
 
     @property
     def rows(self) -> list[dict]:
@@ -260,7 +261,8 @@ def sweep_logits(all_logits, seq_lengths, labels, config, speeds=SWEEP_SPEEDS, e
     has_reference = any(row["speed"] == 0 for row in by_rule[rules[0]])
     summary = rule_summary(by_rule, oracle) if has_reference else []
     luha = None if luha_bins is None else luha_table(all_logits, labels, luha_bins, config.uncertainty_top_k)
-    return Sweep(by_rule[rules[0]], by_rule, oracle, summary, luha, int(all_logits.shape[0]))
+    students = student_gaps(all_logits, labels)
+    return Sweep(by_rule[rules[0]], by_rule, oracle, summary, luha, int(all_logits.shape[0]), students)
 
 
 def sweep(model, dataset, speeds=SWEEP_SPEEDS, *, exit_rules=None, batch_size=32, luha_bins=None, progress=False):
@@ -556,14 +558,17 @@ def check_sweep_dir(output_dir, source, overwrite=False, card=False):
     )
 
 
-def write_sweep(results, luha, output_dir, title=None, source=None, oracle=None, by_rule=None):
+def write_sweep(results, luha, output_dir, title=None, source=None, oracle=None, by_rule=None, students=None):
     """
-    The sweep's files: sweep.csv/.json/.png and, with LUHA rows, luha.csv/.png (each written atomically).
+    The sweep's files: sweep.csv/.json/.png, with LUHA rows luha.csv/.png, and with student rows
+    ([`hf_fastbert.evaluation.student_gaps`]) students.csv; the LUHA plot then says when distillation failed (each
+    file written atomically).
 
     `results` is the curve the model card and `serve --adaptive` read (sweep.json's `results`); with `by_rule`
     (several rules' rows), sweep.csv holds every rule's rows, sweep.json keeps them under `exit_rules` and the plot
     draws one curve each; with `oracle`, sweep.json and the plot show the oracle bound.
     """
+    from .evaluation import distillation_warning
     from .plotting import plot_luha, plot_sweep
 
     output_dir = Path(output_dir)
@@ -579,11 +584,16 @@ def write_sweep(results, luha, output_dir, title=None, source=None, oracle=None,
         plot_sweep(every_row, temporary, title=title, oracle=oracle)
     if luha is not None:
         write_rows(luha, output_dir / "luha.csv")
+        failed = distillation_warning(students) if students else None
         with atomic_path(output_dir / "luha.png") as temporary:
-            plot_luha(luha, temporary)
+            plot_luha(luha, temporary, warning=failed and "Self-distillation failed: students far from the teacher")
     else:  # no stale LUHA view of an earlier sweep next to this one
         for name in ("luha.csv", "luha.png"):
             (output_dir / name).unlink(missing_ok=True)
+    if students:
+        write_rows(students, output_dir / "students.csv")
+    else:
+        (output_dir / "students.csv").unlink(missing_ok=True)
 
 
 __all__ = [

@@ -44,13 +44,18 @@ CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99 (=
 EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
 RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
 SUMMARY_COLUMNS = ("exit_rule", "speed", "accuracy", "flops_speedup", "oracle_fraction")
-# The offline demo, sized for 2 CPU cores: 3 x 80 fine-tuning steps (1.4-2.3 s each at batch 32, length 64) and
-# 2 x 80 cheaper distillation steps. Fewer epochs leave the teacher, hence the students, too unsure to exit early.
-DEMO_TRAINING = dict(
-    max_train_samples=2560, max_eval_samples=1000, epochs=3.0, learning_rate=1e-4, distill_epochs=2.0, max_length=64
-)
-# User data: the paper's recipe (3 epochs at 2e-5, then 5 distillation epochs at 2e-4).
-PAPER_TRAINING = dict(epochs=3.0, learning_rate=2e-5, distill_epochs=5.0, max_length=128)
+STUDENT_COLUMNS = ("layer", "accuracy", "agreement", "kl")
+CONVERGENCE_STAGES = {"finetune": "fine-tuning", "distill": "self-distillation"}
+# The offline demo, sized for 2 CPU cores: 3 x 72 fine-tuning steps (1.4-2.3 s each at batch 32, length 64), then
+# self-distillation until the students' held-out KL stops improving (cheaper steps). Fewer fine-tuning epochs leave
+# the teacher, hence the students, too unsure to exit early.
+DEMO_TRAINING = dict(max_train_samples=2560, max_eval_samples=1000, epochs=3.0, learning_rate=1e-4, max_length=64)
+# User data: both stages until held-out convergence, with the measured default learning rates (`train_fastbert`).
+USER_TRAINING = dict(max_length=128)
+# Defaults of the training functions, for --help (torch-free constants).
+FINETUNE_MAX_EPOCHS = 10.0
+DISTILL_MAX_EPOCHS = 10.0
+DISTILL_LEARNING_RATE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def build_parser():
         action="store_true",
         help="Replace a non-empty --output-dir that is not a previous run's output (everything in it is deleted).",
     )
-    demo, paper = DEMO_TRAINING, PAPER_TRAINING
+    demo, user = DEMO_TRAINING, USER_TRAINING
     train.add_argument(
         "--max-train-samples",
         type=_positive_int,
@@ -226,26 +231,43 @@ def build_parser():
     train.add_argument(
         "--max-length",
         type=_positive_int,
-        help=f"Truncate inputs to N tokens (default: {paper['max_length']}; demo: {demo['max_length']}).",
+        help=f"Truncate inputs to N tokens (default: {user['max_length']}; demo: {demo['max_length']}).",
     )
     train.add_argument(
         "--epochs",
         type=_non_negative_float,
-        help="Fine-tuning epochs; 0 skips it for an already fine-tuned BERT classifier "
-        f"(default: {paper['epochs']:g}; demo: {demo['epochs']:g}).",
+        help="Fine-tune for exactly N epochs; 0 skips it for an already fine-tuned classifier (default: until the "
+        f"held-out loss stops improving, at most --max-epochs; demo: {demo['epochs']:g}).",
+    )
+    train.add_argument(
+        "--max-epochs",
+        type=_positive_float,
+        default=FINETUNE_MAX_EPOCHS,
+        help="Most fine-tuning epochs when fine-tuning until convergence.",
     )
     train.add_argument(
         "--learning-rate",
         type=_positive_float,
-        help=f"Fine-tuning learning rate (default: {paper['learning_rate']:g}; demo: {demo['learning_rate']:g}).",
+        help="Fine-tuning learning rate (default: 1e-4 for models smaller than BERT-base, 2e-5 for base-sized "
+        f"ones; demo: {demo['learning_rate']:g}).",
     )
     train.add_argument(
         "--distill-epochs",
         type=_non_negative_float,
-        help=f"Self-distillation epochs (default: {paper['distill_epochs']:g}; demo: {demo['distill_epochs']:g}).",
+        help="Self-distil for exactly N epochs; 0 skips it (default: until the students' held-out KL to the teacher "
+        "stops improving, at most --distill-max-epochs).",
     )
     train.add_argument(
-        "--distill-learning-rate", type=_positive_float, default=2e-4, help="Self-distillation learning rate."
+        "--distill-max-epochs",
+        type=_positive_float,
+        default=DISTILL_MAX_EPOCHS,
+        help="Most self-distillation epochs when distilling until convergence.",
+    )
+    train.add_argument(
+        "--distill-learning-rate",
+        type=_positive_float,
+        default=DISTILL_LEARNING_RATE,
+        help="The students' learning rate.",
     )
     train.add_argument("--batch-size", type=_positive_int, default=32, help="Training and evaluation batch size.")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
@@ -827,7 +849,7 @@ def resolve_train_defaults(args):
         from .demo_data import minilm_path
 
         args.model = minilm_path()
-    defaults = DEMO_TRAINING if demo else PAPER_TRAINING
+    defaults = DEMO_TRAINING if demo else USER_TRAINING
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -863,6 +885,8 @@ def check_train_output(args):
 
 
 def run_train(args):
+    from .convergence import describe_convergence
+    from .evaluation import distillation_warning
     from .training import staged_output_dir, train_fastbert
 
     model_given = args.model is not None
@@ -872,9 +896,13 @@ def run_train(args):
     if demo:
         print(
             f"Offline demo: fine-tune {args.model if model_given else 'all-MiniLM-L6-v2'} on "
-            f"{args.max_train_samples} Rotten Tomatoes snippets for "
-            f"{args.epochs:g} epoch(s), self-distill for {args.distill_epochs:g} epoch(s), sweep speeds on "
-            f"{args.max_eval_samples} held-out snippets. Output: {args.output_dir}"
+            f"{args.max_train_samples} Rotten Tomatoes snippets for {args.epochs:g} epoch(s), self-distill "
+            + (
+                f"for {args.distill_epochs:g} epoch(s)"
+                if args.distill_epochs is not None
+                else "until the students' held-out KL stops improving"
+            )
+            + f", sweep speeds on {args.max_eval_samples} held-out snippets. Output: {args.output_dir}"
         )
     raw, unlabeled = training_data(args)
     started = time.perf_counter()
@@ -892,8 +920,10 @@ def run_train(args):
             max_length=args.max_length,
             finetune_epochs=args.epochs,
             finetune_learning_rate=args.learning_rate,
+            finetune_max_epochs=args.max_epochs,
             distill_epochs=args.distill_epochs,
             distill_learning_rate=args.distill_learning_rate,
+            distill_max_epochs=args.distill_max_epochs,
             batch_size=args.batch_size,
             seed=args.seed,
             eval_speeds=sorted(set(args.speeds)),
@@ -922,16 +952,30 @@ def run_train(args):
             source = {**results_source(model, output.results_data, output.results_samples), "exit_rule": rule}
             results = [{"exit_rule": rule, **row} for row in output.results]
             title = "FastBERT: accuracy against speed-up"
-            write_sweep(results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle)
+            write_sweep(
+                results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle, students=report.students
+            )
     minutes = (time.perf_counter() - started) / 60
     print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {args.output_dir}")
+    for stage in ("finetune", "distill"):
+        if output.convergence.get(stage):
+            print(describe_convergence(output.convergence[stage], CONVERGENCE_STAGES[stage]))
     if output.results is None:
         return
     sweep_dir = Path(args.output_dir) / "sweep"
     print(f"\nSpeed sweep on {len(eval_dataset)} held-out examples ({args.eval_split} split):")
     print(format_table(output.results, RESULT_COLUMNS))
     print_oracle(report.oracle, [])
-    print(f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv")
+    print("\nEach student against the teacher (agreement: share of samples where it predicts the teacher's class):")
+    print(format_table(report.students, STUDENT_COLUMNS))
+    print(
+        f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv, "
+        "students.csv"
+    )
+    warning = distillation_warning(report.students)
+    if warning is not None:
+        print(f"\nWARNING: {warning} For example: {PROG} train ... --distill-max-epochs 30", file=sys.stderr)
+        return
     example = closing_example(raw[args.eval_split], args.text_column)
     print(f"Next: {PROG} predict {args.output_dir} {example} --speed 0.1")
 
@@ -1053,6 +1097,7 @@ def print_oracle(oracle, summary):
 
 def run_sweep(args):
     from .analysis import check_sweep_dir, sweep
+    from .evaluation import distillation_warning
 
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, "sweep")
     model, _, dataset = prepare_evaluation(args)
@@ -1074,8 +1119,13 @@ def run_sweep(args):
     print_oracle(report.oracle, report.summary)
     title = f"{Path(args.model).name}: accuracy against speed-up"
     source = {**source, "exit_rule": next(iter(report.by_rule))}
-    write_sweep(report.results, report.luha, output_dir, title, source, report.oracle, report.by_rule)
-    print(f"wrote sweep.csv, sweep.json, sweep.png, luha.csv and luha.png to {output_dir}")
+    print("\nEach student against the teacher (agreement: share of samples where it predicts the teacher's class):")
+    print(format_table(report.students, STUDENT_COLUMNS))
+    write_sweep(report.results, report.luha, output_dir, title, source, report.oracle, report.by_rule, report.students)
+    print(f"wrote sweep.csv, sweep.json, sweep.png, luha.csv, luha.png and students.csv to {output_dir}")
+    warning = distillation_warning(report.students)
+    if warning is not None:
+        print(f"WARNING: {warning} (`{PROG} train --help`)", file=sys.stderr)
 
 
 def run_calibrate(args):
@@ -1159,6 +1209,17 @@ def card_results(model_dir, results_path=None, exit_rule=None):
     return None
 
 
+def training_notes_of(model_dir):
+    """The card's "Training" section that `train` recorded in `speed_results.json`, or None."""
+    from .training import RESULTS_FILENAME
+
+    try:
+        notes = json.loads((Path(model_dir) / RESULTS_FILENAME).read_text(encoding="utf-8")).get("training_notes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return notes if isinstance(notes, str) and notes.strip() else None
+
+
 def run_push(args):
     from huggingface_hub import get_token
     from huggingface_hub.utils import validate_repo_id
@@ -1200,6 +1261,7 @@ def run_push(args):
         results=card and card["results"],
         results_data=card and card["data"],
         results_samples=card and card["samples"],
+        training=training_notes_of(path),
     )
     extra = f" and the plot {PLOT_FILENAME}" if card else ""
     print(f"pushed the model, its tokenizer, the model card{extra} to {args.repo_id}: {commit.commit_url}")

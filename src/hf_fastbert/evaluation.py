@@ -20,6 +20,8 @@ from .flops import fastbert_flops, stock_flops
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Students of the upper half of the layers that agree with the teacher on fewer samples than this failed to learn it.
+MIN_STUDENT_AGREEMENT = 0.9
 
 
 def _as_tensor(values) -> torch.Tensor:
@@ -200,6 +202,66 @@ class FastBertMetrics:
         return ((inputs != self.pad_token_id) & (inputs != -100)).sum(axis=-1)
 
 
+def student_gaps(all_logits, labels=None) -> list[dict]:
+    """
+    How far each student is from its teacher on held-out data: a failed self-distillation shows here first.
+
+    Args:
+        all_logits (`torch.Tensor` or `np.ndarray` of shape `(N, L, C)`): Every classifier's logits, students first.
+        labels (`(N,)`, *optional*): Class indices, for each student's own accuracy.
+
+    Returns:
+        `list[dict]`, one per student (layers 1 .. L-1): `layer`, `agreement` (share of samples where it predicts
+        the teacher's class), `kl` (mean KL(teacher || student) in nats) and `accuracy` (`None` without labels).
+    """
+    from .trainer_fastbert import branch_kl
+
+    all_logits = _as_tensor(all_logits).float()
+    predictions = all_logits.argmax(dim=-1)  # (N, L)
+    agreement = (predictions[:, :-1] == predictions[:, -1:]).double().mean(dim=0)  # (L-1,)
+    kl = branch_kl(all_logits[:, :-1], all_logits[:, -1]).double().mean(dim=0)  # (L-1,)
+    accuracy = None
+    if labels is not None:
+        accuracy = (predictions[:, :-1] == _as_tensor(labels).long().reshape(-1, 1)).double().mean(dim=0)
+    return [
+        {
+            "layer": index + 1,
+            "agreement": agreement[index].item(),
+            "kl": kl[index].item(),
+            "accuracy": None if accuracy is None else accuracy[index].item(),
+        }
+        for index in range(all_logits.shape[1] - 1)
+    ]
+
+
+def distillation_warning(gaps: Sequence[dict], min_agreement: float = MIN_STUDENT_AGREEMENT) -> str | None:
+    """
+    A warning with what to do when the students of the upper half of the layers are far from the teacher (they agree
+    with it on fewer than `min_agreement` of the samples, on average), else `None`.
+
+    Args:
+        gaps (`list[dict]`): [`student_gaps`] rows.
+        min_agreement (`float`, *optional*, defaults to 0.9): The agreement below which distillation failed.
+    """
+    if not gaps:
+        return None
+    upper = [row for row in gaps if row["layer"] > (len(gaps) + 1) // 2] or list(gaps[-1:])
+    agreement = sum(row["agreement"] for row in upper) / len(upper)
+    if agreement >= min_agreement:
+        return None
+    if len(upper) > 1:
+        students = f"the students of layers {upper[0]['layer']}-{upper[-1]['layer']} agree"
+    else:
+        students = f"the student of layer {upper[0]['layer']} agrees"
+    kl = sum(row["kl"] for row in upper) / len(upper)
+    return (
+        f"Self-distillation failed: {students} with the teacher on only {agreement:.0%} of "
+        f"the held-out samples (mean KL {kl:.2f} nats), so few samples can exit early without losing accuracy. "
+        "Distil longer (a higher epoch budget, or no fixed epoch count so that it runs until convergence), with a "
+        "higher student learning rate, or on more in-domain text (unlabeled text works)."
+    )
+
+
 def _pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` (with `pad_token_id`), `attention_mask` and `token_type_ids` (with 0)."""
     batch = {}
@@ -293,9 +355,12 @@ def evaluate_speeds(
 
 __all__ = [
     "DEFAULT_SPEEDS",
+    "MIN_STUDENT_AGREEMENT",
     "FastBertMetrics",
+    "distillation_warning",
     "evaluate_speeds",
     "flatten_speed_metrics",
     "metrics_at_speeds",
     "predict_all_logits",
+    "student_gaps",
 ]

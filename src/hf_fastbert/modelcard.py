@@ -196,6 +196,7 @@ def render_model_card(
     results_samples: int | None = None,
     tags=None,
     plot_filename: str | None = None,
+    training: str | None = None,
 ) -> str:
     """
     The text of a FastBERT model card (README.md), YAML metadata included. See [`write_model_card`].
@@ -203,6 +204,8 @@ def render_model_card(
     Args:
         plot_filename (`str`, *optional*):
             Relative path of the accuracy/speedup plot to link from the results section.
+        training (`str`, *optional*):
+            How the model was trained (e.g. how each stage stopped), for a "Training" section.
     """
     config = _fastbert_config(model)
     base_models = _as_name_list(base_model, "base_model")
@@ -262,6 +265,10 @@ def render_model_card(
         details.append(f"- Data: {', '.join(dataset_names)}")
     parts.append("\n".join(details) + "\n")
     parts.append(_usage(repo_id, config))
+    if training is not None:
+        if not isinstance(training, str) or not training.strip():
+            raise ValueError(f"`training` must be a non-empty string, got {training!r}.")
+        parts.append(f"## Training\n\n{training.strip()}\n")
     if rows:
         section = [
             "## Speed and accuracy\n",
@@ -298,6 +305,7 @@ def write_model_card(
     results_samples: int | None = None,
     repo_id: str | None = None,
     tags=None,
+    training: str | None = None,
 ) -> Path:
     """
     Write the model card (README.md) of a FastBERT model into `save_directory`, and with `results` the plot
@@ -326,6 +334,8 @@ def write_model_card(
         results_samples (`int`, *optional*):
             How many samples the results were measured on; the card says so. Without these two the card says that
             the results' data was not recorded.
+        training (`str`, *optional*):
+            How the model was trained, e.g. how each stage stopped (a "Training" section).
         repo_id (`str`, *optional*):
             The Hub repository the card is for, used in the title and the usage snippets; defaults to the name of
             `save_directory`.
@@ -361,6 +371,7 @@ def write_model_card(
         results_samples=results_samples,
         tags=tags,
         plot_filename=PLOT_FILENAME if plot else None,
+        training=training,
     )
     directory.mkdir(parents=True, exist_ok=True)
     if plot:
@@ -389,6 +400,7 @@ def push_model_to_hub(
     results=None,
     results_data: str | None = None,
     results_samples: int | None = None,
+    training: str | None = None,
 ):
     """
     Every push of a FastBERT model (`FastBertForSequenceClassification.push_to_hub`, the distillation trainer's
@@ -402,7 +414,8 @@ def push_model_to_hub(
 
     Args:
         tokenizer (*optional*): uploaded with the model (its `save_pretrained` files).
-        base_model, datasets, results, results_data, results_samples: the card's, see [`write_model_card`].
+        base_model, datasets, results, results_data, results_samples, training: the card's, see
+            [`write_model_card`].
     """
     from huggingface_hub.utils import validate_repo_id
 
@@ -413,6 +426,7 @@ def push_model_to_hub(
         results=results,
         results_data=results_data,
         results_samples=results_samples,
+        training=training,
     )
     model_tags = list(getattr(model, "model_tags", None) or [])
     tags = [tags] if isinstance(tags, str) else list(tags or [])

@@ -52,9 +52,9 @@ def plot_sweep(rows, path, title=None, oracle=None):
     figure.savefig(path, format="png", metadata={"Software": None})
 
 
-def plot_luha(rows, path, min_samples=5):
+def plot_luha(rows, path, min_samples=5, warning=None):
     """Each classifier's accuracy by uncertainty bin (`hf_fastbert.analysis.luha_table` rows), saved as a PNG; bins
-    with fewer than `min_samples` samples are left out."""
+    with fewer than `min_samples` samples are left out. A `warning` (a failed distillation) is written across it."""
     figure = _figure((6, 4))
     axes = figure.subplots()
     layers = sorted({row["layer"] for row in rows})
@@ -66,6 +66,8 @@ def plot_luha(rows, path, min_samples=5):
     axes.set_xlabel("uncertainty (normalized entropy)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(f"LUHA: accuracy by uncertainty bin (bins with >= {min_samples} samples)")
+    if warning:
+        axes.text(0.5, 0.5, warning, transform=axes.transAxes, ha="center", va="center", color="red", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()

@@ -5,6 +5,7 @@ Stage 2 (fine-tuning backbone + teacher) needs nothing special: the stock `Train
 [`FastBertDistillationTrainer`].
 """
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -13,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from .convergence import ConvergenceCallback, describe_convergence, split_held_out
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
 from .modeling_fastbert import FastBertModelMixin, normalized_entropy
-from .training_args_fastbert import validate_temperature
+from .training_args_fastbert import (
+    DISTILL_MIN_IMPROVEMENT,
+    DISTILL_PATIENCE,
+    HELD_OUT_FRACTION,
+    validate_temperature,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -77,6 +84,16 @@ def distillation_loss(
     return per_branch_kl.sum(), per_branch_kl
 
 
+def _hold_out(dataset, fraction: float, seed: int):
+    """`(train, held_out)`: a seeded slice of a `datasets.Dataset` or a sized torch dataset."""
+    if hasattr(dataset, "select"):
+        return split_held_out(dataset, fraction, seed=seed)
+    from torch.utils.data import Subset
+
+    train_indices, held_out_indices = split_held_out(range(len(dataset)), fraction, seed=seed)
+    return Subset(dataset, train_indices), Subset(dataset, held_out_indices)
+
+
 class _MarkDistilledAtLastStep(TrainerCallback):
     """Sets `config.branches_distilled` at the last training step, before that step's checkpoint is saved."""
 
@@ -99,6 +116,13 @@ class FastBertDistillationTrainer(Trainer):
       at `args.eval_speeds` (or whatever `compute_metrics` reports, e.g. [`FastBertMetrics`]).
     - `evaluate()` reports `eval_loss` (the distillation loss) and `eval_kl_branch_{layer}` per student; training
       logs report `kl_branch_{layer}` next to `loss`.
+    - Converges by default: it distills until the students' held-out KL to the teacher (`eval_loss`, summed over the
+      students) has not improved by `args.convergence_min_improvement` (1%) for `args.convergence_patience` (2)
+      evaluations, at every epoch's end (and every 500 steps in long epochs), then restores the students of the best
+      evaluation; `args.num_train_epochs` is the budget. The held-out data is `eval_dataset`, or else a seeded slice
+      of `train_dataset` (`args.held_out_fraction`, at most 2,000 samples), removed from training; labels are not
+      needed. [`convergence`] says how it stopped (also logged, and written into the model card). With plain
+      [`TrainingArguments`] the same defaults apply; `convergence_patience=None` trains exactly `num_train_epochs`.
     - Multi-process (DDP): only the students train and all of them get gradients, so `ddp_find_unused_parameters`
       is set to `False` when left unset.
     - `model.config.branches_distilled` is `False` while the students train and becomes `True` only once `train()`
@@ -106,7 +130,8 @@ class FastBertDistillationTrainer(Trainer):
       do not claim distilled students, and resuming from one sets it when the run completes.
 
     Works with plain [`TrainingArguments`] and with [`FastBertTrainingArguments`] (temperature, eval speeds). The
-    paper's setting: learning rate 2e-4, 5 epochs.
+    paper's setting (learning rate 2e-4, 5 epochs) was sized for BERT-base on large data; the defaults of
+    [`FastBertTrainingArguments`] (learning rate 1e-3, until convergence) were chosen by measurement.
 
     Args:
         model ([`FastBertForSequenceClassification`]):
@@ -120,15 +145,19 @@ class FastBertDistillationTrainer(Trainer):
     ```python
     >>> from hf_fastbert import FastBertDistillationTrainer, FastBertTrainingArguments
 
-    >>> args = FastBertTrainingArguments("out/distill", learning_rate=2e-4, num_train_epochs=5)
+    >>> args = FastBertTrainingArguments("out/distill")  # until the held-out KL stops improving
     >>> trainer = FastBertDistillationTrainer(
-    ...     model=fine_tuned_model, args=args, train_dataset=unlabeled, eval_dataset=dev, processing_class=tokenizer
+    ...     model=fine_tuned_model, args=args, train_dataset=unlabeled, processing_class=tokenizer
     ... )
     >>> trainer.train()
+    >>> trainer.convergence["stopped"]  # "converged", or "budget" when num_train_epochs ran out first
     >>> trainer.save_model()  # config.branches_distilled is now True
     ```"""
 
     def __init__(self, model=None, args=None, *trainer_args, **kwargs):
+        # Positional arguments after `args` by name, as the Trainer's signature orders them.
+        names = list(inspect.signature(Trainer.__init__).parameters)[3:]
+        kwargs.update(zip(names, trainer_args, strict=False))
         if not isinstance(model, FastBertModelMixin):
             raise ValueError(
                 "FastBertDistillationTrainer distills the students of a FastBERT model: `model` must be a "
@@ -160,7 +189,24 @@ class FastBertDistillationTrainer(Trainer):
             # Every trainable parameter (the students) gets a gradient: DDP need not search for unused ones. Read
             # when the Trainer builds its Accelerator, so it is set before.
             args.ddp_find_unused_parameters = False
-        super().__init__(model, args, *trainer_args, **kwargs)
+        self.convergence_callback = None
+        patience = getattr(args, "convergence_patience", DISTILL_PATIENCE) if args is not None else DISTILL_PATIENCE
+        if patience is not None:
+            if kwargs.get("eval_dataset") is None and kwargs.get("train_dataset") is not None:
+                fraction = getattr(args, "held_out_fraction", HELD_OUT_FRACTION) if args is not None else None
+                kwargs["train_dataset"], kwargs["eval_dataset"] = _hold_out(
+                    kwargs["train_dataset"], fraction or HELD_OUT_FRACTION, args.seed if args is not None else 42
+                )
+            if kwargs.get("eval_dataset") is not None:
+                improvement = getattr(args, "convergence_min_improvement", DISTILL_MIN_IMPROVEMENT)
+                self.convergence_callback = ConvergenceCallback(
+                    "eval_loss",
+                    patience=patience,
+                    min_relative_improvement=improvement if args is not None else DISTILL_MIN_IMPROVEMENT,
+                    description="self-distillation",
+                )
+                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.convergence_callback]
+        super().__init__(model, args, **kwargs)
         # The loss is a per-batch mean computed here, not by the model: the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
         self.temperature = getattr(self.args, "distillation_temperature", 1.0)
@@ -169,10 +215,16 @@ class FastBertDistillationTrainer(Trainer):
         self.speed_results = None  # list of dicts from the last labelled evaluation, for the model card
         self.speed_results_samples = None  # how many samples they were measured on
         self.speed_results_data = None  # and which data, in words, when known (the card says so)
+        self.training_notes = None  # how the model was trained, for the card; default: how distillation stopped
         self._kl_sum = None
         self._kl_steps = 0
         self._teacher_checked = False
         self.add_callback(_MarkDistilledAtLastStep())
+
+    @property
+    def convergence(self) -> dict | None:
+        """How the last `train()` stopped ([`ConvergenceCallback.summary`]); `None` for a fixed number of epochs."""
+        return None if self.convergence_callback is None else self.convergence_callback.summary()
 
     def _frozen_modules_eval(self, model):
         """Put every module but the students in eval mode (no dropout in the frozen backbone and teacher)."""
@@ -307,6 +359,8 @@ class FastBertDistillationTrainer(Trainer):
             results=self.speed_results,
             results_data=self.speed_results_data if self.speed_results else None,
             results_samples=self.speed_results_samples if self.speed_results else None,
+            training=self.training_notes
+            or (describe_convergence(self.convergence, "self-distillation") if self.convergence else None),
         )
 
     def push_to_hub(
