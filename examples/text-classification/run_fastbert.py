@@ -64,10 +64,27 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a non-empty output_dir that is not a previous run's output."}
     )
-    finetune_epochs: float = field(default=3.0, metadata={"help": "Stage 2 epochs (0 skips fine-tuning)."})
-    finetune_learning_rate: float = field(default=2e-5, metadata={"help": "Stage 2 learning rate."})
-    distill_epochs: float = field(default=5.0, metadata={"help": "Stage 3 epochs (0 skips distillation)."})
-    distill_learning_rate: float = field(default=2e-4, metadata={"help": "Stage 3 learning rate."})
+    finetune_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 2 epochs, exactly (0 skips fine-tuning). Default: until the held-out loss stops "
+            "improving, at most finetune_max_epochs, keeping the best weights."
+        },
+    )
+    finetune_max_epochs: float = field(default=10.0, metadata={"help": "Stage 2 budget when converging."})
+    finetune_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Stage 2 learning rate (default: 1e-4 below BERT-base size, 2e-5 for base-sized models)."},
+    )
+    distill_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 3 epochs, exactly (0 skips distillation). Default: until the students' held-out KL to the "
+            "teacher stops improving, at most distill_max_epochs, keeping the best students."
+        },
+    )
+    distill_max_epochs: float = field(default=10.0, metadata={"help": "Stage 3 budget when converging."})
+    distill_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 3 (students') learning rate."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL."})
     batch_size: int = field(default=32, metadata={"help": "Per-device batch size of both stages."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
@@ -113,8 +130,10 @@ def main(argv=None):
         max_length=data_args.max_length,
         finetune_epochs=run_args.finetune_epochs,
         finetune_learning_rate=run_args.finetune_learning_rate,
+        finetune_max_epochs=run_args.finetune_max_epochs,
         distill_epochs=run_args.distill_epochs,
         distill_learning_rate=run_args.distill_learning_rate,
+        distill_max_epochs=run_args.distill_max_epochs,
         distillation_temperature=run_args.distillation_temperature,
         batch_size=run_args.batch_size,
         seed=run_args.seed,
@@ -125,6 +144,10 @@ def main(argv=None):
         hub_model_id=run_args.hub_model_id,
         hub_token=run_args.hub_token,
     )
+    for stage, how in output.convergence.items():
+        print(
+            f"{stage}: {how['stopped']} after {how['steps']} steps (best held-out {how['metric']}: {how['best']:.4g})"
+        )
     if output.results:  # the main process, when there is a labelled evaluation split
         print(f"{'speed':>6} {'accuracy':>9} {'mean exit layer':>16} {'FLOPs speedup':>14}")
         for row in output.results:

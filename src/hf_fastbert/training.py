@@ -615,6 +615,7 @@ def train_fastbert(
                     "distill_learning_rate": distill_learning_rate if distill_epochs > 0 else None,
                     "held_out_samples": len(held_out) if held_out is not None else 0,
                     "convergence": convergence,
+                    "training_notes": distiller.training_notes,
                     "data": distiller.speed_results_data if results else None,
                     "samples": distiller.speed_results_samples if results else None,
                     "results": results,
