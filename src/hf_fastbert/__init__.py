@@ -37,6 +37,7 @@ from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, reg
 
 # The training stack (Trainer, datasets, pandas) loads on first use, so that inference-only users do not pay for it.
 _LAZY_NAMES = {
+    "ConvergenceCallback": "convergence",
     "FastBertDistillationTrainer": "trainer_fastbert",
     "FastBertMetrics": "evaluation",
     "FastBertTrainingArguments": "training_args_fastbert",
@@ -71,6 +72,7 @@ for _config_class, _model_class in FASTBERT_MODELS.items():
 register_text_classification_pipeline()
 
 __all__ = [
+    "ConvergenceCallback",
     "FASTBERT_CONFIGS",
     "FASTBERT_MODELS",
     "FastBertAlbertConfig",
