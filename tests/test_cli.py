@@ -238,10 +238,18 @@ def test_train_from_local_files(bert_dir, tmp_path, capsys):
     out = tmp_path / "model"
     args = ["train", "--model", str(bert_dir), "--dataset", str(train), "--validation-file", str(dev),
             "--unlabeled-file", str(unlabeled), *DATA_ARGS, "--output-dir", str(out), "--epochs", "1",
-            "--distill-epochs", "1", "--max-length", "16", "--speeds", "0", "0.5", "--luha-bins", "4"]  # fmt: skip
+            "--distill-max-epochs", "2", "--max-length", "16", "--speeds", "0", "0.5", "--luha-bins", "4"]  # fmt: skip
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "Speed sweep on 32 held-out examples" in printed and "mean_exit_layer" in printed
+    printed = capsys.readouterr()
+    assert "Speed sweep on 32 held-out examples" in printed.out and "mean_exit_layer" in printed.out
+    # Distillation ran until convergence (at most 2 epochs) and says how it stopped; fine-tuning had fixed epochs.
+    assert "Self-distillation converged" in printed.out or "Self-distillation used its whole budget" in printed.out
+    assert "Fine-tuning" not in printed.out
+    assert "Each student against the teacher" in printed.out
+    students = list(csv.DictReader(open(out / "sweep" / "students.csv")))
+    assert [row["layer"] for row in students] == ["1", "2"] and {"agreement", "kl", "accuracy"} <= set(students[0])
+    if any(float(row["agreement"]) < 0.9 for row in students[1:]):
+        assert "WARNING: Self-distillation failed" in printed.err
     saved = json.loads((out / "sweep" / "sweep.json").read_text())
     assert saved["data"] == "dev.csv (validation split)" and saved["samples"] == 32
     rows = saved["results"]
