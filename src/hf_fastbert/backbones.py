@@ -87,13 +87,10 @@ class RobertaBackbone(Backbone):
         return model.classifier(hidden)
 
 
-class ElectraBackbone(Backbone):
-    """ELECTRA: BERT's layers after an optional embedding projection; a RoBERTa-style head with GELU."""
+class ElectraBackbone(RobertaBackbone):
+    """ELECTRA: BERT's layers after an optional embedding projection; RoBERTa's head (with GELU); BERT's positions."""
 
-    stock_head_modules = ("classifier",)
-
-    def teacher_logits(self, model, hidden, mask):
-        return model.classifier(hidden)
+    max_length = Backbone.max_length
 
     def embed(self, model, inputs, mask):
         hidden = super().embed(model, inputs, mask)

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from .convergence import ConvergenceCallback, describe_convergence, split_held_out
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
 from .modeling_fastbert import FastBertModelMixin, normalized_entropy
+from .quantization import is_quantized
 from .training_args_fastbert import (
     DISTILL_MIN_IMPROVEMENT,
     DISTILL_PATIENCE,
@@ -164,7 +165,7 @@ class FastBertDistillationTrainer(Trainer):
                 "FastBertForSequenceClassification (or the FastBERT class of another family, fine-tuned first), got "
                 f"{type(model).__name__}."
             )
-        if any(callable(getattr(module, "weight", None)) for module in model.modules()):
+        if is_quantized(model):
             raise ValueError(
                 "FastBertDistillationTrainer needs float weights, but this model is int8-quantized: distill the float "
                 "model, then quantize it (hf_fastbert.quantization.quantize_int8)."
