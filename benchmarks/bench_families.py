@@ -39,9 +39,8 @@ from bench_inference import (
     Contender,
     exit_distributions,
     expect_exits,
-    fit_students,
+    force_students,
     run_rounds,
-    student_exits,
     student_features,
 )
 from transformers import AutoModelForSequenceClassification
@@ -109,12 +108,7 @@ def measure(family: str, args, path: Path) -> dict:
     with torch.inference_mode():
         reference = stock(**inputs).logits
         features = student_features(fastbert, inputs)
-        forced = {}
-        for name, exits in distributions.items():
-            forced[name] = fit_students(fastbert, features, exits)
-            fastbert.load_state_dict(forced[name], strict=False)
-            if student_exits(fastbert, features).tolist() != exits:
-                raise RuntimeError(f"{family} {name}: least-squares forcing failed")
+        forced = force_students(fastbert, features, distributions, label=family)
 
         def check_speed_zero(output):
             if not torch.allclose(output.logits, reference, atol=1e-5):

@@ -30,9 +30,8 @@ from bench_inference import (
     Contender,
     exit_distributions,
     expect_exits,
-    fit_students,
+    force_students,
     run_rounds,
-    student_exits,
     student_features,
 )
 
@@ -64,14 +63,9 @@ def measure(family, dtype, batch_size, args, folder):
     distributions = {name: distributions[name] for name in DISTRIBUTIONS}
     with torch.inference_mode():
         features = [feature.cpu() for feature in student_features(fastbert, inputs)]
-        forced = {}
-        for name, exits in list(distributions.items()):
-            forced[name] = fit_students(fastbert, features, exits)
-            fastbert.load_state_dict(forced[name], strict=False)
-            if student_exits(fastbert, [f.to(args.device) for f in features]).tolist() != exits:
-                # Half precision can miss a least-squares fit of 128 features to 32+ targets: leave that one out.
-                print(f"{family} {dtype} batch {batch_size} {name}: forcing failed, skipped", file=sys.stderr)
-                del distributions[name], forced[name]
+        label = f"{family} {dtype} batch {batch_size}"
+        forced = force_students(fastbert, features, distributions, label=label, skip_misses=True)
+        distributions = {name: distributions[name] for name in forced}
         contenders = {
             "stock": Contender(synced(lambda: stock(**inputs))),
             "speed0": Contender(synced(lambda: fastbert(**inputs, speed=0.0))),
