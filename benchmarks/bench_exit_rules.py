@@ -10,9 +10,14 @@ speeds:
 Wall time per sample at batch 1 and 32 is measured for each rule at its calibrated speed (interleaved rounds, medians),
 so the per-layer cost of patience and the learned exit is visible.
 
+The calibrated rules are chosen as `hf-fastbert calibrate` chooses them: fitted on the validation pass, their speed
+picked on the cross-fitted validation curve (each half measured with the rule fitted on the other half).
+
 Usage:
     make demo   # trains outputs/fastbert-demo (Rotten Tomatoes)
     python benchmarks/bench_exit_rules.py --model outputs/fastbert-demo --dataset rotten_tomatoes
+    python benchmarks/bench_many_class.py --dataset r52 --save-model /tmp/r52   # Reuters: validation documents are
+    python benchmarks/bench_exit_rules.py --model /tmp/r52 --dataset r52      # training ones the model never saw
 """
 
 import argparse
@@ -29,12 +34,14 @@ from bench_inference import Contender, run_rounds
 from transformers import AutoTokenizer
 
 from hf_fastbert import FastBertForSequenceClassification
-from hf_fastbert.demo_data import load_crowdflower_tweets, load_rotten_tomatoes
-from hf_fastbert.exit_rules import EXIT_RULES, oracle_exits, select_exits
+from hf_fastbert.analysis import CALIBRATED_RULES, cross_fitted_metrics
+from hf_fastbert.demo_data import load_crowdflower_tweets, load_reuters, load_rotten_tomatoes
+from hf_fastbert.evaluation import metrics_at_speeds
+from hf_fastbert.exit_rules import EXIT_RULES, oracle_exits
 from hf_fastbert.flops import fastbert_flops, stock_flops
 
 
-DATASETS = {"rotten_tomatoes": load_rotten_tomatoes, "crowdflower_tweets": load_crowdflower_tweets}
+DATASETS = ["rotten_tomatoes", "crowdflower_tweets", "r8", "r52"]
 SPEEDS = [round(i / 50, 2) for i in range(51)]
 
 
@@ -55,16 +62,16 @@ def full_pass(model, tokenizer, texts, max_length, batch_size=64):
     return torch.cat(all_logits), torch.cat(lengths)
 
 
-def curve(all_logits, lengths, labels, config, rule):
-    """(speed, accuracy, FLOPs speed-up) for every speed of the grid."""
-    baseline = stock_flops(config, lengths).sum().item()
-    rows = []
-    for speed in SPEEDS:
-        logits, exits = select_exits(all_logits, speed, config, rule)
-        accuracy = (logits.argmax(dim=-1) == labels).double().mean().item()
-        flops = fastbert_flops(config, lengths, exits, branches_ran=speed > 0).sum().item()
-        rows.append({"speed": speed, "accuracy": accuracy, "flops_speedup": baseline / flops})
-    return rows
+def load_splits(name, train_size, validation_size, test_size):
+    """Validation and test splits. Reuters has no validation split: it takes training documents after the first
+    `train_size` (the ones `bench_many_class.py` trains on), which the model never saw."""
+    if name in ("r8", "r52"):
+        data = load_reuters(name)
+        train = data["train"]
+        end = min(train_size + validation_size, len(train))
+        return {"validation": train.select(range(train_size, end)), "test": data["test"].select(range(test_size))}
+    data = load_rotten_tomatoes() if name == "rotten_tomatoes" else load_crowdflower_tweets()
+    return {"validation": data["validation"], "test": data["test"].select(range(min(test_size, len(data["test"]))))}
 
 
 def best_within(rows, budget):
@@ -76,20 +83,25 @@ def best_within(rows, budget):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trained (distilled) FastBERT model folder")
-    parser.add_argument("--dataset", choices=list(DATASETS), default="rotten_tomatoes")
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--dataset", choices=DATASETS, default="rotten_tomatoes")
+    parser.add_argument("--max-length", type=int, help="default: 128 for Reuters, 64 otherwise")
+    parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
+    parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
+    parser.add_argument("--test-size", type=int, default=4000)
     parser.add_argument("--budget", type=float, default=0.01, help="accuracy drop allowed (0.01 = 1 point)")
     parser.add_argument("--timing-samples", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
+    if args.max_length is None:
+        args.max_length = 128 if args.dataset in ("r8", "r52") else 64
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     started = time.time()
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = DATASETS[args.dataset]()
+    data = load_splits(args.dataset, args.train_size, args.validation_size, args.test_size)
     passes = {}
     for split in ("validation", "test"):
         texts, labels = list(data[split]["text"]), torch.tensor(data[split]["label"])
@@ -106,8 +118,13 @@ def main(argv=None):
     ).item()
     results = {}
     for rule in EXIT_RULES:
-        validation_curve = curve(*passes["validation"], config, rule)
-        test_curve = curve(*passes["test"], config, rule)
+        if rule in CALIBRATED_RULES:  # as `calibrate` does: the speed is chosen on the cross-fitted curve
+            validation_curve = cross_fitted_metrics(*passes["validation"], config, SPEEDS, rule)
+        else:
+            validation_curve = metrics_at_speeds(
+                *passes["validation"][:2], config, SPEEDS, passes["validation"][2], rule
+            )
+        test_curve = metrics_at_speeds(test_logits, test_lengths, config, SPEEDS, test_labels, rule)
         chosen_speed = best_within(validation_curve, args.budget)["speed"]
         calibrated = next(row for row in test_curve if row["speed"] == chosen_speed)
         best = best_within(test_curve, args.budget)

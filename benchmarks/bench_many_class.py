@@ -53,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--save-model",
+        help="Keep the trained model in this folder (for benchmarks/bench_exit_rules.py); default: not kept.",
+    )
     return parser.parse_args(argv)
 
 
@@ -76,11 +80,11 @@ def main(argv=None):
     label_names = data["train"].features["label"].names
 
     start = time.perf_counter()
-    model_dir = tempfile.TemporaryDirectory()  # the trained model is not kept
+    model_dir = tempfile.TemporaryDirectory()  # the trained model is kept only with --save-model
     output = train_fastbert(
         minilm_path(),
         raw,
-        model_dir.name,
+        args.save_model or model_dir.name,
         eval_split=None,  # evaluated below, with every uncertainty measure
         max_length=args.max_length,
         seed=args.seed,
@@ -88,7 +92,7 @@ def main(argv=None):
         training_args={"logging_steps": 20},
     )
     train_seconds = time.perf_counter() - start
-    summary = json.loads((Path(model_dir.name) / "speed_results.json").read_text())
+    summary = json.loads((Path(args.save_model or model_dir.name) / "speed_results.json").read_text())
     model_dir.cleanup()
 
     test = prepare_dataset(raw["test"], output.tokenizer, max_length=args.max_length, split="test")

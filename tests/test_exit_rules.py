@@ -5,7 +5,14 @@ import torch
 from tiny_models import family_model, random_batch
 
 from hf_fastbert import FastBertForSequenceClassification
-from hf_fastbert.exit_rules import EXIT_RULES, oracle_exits, patience_for, select_exits
+from hf_fastbert.exit_rules import (
+    EXIT_RULES,
+    calibrate_thresholds,
+    fit_exit_heads,
+    oracle_exits,
+    patience_for,
+    select_exits,
+)
 
 
 SPEEDS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -99,3 +106,30 @@ def test_uncalibrated_rules_are_refused(rule, field):
         run(model, *random_batch(), speed=0.5, exit_rule=rule)
     with pytest.raises(ValueError, match="exit_rule"):
         run(model, *random_batch(), speed=0.5, exit_rule="magic")
+
+
+@pytest.mark.parametrize("rule", ["thresholds", "learned"])
+def test_cross_fitting_measures_each_half_with_the_other_halfs_fit(rule):
+    from hf_fastbert import FastBertConfig
+    from hf_fastbert.analysis import cross_fitted_metrics
+    from hf_fastbert.evaluation import metrics_at_speeds
+
+    config = FastBertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    generator = torch.Generator().manual_seed(0)
+    half = torch.randn(40, 4, 3, generator=generator) * 3  # (N, L, C)
+    lengths, labels = torch.randint(4, 30, (40,), generator=generator), torch.randint(0, 3, (40,), generator=generator)
+    # Every sample twice in a row: the interleaved folds are the same 40 samples, so each fold's fit on the other is
+    # the fit on `half`, and the pooled rows must be that fit measured on `half`.
+    twice = [tensor.repeat_interleave(2, dim=0) for tensor in (half, lengths, labels)]
+    speeds = [0.0, 0.3, 0.6, 0.9]
+    pooled = cross_fitted_metrics(*twice, config, speeds, rule)
+
+    in_sample = FastBertConfig.from_dict(config.to_dict())
+    in_sample.exit_thresholds = calibrate_thresholds(half)
+    in_sample.exit_heads = fit_exit_heads(half)
+    expected = metrics_at_speeds(half, lengths, in_sample, speeds, labels, rule)
+    for got, want in zip(pooled, expected, strict=True):
+        assert got == pytest.approx(want)
+    assert pooled[0]["mean_exit_layer"] == 4 and pooled[0]["flops_speedup"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="calibrated rules"):
+        cross_fitted_metrics(*twice, config, speeds, "entropy")

@@ -19,6 +19,7 @@ Example:
 """
 
 import contextlib
+import copy
 import csv
 import json
 import os
@@ -30,7 +31,7 @@ import torch
 
 from .configuration_fastbert import EXIT_RULES
 from .evaluation import metrics_at_speeds, predict_all_logits, student_gaps
-from .exit_rules import check_exit_rule, normalized_entropy, oracle_exits
+from .exit_rules import calibrate_thresholds, check_exit_rule, fit_exit_heads, normalized_entropy, oracle_exits
 from .flops import fastbert_flops, stock_flops
 
 
@@ -173,6 +174,63 @@ def rule_summary(by_rule: dict, oracle: dict, max_accuracy_drop: float = 0.01) -
             }
         )
     return summary
+
+
+def cross_fitted_metrics(all_logits, seq_lengths, labels, config, speeds, exit_rule, folds=2) -> list[dict]:
+    """
+    A calibrated rule's curve (`"thresholds"`, `"learned"`) on the data it is fitted on, without the optimism of
+    measuring a fit on its own samples: the samples are dealt into `folds` interleaved folds, each fold is measured
+    with the rule fitted on the other folds (cross-fitting), and the per-speed results are pooled over all samples.
+    Choosing a speed on these rows and then fitting the rule on all the data is what [`calibrate`] does.
+
+    Returns:
+        The rows of [`~hf_fastbert.evaluation.metrics_at_speeds`] (`speed`, `accuracy`, `mean_exit_layer`,
+        `flops_speedup`), pooled: accuracy and mean exit layer over samples, the speed-up as total FLOPs over total.
+    """
+    if exit_rule not in CALIBRATED_RULES:
+        raise ValueError(f"cross-fitting is for the calibrated rules {CALIBRATED_RULES}, got {exit_rule!r}")
+    all_logits = torch.as_tensor(all_logits).float()
+    seq_lengths = torch.as_tensor(seq_lengths).long()
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if all_logits.shape[0] < 2 * folds:
+        raise ValueError(f"cross-fitting {folds} folds needs at least {2 * folds} samples, got {all_logits.shape[0]}")
+    fold_of = torch.arange(all_logits.shape[0]) % folds
+    pooled = None
+    for fold in range(folds):
+        held, fit = fold_of == fold, fold_of != fold
+        fitted = copy.deepcopy(config)
+        if exit_rule == "thresholds":
+            fitted.exit_thresholds = calibrate_thresholds(all_logits[fit], config.uncertainty_top_k)
+        else:
+            fitted.exit_heads = fit_exit_heads(all_logits[fit], config.uncertainty_top_k)
+        rows = metrics_at_speeds(all_logits[held], seq_lengths[held], fitted, speeds, labels[held], exit_rule)
+        count, stock = int(held.sum()), stock_flops(config, seq_lengths[held]).sum().item()
+        sums = [
+            {
+                "speed": row["speed"],
+                "correct": row["accuracy"] * count,
+                "exit_layers": row["mean_exit_layer"] * count,
+                "stock": stock,
+                "flops": stock / row["flops_speedup"],
+            }
+            for row in rows
+        ]
+        if pooled is None:
+            pooled = sums
+        else:
+            for total, part in zip(pooled, sums, strict=True):
+                for key in ("correct", "exit_layers", "stock", "flops"):
+                    total[key] += part[key]
+    samples = all_logits.shape[0]
+    return [
+        {
+            "speed": row["speed"],
+            "accuracy": row["correct"] / samples,
+            "mean_exit_layer": row["exit_layers"] / samples,
+            "flops_speedup": row["stock"] / row["flops"],
+        }
+        for row in pooled
+    ]
 
 
 def format_table(rows, columns):
@@ -366,7 +424,9 @@ def calibrate(
     Pick the exit rule and its speed on validation data, and set them on the model's config (`exit_rule`, `speed`).
 
     One full-depth pass gives every rule's curve. When `"thresholds"` or `"learned"` is among the candidates, they are
-    first fitted on that same pass (`model.calibrate_exit_rules`, stored in the config). Then, for an accuracy budget
+    fitted on that same pass (`model.calibrate_exit_rules`, stored in the config), and their curves are cross-fitted
+    ([`cross_fitted_metrics`]: each half of the data measured with the rule fitted on the other half), since a rule
+    measured on the samples it was fitted on looks better than it is. Then, for an accuracy budget
     (`max_accuracy_drop`), the rule and speed with the largest FLOPs speed-up whose accuracy stays within the budget
     of full depth; for `target_speedup`, the most accurate rule and speed among those reaching it.
     `model.save_pretrained` (or `hf-fastbert calibrate --save`) keeps the choice.
@@ -391,7 +451,14 @@ def calibrate(
         raise ValueError("the validation data has no labels: calibrating needs a label column")
     if any(rule in CALIBRATED_RULES for rule in rules):
         model.calibrate_exit_rules(all_logits)
-    report = sweep_logits(all_logits, seq_lengths, labels, model.config, sorted(set(speeds) | {0.0}), rules)
+    speeds = sorted(set(speeds) | {0.0})
+    report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, rules)
+    for rule in rules:  # a calibrated rule is judged on samples its fit did not see (choosing on its own fit overfits)
+        if rule in CALIBRATED_RULES:
+            rows = cross_fitted_metrics(all_logits, seq_lengths, labels, model.config, speeds, rule)
+            report.by_rule[rule] = [{"exit_rule": rule, **row} for row in rows]
+    report.summary = rule_summary(report.by_rule, report.oracle)
+    report.results = report.by_rule[rules[0]]
     rule, row, candidates = choose_exit_rule(
         report.by_rule, max_accuracy_drop=max_accuracy_drop, target_speedup=target_speedup
     )
@@ -607,6 +674,7 @@ __all__ = [
     "calibrate_speed",
     "check_sweep_dir",
     "choose_exit_rule",
+    "cross_fitted_metrics",
     "format_table",
     "luha_table",
     "measure_wall_time",
