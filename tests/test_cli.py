@@ -131,6 +131,27 @@ def test_predict_from_arguments_file_and_stdin(fastbert_dir, tmp_path, capsys, m
     assert label in ("neg", "pos") and 0.5 <= float(score) <= 1 and text == "a good movie"
 
 
+def test_predict_and_evaluate_with_int8_linear_layers(fastbert_dir, data_csv, capsys, monkeypatch):
+    from hf_fastbert.quantization import quantize_int8
+
+    texts = ["a good movie", "the plot was dull and boring", "not fun"]
+    assert main(["predict", str(fastbert_dir), *texts, "--speed", "0.5", "--json", "--int8", "--batch-size", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = quantize_int8(FastBertForSequenceClassification.from_pretrained(fastbert_dir))
+    for text, line in zip(texts, lines, strict=True):  # one per batch: int8 activation scales are per batch
+        with torch.no_grad():
+            expected = model(**tiny_tokenizer()([text], return_tensors="pt"), speed=0.5)
+        assert line["exit_layer"] == expected.exit_layers.item()
+        assert line["score"] == pytest.approx(expected.logits.softmax(-1).max().item(), abs=1e-6)
+    assert main(["evaluate", str(fastbert_dir), "--dataset", str(data_csv), *DATA_ARGS, "--speeds", "0", "0.8",
+                 "--int8", "--no-timing"]) == 0  # fmt: skip
+    assert "int8 linear layers" in capsys.readouterr().out
+
+    monkeypatch.setattr(torch._C, "_supported_qengines", lambda: [])  # a torch build without int8 kernels
+    assert main(["predict", str(fastbert_dir), "x", "--int8"]) == 1
+    assert "quantized CPU engine" in capsys.readouterr().err
+
+
 def test_predict_bad_input(fastbert_dir, bert_dir, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing"), "x"]) == 1
     assert "no such model folder" in capsys.readouterr().err

@@ -16,6 +16,16 @@ from torch import nn
 from .modeling_fastbert import FastBertModelMixin
 
 
+def check_int8_supported():
+    """A `RuntimeError` naming the problem when this torch build has no int8 CPU kernels (no quantized engine)."""
+    engines = [engine for engine in torch.backends.quantized.supported_engines if engine != "none"]
+    if not engines:
+        raise RuntimeError(
+            "int8 inference needs a quantized CPU engine (fbgemm, x86 or qnnpack), and this torch build has none: "
+            "run the model in float32"
+        )
+
+
 def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     """
     An int8 copy of `model` (eval mode, CPU) for inference: every `nn.Linear` gets int8 weights and dynamically
@@ -35,6 +45,7 @@ def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
         raise ValueError(f"quantize_int8 takes a FastBERT model, got {type(model).__name__}.")
     if model.device.type != "cpu":
         raise ValueError(f"int8 dynamic quantization runs on the CPU; the model is on {model.device}: call .cpu().")
+    check_int8_supported()
     quantized = copy.deepcopy(model).eval()
     with warnings.catch_warnings():  # torch.ao's deprecation notices, see the module docstring
         warnings.simplefilter("ignore", category=UserWarning)
@@ -47,4 +58,4 @@ def is_quantized(model: nn.Module) -> bool:
     return any(callable(getattr(module, "weight", None)) for module in model.modules())
 
 
-__all__ = ["is_quantized", "quantize_int8"]
+__all__ = ["check_int8_supported", "is_quantized", "quantize_int8"]
