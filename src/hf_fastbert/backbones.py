@@ -127,6 +127,7 @@ class AlbertBackbone(Backbone):
     base model's pooler + tanh, then `dropout` and `classifier`.
     """
 
+    layers_path = "encoder.albert_layer_groups"  # the shared groups
     stock_head_modules = ("classifier", "dropout", "albert.pooler", "albert.pooler_activation")
 
     def embed(self, model, inputs, mask):
@@ -137,7 +138,7 @@ class AlbertBackbone(Backbone):
     def run_layer(self, model, index, hidden, state, mask, embeddings=None):
         config = model.config
         group = int(index / (config.num_hidden_layers / config.num_hidden_groups))  # as AlbertTransformer does
-        return self.base_model(model).encoder.albert_layer_groups[group](hidden, state)
+        return self.layers(model)[group](hidden, state)
 
     def teacher_logits(self, model, hidden, mask):
         albert = self.base_model(model)

@@ -170,6 +170,21 @@ class FastBertBranch(nn.Module):
         return self.classifier(torch.tanh(self.dense(context)))  # (B, C)
 
 
+def check_cpp_compiler():
+    """`torch.compile`'s default backend builds C++ for the CPU: a `RuntimeError` naming the compiler it would use when
+    that compiler is not installed (raised before compiling, instead of at the first forward pass)."""
+    import shutil
+
+    from torch._inductor import config as inductor_config
+
+    names = [name for name in inductor_config.cpp.cxx if name]
+    if not any(shutil.which(name) for name in names):
+        raise RuntimeError(
+            f"torch.compile's inductor backend needs a C++ compiler on the CPU ({', '.join(names)}) and none was "
+            "found on PATH: install one (e.g. g++) or compile with backend='eager' / 'aot_eager'"
+        )
+
+
 class FastBertModelMixin:
     r"""
     FastBERT's adaptive inference (Liu et al., ACL 2020) for a stock `<Family>ForSequenceClassification`: the family's
@@ -262,6 +277,36 @@ class FastBertModelMixin:
     def uncertainty(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., num_labels) logits -> (...) uncertainty in [0, 1], as configured (`config.uncertainty_top_k`)."""
         return normalized_entropy(logits, self.config.uncertainty_top_k)
+
+    def compile(self, *args, **kwargs):
+        """
+        `torch.compile` the modules that do the work: each transformer layer, each student and the embeddings
+        (`nn.Module.compile` on each, same arguments, `dynamic=True` unless given). The engine's per-layer decisions
+        (who leaves, one host sync per layer, trimming the batch) stay in Python, so batch sizes, lengths, speeds and
+        exits reuse a handful of graphs shared by all layers. Compiling the whole forward instead
+        (`torch.compile(model)`) splits it at every layer's host sync and recompiles per layer index, which passes
+        Dynamo's recompile limit on deeper models and falls back to eager mode.
+
+        A layer's graph has a variant per batch of one or more, padded or not, and engine or stock (speed 0) call:
+        within Dynamo's default `recompile_limit` (8) for BERT-style layers; ModernBERT's alternating layers and
+        ALBERT's shared ones need up to 16 (`torch._dynamo.config.recompile_limit = 16`; past the limit a variant runs
+        uncompiled, with the same results). Whether compiling pays on your
+        hardware: `benchmarks/bench_compile.py`.
+
+        Raises:
+            `RuntimeError` naming the missing C++ compiler when the default backend (inductor) would need one on the
+            CPU and none is installed (pass `backend="eager"` or install g++).
+        """
+        backend = kwargs.get("backend", args[1] if len(args) > 1 else "inductor")
+        if backend == "inductor" and self.device.type == "cpu":
+            check_cpp_compiler()
+        kwargs.setdefault("dynamic", True)
+        base = self.backbone.base_model(self)
+        modules = [*self.backbone.layers(self), *self.branches, getattr(base, "embeddings", None)]
+        for module in modules:
+            if module is not None:
+                module.compile(*args, **kwargs)
+        return self
 
     def calibrate_exit_rules(self, all_logits: torch.Tensor):
         """
