@@ -37,7 +37,7 @@ def test_compiled_model_gives_the_same_exits_with_a_bounded_number_of_graphs(fam
     model = family_model(family, num_hidden_layers=10).eval()
     reference = family_model(family, num_hidden_layers=10).eval()
     # backend="eager": Dynamo's tracing, guards and recompilations as with the default backend, without inductor's
-    # minutes of C++ code generation (benchmarks/bench_compile.py measures inductor).
+    # minutes of C++ code generation (benchmarks/bench_quantized.py --compile measures inductor).
     assert model.compile(backend="eager") is model
 
     def call(batch_size, length, speed, padded, seed):

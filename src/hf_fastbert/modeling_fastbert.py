@@ -290,15 +290,17 @@ class FastBertModelMixin:
         A layer's graph has a variant per batch of one or more, padded or not, and engine or stock (speed 0) call:
         within Dynamo's default `recompile_limit` (8) for BERT-style layers; ModernBERT's alternating layers and
         ALBERT's shared ones need up to 16 (`torch._dynamo.config.recompile_limit = 16`; past the limit a variant runs
-        uncompiled, with the same results). Whether compiling pays on your
-        hardware: `benchmarks/bench_compile.py`.
+        uncompiled, with the same results). Whether compiling pays on your hardware: `benchmarks/bench_quantized.py
+        --compile`.
+
+        Returns:
+            The model itself, compiled in place.
 
         Raises:
             `RuntimeError` naming the missing C++ compiler when the default backend (inductor) would need one on the
             CPU and none is installed (pass `backend="eager"` or install g++).
         """
-        backend = kwargs.get("backend", args[1] if len(args) > 1 else "inductor")
-        if backend == "inductor" and self.device.type == "cpu":
+        if kwargs.get("backend", "inductor") == "inductor" and self.device.type == "cpu":
             check_cpp_compiler()
         kwargs.setdefault("dynamic", True)
         base = self.backbone.base_model(self)
