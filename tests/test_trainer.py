@@ -661,6 +661,24 @@ def test_train_fastbert_converges_both_stages_by_default(tmp_path, base_checkpoi
     assert "## Training" in card and "- Fine-tuning (backbone + teacher" in card and "- Self-distillation" in card
 
 
+def test_fixed_epoch_finetuning_learns_from_the_held_out_slice_too(tmp_path, base_checkpoint):
+    raw = DatasetDict(train=sentiment_texts(80), validation=sentiment_texts(16, seed=1))
+    train_fastbert(
+        base_checkpoint,
+        raw,
+        str(tmp_path / "out"),
+        max_length=32,
+        batch_size=8,
+        finetune_epochs=1,  # fixed: no stopping data needed
+        distill_max_epochs=1,  # converging: stops on the held-out slice, which the students never train on
+        eval_speeds=[0.0],
+        progress=False,
+    )
+    saved = json.loads((tmp_path / "out" / "speed_results.json").read_text())
+    assert saved["held_out_samples"] == 8
+    assert saved["finetune_steps"] == 80 // 8 and saved["distill_steps"] == 72 // 8
+
+
 def test_default_finetune_learning_rate_follows_the_model_size():
     from hf_fastbert.training import default_finetune_learning_rate
 

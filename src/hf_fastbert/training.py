@@ -543,10 +543,15 @@ def train_fastbert(
                     "eval_loss", patience=finetune_patience, description="fine-tuning"
                 )
                 callbacks.append(finetune_convergence)
+            # A fixed number of epochs needs no stopping data: fine-tuning then learns from every labelled sample,
+            # and the held-out slice is only the students' (they never train on it either way).
+            finetune_dataset = train_dataset
+            if not finetune_converges and held_out is not None:
+                finetune_dataset = concatenate_datasets([train_dataset, held_out])
             trainer = Trainer(
                 model=model,
                 args=args,
-                train_dataset=train_dataset,
+                train_dataset=finetune_dataset,
                 eval_dataset=held_out if finetune_converges else eval_dataset,
                 processing_class=tokenizer,
                 compute_metrics=FastBertMetrics(model.config, speeds=[0.0]),
