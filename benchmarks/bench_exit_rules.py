@@ -69,7 +69,8 @@ def load_splits(name, train_size, validation_size, test_size):
         data = load_reuters(name)
         train = data["train"]
         end = min(train_size + validation_size, len(train))
-        return {"validation": train.select(range(train_size, end)), "test": data["test"].select(range(test_size))}
+        test = data["test"].select(range(min(test_size, len(data["test"]))))
+        return {"validation": train.select(range(train_size, end)), "test": test}
     data = load_rotten_tomatoes() if name == "rotten_tomatoes" else load_crowdflower_tweets()
     return {"validation": data["validation"], "test": data["test"].select(range(min(test_size, len(data["test"]))))}
 
