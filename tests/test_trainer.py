@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from hf_fastbert import (
+    FastBertConfig,
     FastBertDistillationTrainer,
     FastBertForSequenceClassification,
     FastBertMetrics,
@@ -677,6 +678,22 @@ def test_fixed_epoch_finetuning_learns_from_the_held_out_slice_too(tmp_path, bas
     saved = json.loads((tmp_path / "out" / "speed_results.json").read_text())
     assert saved["held_out_samples"] == 8
     assert saved["finetune_steps"] == 80 // 8 and saved["distill_steps"] == 72 // 8
+    assert FastBertConfig.from_pretrained(tmp_path / "out").uncertainty_top_k is None  # two labels: full entropy
+
+
+def test_many_label_models_measure_uncertainty_over_the_top_two_labels_by_default(tmp_path, base_checkpoint):
+    three = ClassLabel(names=["neg", "pos", "other"])
+    raw = DatasetDict(
+        train=sentiment_texts(32).cast_column("label", three),
+        validation=sentiment_texts(16, seed=1).cast_column("label", three),
+    )
+    quick = dict(max_length=32, batch_size=16, finetune_epochs=1, distill_epochs=0, eval_speeds=[0.0], progress=False)
+    output = train_fastbert(base_checkpoint, raw, str(tmp_path / "auto"), **quick)
+    assert output.model.config.uncertainty_top_k == 2  # measured default for more than two labels
+    output = train_fastbert(base_checkpoint, raw, str(tmp_path / "full"), uncertainty_top_k=None, **quick)
+    assert output.model.config.uncertainty_top_k is None
+    with pytest.raises(ValueError, match="uncertainty_top_k"):
+        train_fastbert(base_checkpoint, raw, str(tmp_path / "bad"), uncertainty_top_k=1, **quick)
 
 
 def test_default_finetune_learning_rate_follows_the_model_size():
