@@ -89,6 +89,8 @@ def main(argv=None):
     parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
     parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
     parser.add_argument("--test-size", type=int, default=4000)
+    parser.add_argument("--uncertainty-top-k", type=int, help="override the model's config.uncertainty_top_k")
+    parser.add_argument("--name", help="results file stem (default: exit_rules_DATASET)")
     parser.add_argument("--budget", type=float, default=0.01, help="accuracy drop allowed (0.01 = 1 point)")
     parser.add_argument("--timing-samples", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
@@ -101,6 +103,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     started = time.time()
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
+    if args.uncertainty_top_k is not None:
+        model.config.uncertainty_top_k = args.uncertainty_top_k
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = load_splits(args.dataset, args.train_size, args.validation_size, args.test_size)
     passes = {}
@@ -168,6 +172,7 @@ def main(argv=None):
         "command": "python benchmarks/bench_exit_rules.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": args.dataset,
+        "uncertainty_top_k": model.config.uncertainty_top_k,
         "validation_samples": len(passes["validation"][2]),
         "test_samples": len(test_labels),
         "budget": args.budget,
@@ -182,8 +187,9 @@ def main(argv=None):
         "wall_s": time.time() - started,
     }
     lines = [
-        f"{args.dataset}: {result['test_samples']} test samples (rules calibrated on {result['validation_samples']} "
-        f"validation samples), budget {100 * args.budget:g} point(s); teacher accuracy {100 * teacher_accuracy:.1f}%, "
+        f"{args.dataset} (uncertainty_top_k {model.config.uncertainty_top_k}): {result['test_samples']} test "
+        f"samples (rules calibrated on {result['validation_samples']} validation samples), budget "
+        f"{100 * args.budget:g} point(s); teacher accuracy {100 * teacher_accuracy:.1f}%, "
         f"oracle FLOPs speed-up {oracle_speedup:.2f}x; command: `{result['command']}`",
         "",
         "| rule | best on test: speed-up (x oracle) "
@@ -202,8 +208,9 @@ def main(argv=None):
     table = "\n".join(lines) + "\n"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"exit_rules_{args.dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output_dir / f"exit_rules_{args.dataset}.md").write_text(table)
+    name = args.name or f"exit_rules_{args.dataset}"
+    (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"{name}.md").write_text(table)
     print(table)
 
 
