@@ -485,13 +485,16 @@ def textbook_branch(branch, hidden_states, attention_mask):
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4])
-def test_folded_student_equals_textbook_self_attention(heads):
+@pytest.mark.parametrize("grad", [False, True])  # with gradients the key bias's constant term joins the graph
+def test_folded_student_equals_textbook_self_attention(heads, grad):
     model = tiny_model(branch_num_attention_heads=heads)
     _, attention_mask = random_batch(batch_size=16, seq_length=12)
     hidden = torch.randn(16, 12, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for branch in model.branches:
-            torch.testing.assert_close(branch(hidden, attention_mask), textbook_branch(branch, hidden, attention_mask))
+    for branch in model.branches:
+        with torch.no_grad():
+            expected = textbook_branch(branch, hidden, attention_mask)
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(branch(hidden, attention_mask), expected)
 
 
 def test_int8_dynamic_quantization_keeps_the_exit_rule():

@@ -45,9 +45,9 @@ def normalized_entropy(logits: torch.Tensor, top_k: int | None = None) -> torch.
         logits = logits.topk(top_k, dim=-1).values
         num_labels = top_k
     log_probs = logits.float().log_softmax(dim=-1)
-    probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
-    return (entropy / math.log(num_labels)).clamp(0.0, 1.0)
+    # 0 * log 0 = 0: a probability that underflows to 0 next to a log-probability of -inf adds nothing (nansum).
+    entropy = (log_probs.exp() * log_probs).nansum(dim=-1)
+    return (entropy / -math.log(num_labels)).clamp(0.0, 1.0)
 
 
 def patience_for(speed: float, num_layers: int) -> int:
@@ -90,17 +90,19 @@ def exits_at_layer(config, speed: float, index: int, logits: torch.Tensor, state
         rule: overrides `config.exit_rule`.
 
     Returns:
-        `(exits, state)`: (b,) bool and the state to carry (index it like the batch when samples leave).
+        `(exits, state)`: (b,) bool and the state to carry: None, or a tuple of (b, ...) tensors to index like the
+        batch when samples leave.
     """
-    rule, num_layers = rule or config.exit_rule, config.num_hidden_layers
+    rule = rule or config.exit_rule
+    if rule == "entropy":
+        return normalized_entropy(logits, config.uncertainty_top_k) < speed, None
+    if rule == "thresholds":
+        return normalized_entropy(logits, config.uncertainty_top_k) < calibrated_threshold(config, index, speed), None
+    num_layers = config.num_hidden_layers
     predictions = logits.argmax(dim=-1)  # (b,)
     streak = agreement_streak(predictions, state)
-    if rule == "entropy":
-        exits = normalized_entropy(logits, config.uncertainty_top_k) < speed
-    elif rule == "patience":
+    if rule == "patience":
         exits = streak >= patience_for(speed, num_layers)
-    elif rule == "thresholds":
-        exits = normalized_entropy(logits, config.uncertainty_top_k) < calibrated_threshold(config, index, speed)
     elif rule == "learned":
         weights = torch.tensor(config.exit_heads[index], device=logits.device)  # (5,)
         features = exit_features(logits, streak, num_layers, config.uncertainty_top_k)

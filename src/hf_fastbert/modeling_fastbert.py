@@ -131,6 +131,7 @@ class FastBertBranch(nn.Module):
     (the constant cancels in the softmax) and `sum_t a_t (V x_t + b_v) = V (sum_t a_t x_t) + b_v` (the weights sum to
     1). The result equals full self-attention followed by taking position 0 (within float rounding) with the same
     parameters, and the per-token work is the input projection plus two dot products per head: about half the FLOPs.
+    Every step is one batched matrix product over the heads, so a small batch pays for few kernel launches.
     """
 
     def __init__(self, config: FastBertConfigMixin):
@@ -147,26 +148,28 @@ class FastBertBranch(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, H) hidden states and (B, T) padding mask -> (B, num_labels) logits."""
-        batch_size = hidden_states.shape[0]
         x = torch.tanh(self.dense_in(hidden_states))  # (B, T, W)
-        width = x.shape[-1]
-        head_size = width // self.num_heads
-        query = self.query(x[:, 0]).view(batch_size, self.num_heads, head_size)  # (B, heads, d)
-        key_weight, key_bias = _linear_parameters(self.key)
-        value_weight, value_bias = _linear_parameters(self.value)
-        key_weight = key_weight.view(self.num_heads, head_size, width)  # (heads, d, W)
-        folded_query = torch.einsum("bhd,hdw->bhw", query, key_weight) / math.sqrt(head_size)  # (B, heads, W)
-        # q . b_k is the same for every token and cancels in the softmax; it is kept so that every parameter takes
-        # part in the graph (DDP without find_unused_parameters) and the scores are the textbook ones.
-        key_bias = (query * key_bias.view(self.num_heads, head_size)).sum(dim=-1, keepdim=True)  # (B, heads, 1)
-        scores = torch.einsum("bhw,btw->bht", folded_query, x) + key_bias / math.sqrt(head_size)  # (B, heads, T)
+        batch_size, _, width = x.shape
+        heads, head_size = self.num_heads, width // self.num_heads
+        scale = 1.0 / math.sqrt(head_size)
+        (query_weight, query_bias), (key_weight, key_bias), (value_weight, value_bias) = (
+            _linear_parameters(linear) for linear in (self.query, self.key, self.value)
+        )
+        query = torch.addmm(query_bias, x[:, 0], query_weight.T, beta=scale, alpha=scale)  # (B, W): q / sqrt(d)
+        query = query.view(batch_size, heads, head_size).transpose(0, 1)  # (heads, B, d)
+        folded_query = torch.bmm(query, key_weight.view(heads, head_size, width))  # (heads, B, W): K_h^T q_h
+        scores = torch.bmm(folded_query.transpose(0, 1), x.transpose(1, 2))  # (B, heads, T)
+        if torch.is_grad_enabled():
+            # q_h . b_k,h is the same for every token and cancels in the softmax; it is added in training so that every
+            # parameter takes part in the graph (DDP without find_unused_parameters).
+            key_term = (query * key_bias.view(heads, 1, head_size)).sum(dim=-1).T  # (B, heads)
+            scores = scores + key_term[:, :, None]
         if attention_mask is not None:
-            scores = scores.masked_fill(~attention_mask.bool()[:, None, :], torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1)  # (B, heads, T)
-        pooled = torch.einsum("bht,btw->bhw", weights, x)  # (B, heads, W): each head's weighted mean of x
-        value_weight = value_weight.view(self.num_heads, head_size, width)  # (heads, d, W)
-        context = torch.einsum("bhw,hdw->bhd", pooled, value_weight).reshape(batch_size, width) + value_bias
-        context = self.attention_output(context)  # (B, W)
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, torch.finfo(scores.dtype).min)
+        pooled = torch.bmm(scores.softmax(dim=-1), x)  # (B, heads, W): each head's weighted mean of x
+        value_weight = value_weight.view(heads, head_size, width).transpose(1, 2)  # (heads, W, d)
+        context = torch.bmm(pooled.transpose(0, 1), value_weight).transpose(0, 1)  # (B, heads, d): V_h p_h
+        context = self.attention_output(context.reshape(batch_size, width) + value_bias)  # (B, W)
         return self.classifier(torch.tanh(self.dense(context)))  # (B, C)
 
 
@@ -449,6 +452,9 @@ class FastBertModelMixin:
         student_logits = []
         rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
         state = backbone.prepare(self, hidden, mask, positions)
+        # (b,) the last column each sample needs (1-based; 0 for an all-zero mask): trailing columns that no staying
+        # sample needs are cut when samples leave.
+        last_columns = ((mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
         for index in range(num_layers):
             hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
             if index == num_layers - 1:
@@ -462,22 +468,25 @@ class FastBertModelMixin:
                 student_logits.append(branch_logits)
                 continue
             exits, rule_state = exits_at_layer(self.config, speed, index, branch_logits, rule_state, exit_rule)  # (b,)
-            # The layer's one host sync: how many leave, and the last column a sample that stays still needs.
-            columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (t,)
-            staying_columns = ((mask != 0) & ~exits[:, None]) * columns  # (b, t)
-            num_exits, used_columns = torch.stack([exits.sum(), staying_columns.max()]).tolist()
+            # The layer's one host sync: who leaves (-1), and the last column each sample that stays needs.
+            needed_columns = torch.where(exits, -1, last_columns).tolist()
+            num_exits = needed_columns.count(-1)
             if num_exits == 0:
                 continue
+            if num_exits == len(needed_columns):  # all leave
+                logits[rows] = branch_logits.to(logits.dtype)
+                exit_layers[rows] = index + 1
+                teacher_logits = None
+                break
             order = torch.argsort(exits.to(torch.int8), descending=True, stable=True)  # leavers first, in order
             leave, stay = order[:num_exits], order[num_exits:]
             logits[rows[leave]] = branch_logits[leave].to(logits.dtype)
             exit_layers[rows[leave]] = index + 1
-            if num_exits == len(rows):
-                teacher_logits = None
-                break
-            used_columns = used_columns or mask.shape[1]  # staying samples with an all-zero mask keep every column
+            used_columns = max(needed_columns) or mask.shape[1]  # all-zero masks staying: keep every column
             rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
-            rule_state = tuple(value[stay] for value in rule_state)
+            last_columns = last_columns[stay]
+            if rule_state is not None:
+                rule_state = tuple(value[stay] for value in rule_state)
             if positions is not None:
                 positions = positions[stay] if positions.shape[0] > 1 else positions
                 positions = positions[:, :used_columns]
