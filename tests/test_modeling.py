@@ -375,6 +375,19 @@ def test_flops_match_flop_counter(attn_implementation, speed):
     assert abs(ours - counted) / counted < 0.05, (ours, counted)
 
 
+def test_flops_read_from_the_table_equal_the_formula_at_any_length():
+    model = tiny_model(max_position_embeddings=512)
+    for length in (5, 300):  # the table of (length, exit layer) pairs starts at 128 lengths and grows
+        input_ids = torch.randint(5, 99, (3, length), generator=torch.Generator().manual_seed(length))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, length // 2 :] = 0
+        for speed in (0.0, 0.5):
+            output = run(model, input_ids, attention_mask, speed=speed)
+            lengths = attention_mask.sum(dim=1)
+            expected = fastbert_flops(model.config, lengths, output.exit_layers, branches_ran=speed > 0)
+            assert torch.equal(output.flops, expected)
+
+
 def test_flops_use_real_lengths_and_the_bert_baseline():
     config = tiny_config()
     lengths, exits = torch.tensor([10, 20]), torch.tensor([4, 4])

@@ -305,15 +305,24 @@ def _check_calibrated(config, rule):
         ) from None
 
 
-def sweep_logits(all_logits, seq_lengths, labels, config, speeds=SWEEP_SPEEDS, exit_rules=None, luha_bins=None):
-    """[`sweep`] from a full-depth pass already made (`predict_all_logits`): the same [`Sweep`], no model needed."""
+def sweep_logits(
+    all_logits, seq_lengths, labels, config, speeds=SWEEP_SPEEDS, exit_rules=None, luha_bins=None, cross_fit=False
+):
+    """
+    [`sweep`] from a full-depth pass already made (`predict_all_logits`): the same [`Sweep`], no model needed. With
+    `cross_fit`, the calibrated rules' rows are cross-fitted on this data ([`cross_fitted_metrics`]) instead of
+    measured with the config's fit.
+    """
     if labels is None:
         raise ValueError("the evaluation data has no labels: accuracy needs a label column")
     rules = _rules(config, exit_rules)
     by_rule = {}
     for rule in rules:
-        _check_calibrated(config, rule)
-        rows = metrics_at_speeds(all_logits, seq_lengths, config, speeds, labels=labels, exit_rule=rule)
+        if cross_fit and rule in CALIBRATED_RULES:
+            rows = cross_fitted_metrics(all_logits, seq_lengths, labels, config, speeds, rule)
+        else:
+            _check_calibrated(config, rule)
+            rows = metrics_at_speeds(all_logits, seq_lengths, config, speeds, labels=labels, exit_rule=rule)
         by_rule[rule] = [{"exit_rule": rule, **row} for row in rows]
     oracle = oracle_metrics(all_logits, seq_lengths, config, labels)
     has_reference = any(row["speed"] == 0 for row in by_rule[rules[0]])
@@ -452,13 +461,8 @@ def calibrate(
     if any(rule in CALIBRATED_RULES for rule in rules):
         model.calibrate_exit_rules(all_logits)
     speeds = sorted(set(speeds) | {0.0})
-    report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, rules)
-    for rule in rules:  # a calibrated rule is judged on samples its fit did not see (choosing on its own fit overfits)
-        if rule in CALIBRATED_RULES:
-            rows = cross_fitted_metrics(all_logits, seq_lengths, labels, model.config, speeds, rule)
-            report.by_rule[rule] = [{"exit_rule": rule, **row} for row in rows]
-    report.summary = rule_summary(report.by_rule, report.oracle)
-    report.results = report.by_rule[rules[0]]
+    # A calibrated rule is judged on samples its fit did not see (choosing on its own fit overfits).
+    report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, rules, cross_fit=True)
     rule, row, candidates = choose_exit_rule(
         report.by_rule, max_accuracy_drop=max_accuracy_drop, target_speedup=target_speedup
     )

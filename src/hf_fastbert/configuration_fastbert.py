@@ -30,6 +30,12 @@ def validate_speed(speed, name="speed") -> float:
     return float(speed)
 
 
+def validate_uncertainty_top_k(top_k, allowed=("None",)):
+    """A `ValueError` unless `top_k` is None or an integer >= 2 (`allowed` names what the caller also accepts)."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2):
+        raise ValueError(f"`uncertainty_top_k` must be {', '.join(allowed)} or an integer >= 2, got {top_k!r}.")
+
+
 def validate_speeds(speeds, name="speeds") -> list[float]:
     """A speed or a non-empty list of speeds -> list of floats; `ValueError` naming `name` for an invalid one."""
     speeds = [speeds] if isinstance(speeds, Real) else list(speeds)
@@ -125,9 +131,7 @@ class FastBertConfigMixin:
                 f"`branch_hidden_size` ({self.branch_hidden_size}) must be a multiple of "
                 f"`branch_num_attention_heads` ({self.branch_num_attention_heads})."
             )
-        top_k = self.uncertainty_top_k
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2):
-            raise ValueError(f"`uncertainty_top_k` must be None or an integer >= 2, got {top_k!r}.")
+        validate_uncertainty_top_k(self.uncertainty_top_k)
         if not isinstance(self.branches_distilled, bool):
             raise ValueError(f"`branches_distilled` must be a bool, got {self.branches_distilled!r}.")
         if self.exit_rule not in EXIT_RULES:

@@ -397,13 +397,26 @@ class FastBertModelMixin:
                 outputs = self.backbone.base_model(self)(**inputs, attention_mask=attention_mask, **kwargs)
                 output.hidden_states, output.attentions = outputs.hidden_states, outputs.attentions
 
-        output.flops = fastbert_flops(
-            self.config, attention_mask.sum(dim=1), output.exit_layers, branches_ran=speed > 0
-        )
+        output.flops = self._sample_flops(attention_mask.sum(dim=1), output.exit_layers, speed > 0, seq_length)
         if labels is not None:
             loss = F.cross_entropy(teacher_logits.view(-1, self.num_labels), labels.view(-1))
             output = FastBertSequenceClassifierOutput(loss=loss, **output)
         return output
+
+    def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
+        """
+        `fastbert_flops` of each sample, read from a table of every (length, exit layer) pair: two kernels instead of
+        a few dozen, which a batch of one pays for. The table is built once per device, `branches_ran` and a size
+        covering `seq_length`.
+        """
+        tables = self.__dict__.setdefault("_flops_tables", {})
+        key = (exit_layers.device, bool(branches_ran))
+        if key not in tables or tables[key].shape[0] <= seq_length:
+            size = 2 ** max(7, math.ceil(math.log2(seq_length + 1)))  # lengths 0 .. size - 1
+            lengths = torch.arange(size, device=exit_layers.device)[:, None]  # (size, 1)
+            layers = torch.arange(1, self.config.num_hidden_layers + 1, device=exit_layers.device)[None, :]  # (1, L)
+            tables[key] = fastbert_flops(self.config, lengths, layers, branches_ran)  # (size, L)
+        return tables[key][seq_lengths.long(), exit_layers.long() - 1]  # (B,)
 
     def _check_labels(self, labels: torch.Tensor):
         if labels.is_floating_point():
