@@ -134,6 +134,9 @@ class FastBertBranch(nn.Module):
     Every step is one batched matrix product over the heads, so a small batch pays for few kernel launches.
     """
 
+    # The layers that see one vector per sample (the first token's), not every token: `quantize_int8` keeps them float.
+    first_token_layers = ("query", "key", "value", "attention_output", "dense", "classifier")
+
     def __init__(self, config: FastBertConfigMixin):
         super().__init__()
         width = config.branch_hidden_size
