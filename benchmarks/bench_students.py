@@ -1,0 +1,192 @@
+"""What the students cost against what their FLOPs say: the trained model's layers, students and exit test timed apart.
+
+Issue 9 asks that the students' share of the wall time be at most 1.5x their share of the FLOPs, at batch 1 and 32,
+and the same of the engine's per-layer work. On real test snippets, the hidden states every layer reads and writes are
+computed once; then, in interleaved rounds, three contenders per variant and batch size run on them: the backbone's
+layers, the students (`FastBertBranch` on each layer's output), and the exit test (the exit rule on the students'
+logits and the engine's one host sync per layer). Shares are of the sum of the three; the students' FLOPs share is
+`flops.branch_flops` over layers plus students at the real lengths.
+
+Variants: fp32; int8 as `quantize_int8` makes it (the students' first-token layers float); int8 with every linear
+layer int8 (`torch.ao.quantization.quantize_dynamic` of the whole model, what `quantize_int8` did before); with
+`--compile`, `model.compile()`.
+
+Usage:
+    make demo
+    python benchmarks/bench_students.py --model outputs/fastbert-demo --compile
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from bench_inference import Contender, run_rounds
+from transformers import AutoTokenizer
+
+from hf_fastbert import FastBertForSequenceClassification
+from hf_fastbert.demo_data import load_rotten_tomatoes
+from hf_fastbert.exit_rules import exits_at_layer
+from hf_fastbert.flops import branch_flops, layer_flops
+from hf_fastbert.quantization import quantize_int8
+
+
+@torch.inference_mode()
+def layer_inputs(model, batch):
+    """For one batch: the (mask, per-layer state, [hidden state entering layer i for i in 0..L]) the engine sees."""
+    backbone, mask = model.backbone, batch["attention_mask"]
+    inputs = {"input_ids": batch["input_ids"], "inputs_embeds": None, "token_type_ids": batch.get("token_type_ids")}
+    hidden = backbone.embed(model, inputs, mask)
+    state = backbone.prepare(model, hidden, mask)
+    states = [hidden]
+    for index in range(model.config.num_hidden_layers):
+        states.append(backbone.run_layer(model, index, states[-1], state, mask, states[0]))
+    return mask, state, states
+
+
+def contenders_for(name, model, prepared, speed):
+    backbone, num_layers = model.backbone, model.config.num_hidden_layers
+    student_inputs = [
+        [backbone.student_input(model, states[index + 1]) for index in range(num_layers - 1)]
+        for _, _, states in prepared
+    ]
+
+    def layers():
+        for mask, state, states in prepared:
+            for index in range(num_layers):
+                backbone.run_layer(model, index, states[index], state, mask, states[0])
+
+    def students():
+        return [
+            [model.branches[index](hidden, mask) for index, hidden in enumerate(inputs)]
+            for (mask, _, _), inputs in zip(prepared, student_inputs, strict=True)
+        ]
+
+    logits = students()
+    last_columns = [
+        ((mask != 0) * torch.arange(1, mask.shape[1] + 1)).amax(dim=1) for mask, _, _ in prepared
+    ]  # what the engine keeps per batch
+
+    def exit_test():
+        for per_layer, columns in zip(logits, last_columns, strict=True):
+            rule_state = None
+            for index, branch_logits in enumerate(per_layer):
+                exits, rule_state = exits_at_layer(model.config, speed, index, branch_logits, rule_state)
+                torch.where(exits, -1, columns).tolist()  # the engine's host sync
+
+    return {
+        f"{name} layers": Contender(layers),
+        f"{name} students": Contender(students),
+        f"{name} exit test": Contender(exit_test),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--samples", type=int, default=128, help="test snippets (batch 1: one call each)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument(
+        "--speed", type=float, default=0.5, help="the exit rule's speed (its cost hardly depends on it)"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="add model.compile() (inductor)")
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--name", default="students", help="results file stem")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
+    variants = {"fp32": model, "int8": quantize_int8(model)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        variants["int8, students all int8"] = torch.ao.quantization.quantize_dynamic(
+            FastBertForSequenceClassification.from_pretrained(args.model).eval(), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    if args.compile:
+        variants["fp32 compiled"] = FastBertForSequenceClassification.from_pretrained(args.model).eval().compile()
+    texts = list(load_rotten_tomatoes()["test"]["text"])[: args.samples]
+    encode = dict(truncation=True, max_length=args.max_length, return_tensors="pt")
+    batches = {
+        1: [dict(tokenizer([text], **encode)) for text in texts],
+        32: [dict(tokenizer(texts[i : i + 32], padding=True, **encode)) for i in range(0, len(texts), 32)],
+    }
+    prepared = {size: [layer_inputs(model, batch) for batch in batches[size]] for size in batches}
+    contenders = {}
+    with torch.inference_mode():
+        for variant, variant_model in variants.items():
+            for size in batches:
+                contenders.update(contenders_for(f"{variant} b{size}", variant_model, prepared[size], args.speed))
+        times = run_rounds(contenders, args.rounds, 1)  # the warm-up round also compiles
+    config = model.config
+    lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in batches[1]])
+    student_flops = (config.num_hidden_layers - 1) * branch_flops(config, lengths).sum().item()
+    all_flops = config.num_hidden_layers * layer_flops(config, lengths).sum().item() + student_flops
+    flops_share = student_flops / all_flops
+    rows = []
+    for variant in variants:
+        for size in batches:
+            parts = {
+                part: [value for value in times[f"{variant} b{size} {part}"]["wall"]]
+                for part in ("layers", "students", "exit test")
+            }
+            rounds = range(len(parts["layers"]))
+            total = [sum(parts[part][i] for part in parts) for i in rounds]
+            share = {part: statistics.median(parts[part][i] / total[i] for i in rounds) for part in parts}
+            rows.append(
+                {
+                    "variant": variant,
+                    "batch_size": size,
+                    **{f"{part}_ms_per_sample": 1000 * statistics.median(parts[part]) / len(texts) for part in parts},
+                    "students_share": share["students"],
+                    "exit_test_share": share["exit test"],
+                    "students_flops_share": flops_share,
+                    "students_share_over_flops_share": share["students"] / flops_share,
+                    "exit_test_share_over_flops_share": share["exit test"] / flops_share,
+                }
+            )
+    result = {
+        "command": "python benchmarks/bench_students.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": args.threads,
+        "samples": len(texts),
+        "mean_tokens": lengths.float().mean().item(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "wall_s": time.time() - started,
+        "rows": rows,
+    }
+    lines = [
+        f"Students and exit test against the layers: {len(texts)} Rotten Tomatoes test snippets "
+        f"({result['mean_tokens']:.1f} tokens on average), {args.threads} torch thread(s), {args.rounds} interleaved "
+        f"rounds (medians); the students are {100 * flops_share:.1f}% of the FLOPs of layers + students. "
+        f"Command: `{result['command']}`",
+        "",
+        "| variant | batch | layers ms | students ms | exit test ms | students % of time | x FLOPs share "
+        "| exit test % of time | x FLOPs share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['variant']} | {row['batch_size']} | {row['layers_ms_per_sample']:.3f} "
+            f"| {row['students_ms_per_sample']:.3f} | {row['exit test_ms_per_sample']:.3f} "
+            f"| {100 * row['students_share']:.1f} | {row['students_share_over_flops_share']:.1f} "
+            f"| {100 * row['exit_test_share']:.1f} | {row['exit_test_share_over_flops_share']:.1f} |"
+        )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
