@@ -7,6 +7,10 @@ layers, the students (`FastBertBranch` on each layer's output), and the exit tes
 logits and the engine's one host sync per layer). Shares are of the sum of the three; the students' FLOPs share is
 `flops.branch_flops` over layers plus students at the real lengths.
 
+Also, for target 4, FastBERT at speed 0 against the stock classifier, and at speed 1e-6 (the students run, nobody
+leaves) against speed 0, with the calls alternating input by input, which cancels more of the machine's drift than
+whole interleaved rounds.
+
 Variants: fp32; int8 as `quantize_int8` makes it (the students' first-token layers float); int8 with every linear
 layer int8 (`torch.ao.quantization.quantize_dynamic` of the whole model, what `quantize_int8` did before); with
 `--compile`, `model.compile()`.
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench_inference import Contender, run_rounds
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_fastbert import FastBertForSequenceClassification
 from hf_fastbert.demo_data import load_rotten_tomatoes
@@ -87,6 +91,27 @@ def contenders_for(name, model, prepared, speed):
     }
 
 
+def alternating_ratios(calls, inputs_list, repeats, reference):
+    """
+    Each call's time over `reference`'s, the median of per-input ratios: the calls alternate input by input (in a
+    rotating order, after one warm-up pass), so that the machine's drift hits them alike; finer than whole rounds.
+    """
+    names = list(calls)
+    seconds = {name: [] for name in names}
+    for repeat in range(repeats + 1):
+        for index, inputs in enumerate(inputs_list):
+            shift = (index + repeat) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                calls[name](inputs)
+                if repeat:
+                    seconds[name].append(time.perf_counter() - start)
+    return {
+        name: statistics.median(a / b for a, b in zip(seconds[name], seconds[reference], strict=True))
+        for name in names
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -127,6 +152,31 @@ def main(argv=None):
             for size in batches:
                 contenders.update(contenders_for(f"{variant} b{size}", variant_model, prepared[size], args.speed))
         times = run_rounds(contenders, args.rounds, 1)  # the warm-up round also compiles
+        # Target 4 of issue 9: speed 0 against the stock classifier, and speed 1e-6 (the students run, nobody
+        # leaves) against speed 0, per variant.
+        stock = BertForSequenceClassification.from_pretrained(args.model).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stocks = {"fp32": stock, "int8": torch.ao.quantization.quantize_dynamic(stock, {torch.nn.Linear})}
+        overhead = []
+        for variant, stock_model in stocks.items():
+            fast = variants[variant]
+            calls = {
+                "stock": lambda inputs, stock_model=stock_model: stock_model(**inputs),
+                "speed 0": lambda inputs, fast=fast: fast(**inputs, speed=0.0),
+                "speed 1e-6": lambda inputs, fast=fast: fast(**inputs, speed=1e-6),
+            }
+            for size in batches:
+                ratios = alternating_ratios(calls, batches[size], args.rounds, "stock")
+                speed_zero = alternating_ratios(calls, batches[size], args.rounds, "speed 0")
+                overhead.append(
+                    {
+                        "variant": variant,
+                        "batch_size": size,
+                        "speed_0_over_stock": ratios["speed 0"],
+                        "speed_1e-6_over_speed_0": speed_zero["speed 1e-6"],
+                    }
+                )
     config = model.config
     lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in batches[1]])
     student_flops = (config.num_hidden_layers - 1) * branch_flops(config, lengths).sum().item()
@@ -163,6 +213,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_s": time.time() - started,
         "rows": rows,
+        "overhead": overhead,
     }
     lines = [
         f"Students and exit test against the layers: {len(texts)} Rotten Tomatoes test snippets "
@@ -181,6 +232,20 @@ def main(argv=None):
             f"| {100 * row['students_share']:.1f} | {row['students_share_over_flops_share']:.1f} "
             f"| {100 * row['exit_test_share']:.1f} | {row['exit_test_share_over_flops_share']:.1f} |"
         )
+    lines += [
+        "",
+        "Time of FastBERT at speed 0 over the stock classifier's (same weights, same variant), and at speed 1e-6 (the "
+        "students run, nobody leaves) over speed 0: medians of per-input ratios, the calls alternating input by input "
+        f"({args.rounds} passes). The students' FLOPs share: {100 * flops_share:.1f}%.",
+        "",
+        "| variant | batch | speed 0 / stock | speed 1e-6 / speed 0 |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {row['variant']} | {row['batch_size']} | {row['speed_0_over_stock']:.3f} "
+            f"| {row['speed_1e-6_over_speed_0']:.3f} |"
+            for row in overhead
+        ),
+    ]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
