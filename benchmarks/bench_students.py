@@ -39,6 +39,7 @@ from hf_fastbert import FastBertForSequenceClassification
 from hf_fastbert.demo_data import load_rotten_tomatoes
 from hf_fastbert.exit_rules import exits_at_layer
 from hf_fastbert.flops import branch_flops, layer_flops
+from hf_fastbert.modeling_fastbert import last_needed_columns
 from hf_fastbert.quantization import quantize_int8
 
 
@@ -68,9 +69,7 @@ def contenders_for(name, model, prepared, speed, part_times):
         [backbone.student_input(model, states[index + 1]) for index in range(num_layers - 1)]
         for _, _, states in prepared
     ]
-    last_columns = [
-        ((mask != 0) * torch.arange(1, mask.shape[1] + 1)).amax(dim=1) for mask, _, _ in prepared
-    ]  # what the engine keeps per batch for its host sync
+    last_columns = [last_needed_columns(mask) for mask, _, _ in prepared]  # what the engine keeps for its host sync
     part_times[name] = []
 
     def engine_order():

@@ -76,6 +76,11 @@ def first_confident_layer(uncertainties: torch.Tensor, speed: float) -> torch.Te
     return torch.where(confident.any(dim=1), first, num_layers)
 
 
+def last_needed_columns(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) padding mask -> (B,) the 1-based last column each sample needs (0 for an all-zero mask)."""
+    return ((mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
+
+
 @dataclass
 class FastBertSequenceClassifierOutput(ModelOutput):
     r"""
@@ -468,9 +473,7 @@ class FastBertModelMixin:
         student_logits = []
         rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
         state = backbone.prepare(self, hidden, mask, positions)
-        # (b,) the last column each sample needs (1-based; 0 for an all-zero mask): trailing columns that no staying
-        # sample needs are cut when samples leave.
-        last_columns = ((mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
+        last_columns = last_needed_columns(mask)  # (b,): trailing columns no staying sample needs are cut
         for index in range(num_layers):
             hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
             if index == num_layers - 1:
