@@ -30,8 +30,9 @@ def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     """
     An int8 copy of `model` (eval mode, CPU) for inference: every `nn.Linear` gets int8 weights and dynamically
     quantized activations, but the students' layers that only see one vector per sample (`FastBertBranch.
-    first_token_layers`): at that size int8 saves no time and its per-call quantization costs about three times the
-    float matrix product. The original model is left untouched. Exits, `speed` and the pipeline work as before;
+    first_token_layers`): at that size int8's per-call quantization costs more than the float matrix product it
+    replaces (`benchmarks/bench_students.py`). The original model is left untouched. Exits, `speed` and the pipeline
+    work as before;
     the distillation trainer refuses it (distill in float, then quantize).
 
     Example:
