@@ -1,8 +1,9 @@
 """Early exit stacked on int8, torch.compile and beside ONNX Runtime: the trained model on CPU, at several speeds.
 
 On real held-out snippets, batch 1 and 32, interleaved rounds (medians of paired ratios): ms per sample and accuracy
-of the stock `BertForSequenceClassification` (same weights) and of FastBERT at each speed, in fp32, with int8 linear
-layers (`hf_fastbert.quantization.quantize_int8`, `--int8` in the CLI) and, with `--compile`, compiled
+of the stock `BertForSequenceClassification` (same weights) and of FastBERT at each speed, in fp32 (as loaded and with
+its students folded, `fold_students`), with int8 linear layers (`hf_fastbert.quantization.quantize_int8`, which folds
+the students too; `--int8` in the CLI) and, with `--compile`, compiled
 (`torch.compile(stock, dynamic=True)` beside `fastbert.compile()`). For FastBERT the wall-time speed-up over speed 0 of
 the same variant is given beside its FLOPs speed-up (`wall / FLOPs`: 1.0 = the exits save all the time their FLOPs
 promise). `--onnx` adds the stock model exported with `torch.onnx.export` and run by ONNX Runtime, in fp32 and int8
@@ -32,7 +33,7 @@ import transformers
 from bench_inference import Contender, run_rounds
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from hf_fastbert import FastBertForSequenceClassification
+from hf_fastbert import FastBertForSequenceClassification, fold_students
 from hf_fastbert.analysis import calibrate_speed
 from hf_fastbert.demo_data import load_rotten_tomatoes
 from hf_fastbert.evaluation import metrics_at_speeds
@@ -106,7 +107,11 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     fastbert = FastBertForSequenceClassification.from_pretrained(args.model).eval()
     stock = BertForSequenceClassification.from_pretrained(args.model).eval()
-    variants = {"fp32": (stock, fastbert), "int8": (stock_int8(stock), quantize_int8(fastbert))}
+    variants = {
+        "fp32": (stock, fastbert),
+        "fp32 folded": (stock, fold_students(fastbert)),
+        "int8": (stock_int8(stock), quantize_int8(fastbert)),
+    }
     if args.compile:
         compiled_fastbert = FastBertForSequenceClassification.from_pretrained(args.model).eval().compile()
         variants["fp32 compiled"] = (torch.compile(stock, dynamic=True), compiled_fastbert)

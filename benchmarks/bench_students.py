@@ -12,9 +12,9 @@ Also, for target 4, FastBERT at speed 0 against the stock classifier, and at spe
 leaves) against speed 0, with the calls alternating input by input, which cancels more of the machine's drift than
 whole interleaved rounds.
 
-Variants: fp32; int8 as `quantize_int8` makes it (the students' first-token layers float); int8 with every linear
-layer int8 (`torch.ao.quantization.quantize_dynamic` of the whole model, what `quantize_int8` did before); with
-`--compile`, `model.compile()`.
+Variants: fp32, as loaded and folded (`fold_students`: each student's attention folded into two matrices); int8 as
+`quantize_int8` makes it (folded students, their first-token layers float) and unfolded (what `quantize_int8` made
+before); with `--compile`, `model.compile()`.
 
 Usage:
     make demo
@@ -22,6 +22,7 @@ Usage:
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -35,7 +36,7 @@ import transformers
 from bench_inference import Contender, run_rounds
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from hf_fastbert import FastBertForSequenceClassification
+from hf_fastbert import FastBertForSequenceClassification, fold_students
 from hf_fastbert.demo_data import load_rotten_tomatoes
 from hf_fastbert.exit_rules import exits_at_layer
 from hf_fastbert.flops import branch_flops, layer_flops
@@ -99,6 +100,19 @@ def contenders_for(name, model, prepared, speed, part_times):
     return {f"{name} engine order": Contender(engine_order), f"{name} students alone": Contender(students_alone)}
 
 
+def int8_unfolded(model):
+    """What `quantize_int8` made before the students were folded: int8 but the students' first-token layers."""
+    first_token = ("query", "key", "value", "attention_output", "dense", "classifier")
+    names = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not (name.startswith("branches.") and name.endswith(first_token))
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), names, dtype=torch.qint8)
+
+
 def alternating_ratios(calls, inputs_list, repeats, pairs):
     """
     For each `(name, reference)` in `pairs`, the median of per-input ratios of name's time over reference's: the
@@ -140,12 +154,12 @@ def main(argv=None):
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
-    variants = {"fp32": model, "int8": quantize_int8(model)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        variants["int8, students all int8"] = torch.ao.quantization.quantize_dynamic(
-            FastBertForSequenceClassification.from_pretrained(args.model).eval(), {torch.nn.Linear}, dtype=torch.qint8
-        )
+    variants = {
+        "fp32": model,
+        "fp32 folded": fold_students(model),
+        "int8": quantize_int8(model),
+        "int8 unfolded": int8_unfolded(model),
+    }
     if args.compile:
         variants["fp32 compiled"] = FastBertForSequenceClassification.from_pretrained(args.model).eval().compile()
     texts = list(load_rotten_tomatoes()["test"]["text"])[: args.samples]
@@ -169,24 +183,26 @@ def main(argv=None):
             warnings.simplefilter("ignore")
             stocks = {"fp32": stock, "int8": torch.ao.quantization.quantize_dynamic(stock, {torch.nn.Linear})}
         overhead = []
-        for variant, stock_model in stocks.items():
-            fast = variants[variant]
+        for base, stock_model in stocks.items():
+            # Speed 0 runs no student, so one speed-0 call serves both forms of the students.
+            forms = [name for name in variants if name.split()[0] == base and "compiled" not in name]
             calls = {
                 "stock": lambda inputs, stock_model=stock_model: stock_model(**inputs),
-                "speed 0": lambda inputs, fast=fast: fast(**inputs, speed=0.0),
-                "speed 1e-6": lambda inputs, fast=fast: fast(**inputs, speed=1e-6),
+                "speed 0": lambda inputs, fast=variants[base]: fast(**inputs, speed=0.0),
+                **{name: lambda inputs, fast=variants[name]: fast(**inputs, speed=1e-6) for name in forms},
             }
+            pairs = [("speed 0", "stock"), *((name, "speed 0") for name in forms)]
             for size in batches:
-                pairs = [("speed 0", "stock"), ("speed 1e-6", "speed 0")]
-                zero_over_stock, students_over_zero = alternating_ratios(calls, batches[size], args.rounds, pairs)
-                overhead.append(
-                    {
-                        "variant": variant,
-                        "batch_size": size,
-                        "speed_0_over_stock": zero_over_stock,
-                        "speed_1e-6_over_speed_0": students_over_zero,
-                    }
-                )
+                zero_over_stock, *students_over_zero = alternating_ratios(calls, batches[size], args.rounds, pairs)
+                for name, ratio in zip(forms, students_over_zero, strict=True):
+                    overhead.append(
+                        {
+                            "variant": name,
+                            "batch_size": size,
+                            "speed_0_over_stock": zero_over_stock,
+                            "speed_1e-6_over_speed_0": ratio,
+                        }
+                    )
     config = model.config
     lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in batches[1]])
     student_flops = (config.num_hidden_layers - 1) * branch_flops(config, lengths).sum().item()

@@ -510,14 +510,51 @@ def test_folded_student_equals_textbook_self_attention(heads, grad):
             torch.testing.assert_close(branch(hidden, attention_mask), expected)
 
 
-def test_int8_dynamic_quantization_keeps_the_exit_rule():
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_a_folded_student_equals_textbook_self_attention(heads):
+    model = tiny_model(branch_num_attention_heads=heads)
+    _, attention_mask = random_batch(batch_size=16, seq_length=12)
+    hidden = torch.randn(16, 12, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for branch in model.branches:
+            folded = branch.fold()
+            torch.testing.assert_close(folded(hidden, attention_mask), textbook_branch(branch, hidden, attention_mask))
+            torch.testing.assert_close(folded(hidden[:1], None), branch(hidden[:1], None))
+
+
+@pytest.mark.parametrize("teacher_head", ["stock", "branch"])
+def test_fold_students_keeps_the_answers_and_refuses_to_be_saved(tmp_path, teacher_head):
+    from hf_fastbert import fold_students
+    from hf_fastbert.modeling_fastbert import FoldedFastBertBranch
+
+    original = spread_branches(tiny_model(teacher_head=teacher_head))
+    folded = fold_students(original)
+    assert all(isinstance(branch, FoldedFastBertBranch) for branch in folded.branches)
+    assert isinstance(folded.classifier, FoldedFastBertBranch) == (teacher_head == "branch")
+    assert folded.is_inference_copy and not original.is_inference_copy
+    input_ids, attention_mask = random_batch(batch_size=12)
+    for speed in (0.0, 0.4, 0.8):
+        expected = run(original, input_ids, attention_mask, speed=speed, output_all_logits=True)
+        output = run(folded, input_ids, attention_mask, speed=speed)
+        torch.testing.assert_close(output.logits, expected.logits)
+        assert output.exit_layers.tolist() == expected.exit_layers.tolist()
+    assert len(set(output.exit_layers.tolist())) >= 2  # at speed 0.8, the students decide
+    with pytest.raises(ValueError, match="inference copy"):
+        folded.save_pretrained(tmp_path / "folded")
+    assert not (tmp_path / "folded").exists()
+
+
+def test_int8_dynamic_quantization_keeps_the_exit_rule(tmp_path):
     from hf_fastbert.quantization import is_quantized, quantize_int8
 
     original = tiny_model()
     model = quantize_int8(original)
     assert is_quantized(model) and not is_quantized(original)
-    student = model.branches[0]  # int8 over the tokens, float for the first token's vector
-    assert callable(student.dense_in.weight) and not callable(student.classifier.weight)
+    student = model.branches[0]  # folded; int8 over the tokens, float for the first token's vector
+    assert callable(student.dense_in.weight)
+    assert not any(callable(getattr(student, name).weight) for name in student.first_token_layers)
+    with pytest.raises(ValueError, match="inference copy"):
+        model.save_pretrained(tmp_path)
     input_ids, attention_mask = random_batch(batch_size=6)
     exits = set()
     for i in range(6):  # one sample per call: int8 activation scales are per batch

@@ -518,11 +518,13 @@ def test_fine_tuning_a_distilled_checkpoint_marks_its_students_stale(tmp_path, t
     assert json.loads((tmp_path / "out" / "config.json").read_text())["branches_distilled"] is False
 
 
-def test_an_int8_model_is_refused_by_the_distillation_trainer(tmp_path, tokenizer):
+def test_inference_copies_are_refused_by_the_distillation_trainer(tmp_path, tokenizer):
+    from hf_fastbert import fold_students
     from hf_fastbert.quantization import quantize_int8
 
-    with pytest.raises(ValueError, match="int8"):
-        FastBertDistillationTrainer(model=quantize_int8(confident_model()), args=distill_args(tmp_path))
+    for make_copy in (quantize_int8, fold_students):
+        with pytest.raises(ValueError, match="inference copy"):
+            FastBertDistillationTrainer(model=make_copy(confident_model()), args=distill_args(tmp_path))
 
 
 # Convergence: both stages train until a held-out metric stops improving and keep the best weights

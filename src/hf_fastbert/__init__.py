@@ -30,6 +30,7 @@ from .modeling_fastbert import (
     FastBertRobertaForSequenceClassification,
     FastBertSequenceClassifierOutput,
     FastBertXLMRobertaForSequenceClassification,
+    fold_students,
     normalized_entropy,
 )
 from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, register_text_classification_pipeline
@@ -103,6 +104,7 @@ __all__ = [
     "distillation_loss",
     "evaluate_speeds",
     "fastbert_flops",
+    "fold_students",
     "normalized_entropy",
     "pipeline",
     "stock_flops",

@@ -7,13 +7,12 @@ picks one activation scale per tensor, so an int8 model's answer for a sample de
 batch: exact batch invariance holds in fp32 only (a sample alone still exits exactly where `all_logits` say).
 """
 
-import copy
 import warnings
 
 import torch
 from torch import nn
 
-from .modeling_fastbert import FastBertBranch, FastBertModelMixin
+from .modeling_fastbert import FastBertModelMixin, FoldedFastBertBranch, fold_students
 
 
 def check_int8_supported():
@@ -28,12 +27,12 @@ def check_int8_supported():
 
 def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     """
-    An int8 copy of `model` (eval mode, CPU) for inference: every `nn.Linear` gets int8 weights and dynamically
-    quantized activations, but the students' layers that only see one vector per sample (`FastBertBranch.
-    first_token_layers`): at that size int8's per-call quantization costs more than the float matrix product it
-    replaces (`benchmarks/bench_students.py`). The original model is left untouched. Exits, `speed` and the pipeline
-    work as before;
-    the distillation trainer refuses it (distill in float, then quantize).
+    An int8 inference copy of `model` (eval mode, CPU): its students folded (`fold_students`), then every `nn.Linear`
+    with int8 weights and dynamically quantized activations, but the students' layers that only see one vector per
+    sample (`FoldedFastBertBranch.first_token_layers`): at that size int8's per-call quantization costs more than the
+    float matrix product it replaces (`benchmarks/bench_students.py`). The original model is left untouched. Exits,
+    `speed` and the pipeline work as before; `save_pretrained` and the distillation trainer refuse the copy (distill
+    and save the float model, then quantize).
 
     Example:
 
@@ -49,12 +48,12 @@ def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     if model.device.type != "cpu":
         raise ValueError(f"int8 dynamic quantization runs on the CPU; the model is on {model.device}: call .cpu().")
     check_int8_supported()
-    quantized = copy.deepcopy(model).eval()
+    quantized = fold_students(model)
     kept_float = {
         f"{name}.{layer}"
         for name, module in quantized.named_modules()
-        if isinstance(module, FastBertBranch)
-        for layer in FastBertBranch.first_token_layers
+        if isinstance(module, FoldedFastBertBranch)
+        for layer in FoldedFastBertBranch.first_token_layers
     }
     names = {name for name, module in quantized.named_modules() if isinstance(module, nn.Linear)} - kept_float
     with warnings.catch_warnings():  # torch.ao's deprecation notices, see the module docstring

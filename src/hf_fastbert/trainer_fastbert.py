@@ -17,7 +17,6 @@ from transformers import Trainer, TrainerCallback
 from .convergence import ConvergenceCallback, describe_convergence, split_held_out
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
 from .modeling_fastbert import FastBertModelMixin, normalized_entropy
-from .quantization import is_quantized
 from .training_args_fastbert import (
     DISTILL_MIN_IMPROVEMENT,
     DISTILL_PATIENCE,
@@ -165,10 +164,11 @@ class FastBertDistillationTrainer(Trainer):
                 "FastBertForSequenceClassification (or the FastBERT class of another family, fine-tuned first), got "
                 f"{type(model).__name__}."
             )
-        if is_quantized(model):
+        if model.is_inference_copy:
             raise ValueError(
-                "FastBertDistillationTrainer needs float weights, but this model is int8-quantized: distill the float "
-                "model, then quantize it (hf_fastbert.quantization.quantize_int8)."
+                "FastBertDistillationTrainer needs the float model with its students' own weights, but this is an "
+                "inference copy (int8 weights from quantize_int8, or students folded by fold_students): distill the "
+                "float model, then make the copy."
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("FastBertDistillationTrainer does not support `model_init`: pass the fine-tuned model.")
