@@ -71,11 +71,14 @@ def contenders_for(name, model, prepared, speed, part_times):
         for _, _, states in prepared
     ]
     last_columns = [last_needed_columns(mask) for mask, _, _ in prepared]  # what the engine keeps for its host sync
+    student_masks = [None if mask.all() else mask for mask, _, _ in prepared]  # the engine's: None without padding
     part_times[name] = []
 
     def engine_order():
         spent = dict.fromkeys(PARTS, 0.0)
-        for (mask, state, states), inputs, columns in zip(prepared, student_inputs, last_columns, strict=True):
+        for (mask, state, states), inputs, columns, student_mask in zip(
+            prepared, student_inputs, last_columns, student_masks, strict=True
+        ):
             rule_state = None
             for index in range(num_layers):
                 start = time.perf_counter()
@@ -84,7 +87,7 @@ def contenders_for(name, model, prepared, speed, part_times):
                 spent["layers"] += layer_done - start
                 if index == num_layers - 1:
                     break
-                branch_logits = model.branches[index](inputs[index], mask)
+                branch_logits = model.branches[index](inputs[index], student_mask)
                 student_done = time.perf_counter()
                 spent["students"] += student_done - layer_done
                 exits, rule_state = exits_at_layer(model.config, speed, index, branch_logits, rule_state)
@@ -93,9 +96,9 @@ def contenders_for(name, model, prepared, speed, part_times):
         part_times[name].append(spent)
 
     def students_alone():
-        for (mask, _, _), inputs in zip(prepared, student_inputs, strict=True):
+        for inputs, student_mask in zip(student_inputs, student_masks, strict=True):
             for index, hidden in enumerate(inputs):
-                model.branches[index](hidden, mask)
+                model.branches[index](hidden, student_mask)
 
     return {f"{name} engine order": Contender(engine_order), f"{name} students alone": Contender(students_alone)}
 

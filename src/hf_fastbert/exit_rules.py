@@ -40,6 +40,12 @@ def normalized_entropy(logits: torch.Tensor, top_k: int | None = None) -> torch.
     Returns:
         (...) float32 tensor.
     """
+    return _unclamped_normalized_entropy(logits, top_k).clamp(0.0, 1.0)
+
+
+def _unclamped_normalized_entropy(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """`normalized_entropy` before rounding's few ulps outside [0, 1] are clamped (a comparison with a speed in (0, 1]
+    gives the same answer on both, with one kernel fewer)."""
     num_labels = logits.shape[-1]
     if top_k is not None and top_k < num_labels:
         logits = logits.topk(top_k, dim=-1).values
@@ -47,7 +53,7 @@ def normalized_entropy(logits: torch.Tensor, top_k: int | None = None) -> torch.
     log_probs = logits.float().log_softmax(dim=-1)
     # 0 * log 0 = 0: a probability that underflows to 0 next to a log-probability of -inf adds nothing (nansum).
     entropy = (log_probs.exp() * log_probs).nansum(dim=-1)
-    return (entropy / -math.log(num_labels)).clamp(0.0, 1.0)
+    return entropy / -math.log(num_labels)
 
 
 def patience_for(speed: float, num_layers: int) -> int:
@@ -95,7 +101,7 @@ def exits_at_layer(config, speed: float, index: int, logits: torch.Tensor, state
     """
     rule = rule or config.exit_rule
     if rule == "entropy":
-        return normalized_entropy(logits, config.uncertainty_top_k) < speed, None
+        return _unclamped_normalized_entropy(logits, config.uncertainty_top_k) < speed, None
     if rule == "thresholds":
         return normalized_entropy(logits, config.uncertainty_top_k) < calibrated_threshold(config, index, speed), None
     num_layers = config.num_hidden_layers

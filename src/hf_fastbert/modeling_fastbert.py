@@ -553,6 +553,8 @@ class FastBertModelMixin:
         rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
         state = backbone.prepare(self, hidden, mask, positions)
         last_columns = last_needed_columns(mask)  # (b,): trailing columns no staying sample needs are cut
+        # Exiting without padding (a batch of one, say), the students skip their masking: one host sync per forward.
+        student_mask = mask if full_depth or not bool(mask.all()) else None
         for index in range(num_layers):
             hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
             if index == num_layers - 1:
@@ -561,7 +563,7 @@ class FastBertModelMixin:
                 break
             if not students:
                 continue
-            branch_logits = self.branches[index](backbone.student_input(self, hidden), mask)  # (b, C)
+            branch_logits = self.branches[index](backbone.student_input(self, hidden), student_mask)  # (b, C)
             if full_depth:
                 student_logits.append(branch_logits)
                 continue
@@ -582,6 +584,7 @@ class FastBertModelMixin:
             exit_layers[rows[leave]] = index + 1
             used_columns = max(needed_columns) or mask.shape[1]  # all-zero masks staying: keep every column
             rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
+            student_mask = None if student_mask is None else mask
             last_columns = last_columns[stay]
             if rule_state is not None:
                 rule_state = tuple(value[stay] for value in rule_state)
