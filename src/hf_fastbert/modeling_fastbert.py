@@ -141,6 +141,9 @@ class FastBertBranch(nn.Module):
     inference, [`fold`] folds the weights themselves once ([`FoldedFastBertBranch`]).
     """
 
+    # The layers that see one vector per sample (the first token's), not every token: `quantize_int8` keeps them float.
+    first_token_layers = ("query", "key", "value", "attention_output", "dense", "classifier")
+
     def __init__(self, config: FastBertConfigMixin):
         super().__init__()
         width = config.branch_hidden_size
@@ -177,9 +180,12 @@ class FastBertBranch(nn.Module):
         context = self.attention_output(context.reshape(batch_size, width) + value_bias)  # (B, W)
         return self.classifier(torch.tanh(self.dense(context)))  # (B, C)
 
-    def fold(self) -> "FoldedFastBertBranch":
-        """This student for inference, its attention weights folded once ([`FoldedFastBertBranch`])."""
-        return FoldedFastBertBranch(self)
+    def fold(self) -> "FoldedFastBertBranch | FastBertBranch":
+        """
+        This student for inference, its attention weights folded once ([`FoldedFastBertBranch`]); itself with more
+        than 2 heads, where the folded matrices (heads x width x width each) would outgrow the four they replace.
+        """
+        return FoldedFastBertBranch(self) if self.num_heads <= 2 else self
 
 
 def _attention_pool(scores: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -196,7 +202,8 @@ class FoldedFastBertBranch(nn.Module):
     [`fold_students`]). Per head h, with `d` the head size, the query and key give
     `A_h = K_h^T Q_h / sqrt(d)` and `a_h = K_h^T b_q,h / sqrt(d)` (scores `x_t . (A_h x_0 + a_h)`), and the value and
     output projections `M_h = O_h V_h` and `m = O b_v + b_o` (output `sum_h M_h p_h + m`, `p_h` the head's weighted
-    mean of the tokens). A student call is then 12 kernels instead of 19, which is what it costs at batch 1.
+    mean of the tokens). A student call is then 12 operators instead of 16 (10 without padding): at batch 1 the
+    operators, not the FLOPs, are its cost.
 
     Inference only: its parameters are not the checkpoint's, so a model holding it refuses `save_pretrained` and the
     distillation trainer; fold a copy (`fold_students`) and keep the original for those.
@@ -776,8 +783,9 @@ _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "l
 def fold_students(model: FastBertModelMixin) -> FastBertModelMixin:
     """
     An inference copy of a FastBERT model (eval mode) whose students, and the teacher when it is a student-shaped head
-    (`teacher_head="branch"`), are folded ([`FoldedFastBertBranch`]): the same answers within float rounding, each
-    student in 12 kernels instead of 19 (what a batch of one pays for). The original model is left untouched; the
+    (`teacher_head="branch"`), are folded ([`FoldedFastBertBranch`]; students of more than 2 heads are left as they
+    are, `FastBertBranch.fold`): the same answers within float rounding, each student in 12 operators instead of 16
+    (what a batch of one pays for). The original model is left untouched; the
     copy cannot be saved or distilled (`is_inference_copy`). `quantize_int8` folds too.
 
     Example:

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .modeling_fastbert import FastBertModelMixin, FoldedFastBertBranch, fold_students
+from .modeling_fastbert import FastBertBranch, FastBertModelMixin, FoldedFastBertBranch, fold_students
 
 
 def check_int8_supported():
@@ -29,7 +29,7 @@ def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     """
     An int8 inference copy of `model` (eval mode, CPU): its students folded (`fold_students`), then every `nn.Linear`
     with int8 weights and dynamically quantized activations, but the students' layers that only see one vector per
-    sample (`FoldedFastBertBranch.first_token_layers`): at that size int8's per-call quantization costs more than the
+    sample (their `first_token_layers`): at that size int8's per-call quantization costs more than the
     float matrix product it replaces (`benchmarks/bench_students.py`). The original model is left untouched. Exits,
     `speed` and the pipeline work as before; `save_pretrained` and the distillation trainer refuse the copy (distill
     and save the float model, then quantize).
@@ -52,8 +52,8 @@ def quantize_int8(model: FastBertModelMixin) -> FastBertModelMixin:
     kept_float = {
         f"{name}.{layer}"
         for name, module in quantized.named_modules()
-        if isinstance(module, FoldedFastBertBranch)
-        for layer in FoldedFastBertBranch.first_token_layers
+        if isinstance(module, (FastBertBranch, FoldedFastBertBranch))
+        for layer in module.first_token_layers
     }
     names = {name for name, module in quantized.named_modules() if isinstance(module, nn.Linear)} - kept_float
     with warnings.catch_warnings():  # torch.ao's deprecation notices, see the module docstring
