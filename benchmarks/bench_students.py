@@ -40,7 +40,7 @@ from hf_fastbert import FastBertForSequenceClassification, fold_students
 from hf_fastbert.demo_data import load_rotten_tomatoes
 from hf_fastbert.exit_rules import exits_at_layer
 from hf_fastbert.flops import branch_flops, layer_flops
-from hf_fastbert.modeling_fastbert import last_needed_columns
+from hf_fastbert.modeling_fastbert import FastBertBranch, last_needed_columns
 from hf_fastbert.quantization import quantize_int8
 
 
@@ -105,12 +105,13 @@ def contenders_for(name, model, prepared, speed, part_times):
 
 def int8_unfolded(model):
     """What `quantize_int8` made before the students were folded: int8 but the students' first-token layers."""
-    first_token = ("query", "key", "value", "attention_output", "dense", "classifier")
-    names = {
-        name
+    kept_float = {
+        f"{name}.{layer}"
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not (name.startswith("branches.") and name.endswith(first_token))
+        if isinstance(module, FastBertBranch)
+        for layer in module.first_token_layers
     }
+    names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)} - kept_float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), names, dtype=torch.qint8)

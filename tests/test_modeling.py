@@ -511,7 +511,7 @@ def test_folded_student_equals_textbook_self_attention(heads, grad):
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4])
-def test_a_folded_student_equals_textbook_self_attention(heads):
+def test_fold_gives_a_student_equal_to_textbook_self_attention(heads):
     from hf_fastbert.modeling_fastbert import FoldedFastBertBranch
 
     model = tiny_model(branch_num_attention_heads=heads)

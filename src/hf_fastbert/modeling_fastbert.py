@@ -785,8 +785,8 @@ def fold_students(model: FastBertModelMixin) -> FastBertModelMixin:
     An inference copy of a FastBERT model (eval mode) whose students, and the teacher when it is a student-shaped head
     (`teacher_head="branch"`), are folded ([`FoldedFastBertBranch`]; students of more than 2 heads are left as they
     are, `FastBertBranch.fold`): the same answers within float rounding, each student in 12 operators instead of 16
-    (what a batch of one pays for). The original model is left untouched; the
-    copy cannot be saved or distilled (`is_inference_copy`). `quantize_int8` folds too.
+    (what a batch of one pays for). The original model is left untouched; the copy cannot be saved or distilled
+    (`is_inference_copy`). `quantize_int8` folds too.
 
     Example:
 
