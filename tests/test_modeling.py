@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import random_batch, spread_branches, tiny_config, tiny_model
+from tolerances import LOGITS_ATOL, assert_exits_clear, assert_same_predictions
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -122,7 +123,7 @@ def test_speed_zero_matches_bert_for_sequence_classification(tmp_path):
     input_ids, attention_mask = random_batch()
     expected = run(bert, input_ids, attention_mask).logits
     output = run(fastbert, input_ids, attention_mask)
-    torch.testing.assert_close(output.logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(output.logits, expected, rtol=0, atol=LOGITS_ATOL)  # two code paths, same function
     assert output.exit_layers.tolist() == [4] * len(input_ids)
 
 
@@ -155,8 +156,8 @@ def test_save_and_reload_with_auto_classes(tmp_path):
     assert isinstance(reloaded, FastBertForSequenceClassification)
     input_ids, attention_mask = random_batch()
     expected, got = run(model, input_ids, attention_mask), run(reloaded, input_ids, attention_mask)
-    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
-    assert got.exit_layers.tolist() == expected.exit_layers.tolist()
+    assert_exits_clear(model, input_ids, attention_mask, speed=0.5)
+    assert_same_predictions(got, expected)  # same weights, other tensors: equal within rounding, not bit for bit
 
 
 def test_remote_code_loads_without_the_plugin(tmp_path):
@@ -196,7 +197,7 @@ def test_exit_rule_matches_all_logits(speed):
     assert engine.exit_layers.tolist() == expected_exits.tolist() == full.exit_layers.tolist()
     picked = full.all_logits[torch.arange(16), expected_exits - 1]
     torch.testing.assert_close(engine.logits, picked, rtol=0, atol=1e-5)
-    torch.testing.assert_close(full.logits, picked, rtol=0, atol=0)
+    torch.testing.assert_close(full.logits, picked, rtol=0, atol=0)  # bit for bit: selected from the same tensor
     assert torch.equal(engine.flops, full.flops)
 
 
@@ -445,7 +446,7 @@ def test_real_minilm_truncated_matches_bert(tmp_path):
     texts = ["a gem of a film", "not my cup of tea, overlong and dull", "fine"]
     inputs = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, bert(**inputs).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(**inputs).logits, bert(**inputs).logits, rtol=0, atol=LOGITS_ATOL)
         batched = model(**inputs, speed=0.9)
         for i, text in enumerate(texts):
             alone = model(**tokenizer([text], return_tensors="pt"), speed=0.9)

@@ -456,6 +456,35 @@ def calibrate(
         raise ValueError("Give exactly one of max_accuracy_drop and target_speedup.")
     rules = _rules(model.config, exit_rules)
     all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=batch_size, progress=progress)
+    return calibrate_logits(
+        model,
+        all_logits,
+        seq_lengths,
+        labels,
+        max_accuracy_drop=max_accuracy_drop,
+        target_speedup=target_speedup,
+        exit_rules=rules,
+        speeds=speeds,
+    )
+
+
+def calibrate_logits(
+    model,
+    all_logits,
+    seq_lengths,
+    labels,
+    *,
+    max_accuracy_drop=None,
+    target_speedup=None,
+    exit_rules=EXIT_RULES,
+    speeds=CALIBRATION_SPEEDS,
+):
+    """[`calibrate`] from the full-depth pass it would run: `(all_logits, seq_lengths, labels)` as
+    [`hf_fastbert.evaluation.predict_all_logits`] returns them. Sets the model's `config.exit_rule` and `config.speed`
+    and returns the [`Calibration`]."""
+    if (max_accuracy_drop is None) == (target_speedup is None):
+        raise ValueError("Give exactly one of max_accuracy_drop and target_speedup.")
+    rules = _rules(model.config, exit_rules)
     if labels is None:
         raise ValueError("the validation data has no labels: calibrating needs a label column")
     if any(rule in CALIBRATED_RULES for rule in rules):
@@ -675,6 +704,7 @@ __all__ = [
     "Sweep",
     "add_wall_time",
     "calibrate",
+    "calibrate_logits",
     "calibrate_speed",
     "check_sweep_dir",
     "choose_exit_rule",

@@ -56,6 +56,7 @@ USER_TRAINING = dict(max_length=128)
 FINETUNE_MAX_EPOCHS = 10.0
 DISTILL_MAX_EPOCHS = 10.0
 DISTILL_LEARNING_RATE = 1e-3
+MAX_ACCURACY_DROP = 0.005
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,6 +282,14 @@ def build_parser():
     train.add_argument("--batch-size", type=_positive_int, default=32, help="Training and evaluation batch size.")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
     train.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="Speeds of the final sweep.")
+    train.add_argument(
+        "--max-accuracy-drop",
+        type=_non_negative_float,
+        default=MAX_ACCURACY_DROP,
+        help="The model is saved with the largest speed whose accuracy stays within this fraction (0.005 = 0.5 "
+        "points) of full depth, chosen on --eval-split (on the held-out slice of the training split when that split "
+        "is 'test'). `--speed 0` at predict time still runs every layer.",
+    )
     train.add_argument("--luha-bins", type=_positive_int, default=10, help="Uncertainty bins of the LUHA view.")
 
     evaluate = commands.add_parser(
@@ -907,7 +916,7 @@ def check_train_output(args):
 def run_train(args):
     from .convergence import describe_convergence
     from .evaluation import distillation_warning
-    from .training import staged_output_dir, train_fastbert
+    from .training import describe_default_speed, staged_output_dir, train_fastbert
 
     model_given = args.model is not None
     demo = resolve_train_defaults(args)
@@ -947,24 +956,13 @@ def run_train(args):
             batch_size=args.batch_size,
             seed=args.seed,
             eval_speeds=sorted(set(args.speeds)),
+            max_accuracy_drop=args.max_accuracy_drop,
             dataset_name=train_data_name(args),
         )
         if output.results is not None:
             from .analysis import sweep_logits
-            from .data import prepare_dataset
-            from .evaluation import predict_all_logits
 
-            eval_dataset = prepare_dataset(
-                raw[args.eval_split],
-                output.tokenizer,
-                args.text_column,
-                args.text_pair_column,
-                args.label_column,
-                output.label_names,
-                args.max_length,
-                args.eval_split,
-            )
-            all_logits, seq_lengths, labels = predict_all_logits(output.model, eval_dataset, args.batch_size, True)
+            all_logits, seq_lengths, labels = output.eval_logits  # the pass the results came from
             speeds = sorted(set(args.speeds))
             report = sweep_logits(all_logits, seq_lengths, labels, output.model.config, speeds, None, args.luha_bins)
             model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
@@ -981,9 +979,11 @@ def run_train(args):
         if output.convergence.get(stage):
             print(describe_convergence(output.convergence[stage], CONVERGENCE_STAGES[stage]))
     if output.results is None:
+        if output.default_speed is not None:
+            print(describe_default_speed(output.default_speed))
         return
     sweep_dir = Path(args.output_dir) / "sweep"
-    print(f"\nSpeed sweep on {len(eval_dataset)} held-out examples ({args.eval_split} split):")
+    print(f"\nSpeed sweep on {output.results_samples} held-out examples ({args.eval_split} split):")
     print(format_table(output.results, RESULT_COLUMNS))
     print_oracle(report.oracle, [])
     print("\nEach student against the teacher (agreement: share of samples where it predicts the teacher's class):")
@@ -992,12 +992,15 @@ def run_train(args):
         f"\nPlots and tables: {sweep_dir}/sweep.png, {sweep_dir}/luha.png, sweep.csv, sweep.json, luha.csv, "
         "students.csv"
     )
+    if output.default_speed is not None:
+        print(f"\n{describe_default_speed(output.default_speed)}")
     warning = distillation_warning(report.students)
     if warning is not None:
         print(f"\nWARNING: {warning} For example: {PROG} train ... --distill-max-epochs 30", file=sys.stderr)
         return
     example = closing_example(raw[args.eval_split], args.text_column)
-    print(f"Next: {PROG} predict {args.output_dir} {example} --speed 0.1")
+    speed = output.model.config.speed
+    print(f"Next: {PROG} predict {args.output_dir} {example}  # saved speed {speed:g}; --speed 0 runs every layer")
 
 
 def closing_example(split, text_column, limit=60):

@@ -23,7 +23,7 @@ from .backbones import BACKBONES
 from .configuration_fastbert import fastbert_config_class, validate_speeds, validate_uncertainty_top_k
 from .convergence import ConvergenceCallback, split_held_out
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
-from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, evaluate_speeds
+from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, metrics_at_speeds, predict_all_logits
 from .modelcard import push_model_to_hub
 from .modeling_fastbert import FastBertForSequenceClassification
 from .trainer_fastbert import FastBertDistillationTrainer
@@ -54,6 +54,9 @@ FINETUNE_PATIENCE = 1
 SMALL_MODEL_LEARNING_RATE = 1e-4
 BASE_MODEL_LEARNING_RATE = 2e-5
 BASE_HIDDEN_SIZE = 768
+# The default speed a trained model is saved with: the largest one whose accuracy on the calibration data stays within
+# half an accuracy point of full depth (see `train_fastbert(max_accuracy_drop=...)`).
+MAX_ACCURACY_DROP = 0.005
 
 
 def default_finetune_learning_rate(config) -> float:
@@ -209,6 +212,11 @@ class FastBertTrainingOutput:
         finetune_metrics / distill_metrics: the `train()` metrics of each stage (empty when a stage was skipped).
         convergence: how each converging stage stopped, `{"finetune": ..., "distill": ...}`
             ([`hf_fastbert.convergence.ConvergenceCallback.summary`]); a stage run for fixed epochs is absent.
+        default_speed: how the saved `config.speed` was chosen, or `None` when it was not calibrated: `exit_rule`,
+            `speed`, `max_accuracy_drop`, `data` and `samples` (what it was chosen on), `accuracy` and
+            `reference_accuracy` (full depth) there, `flops_speedup` ([`calibrate_default_speed`]).
+        eval_logits: the evaluation split's full-depth pass `(all_logits, seq_lengths, labels)`
+            ([`hf_fastbert.evaluation.predict_all_logits`]), from which `results` were computed; `None` without one.
     """
 
     model: Any
@@ -221,6 +229,43 @@ class FastBertTrainingOutput:
     finetune_metrics: dict = field(default_factory=dict)
     distill_metrics: dict = field(default_factory=dict)
     convergence: dict = field(default_factory=dict)
+    default_speed: dict | None = None
+    eval_logits: tuple | None = None
+
+
+def calibrate_default_speed(model, all_logits, seq_lengths, labels, max_accuracy_drop=MAX_ACCURACY_DROP) -> dict:
+    """
+    Set `model.config.speed` to the largest speed (0, 0.01, ..., 0.99) of the model's exit rule whose accuracy on the
+    given full-depth pass stays within `max_accuracy_drop` (a fraction) of full depth, and describe the choice.
+
+    Returns:
+        `dict` with `exit_rule`, `speed`, `max_accuracy_drop`, `samples`, `accuracy`, `reference_accuracy` and
+        `flops_speedup` (the last three on the same data).
+    """
+    from .analysis import calibrate_logits
+
+    choice = calibrate_logits(
+        model, all_logits, seq_lengths, labels, max_accuracy_drop=max_accuracy_drop, exit_rules=model.config.exit_rule
+    )
+    return {
+        "exit_rule": choice.exit_rule,
+        "speed": choice.speed,
+        "max_accuracy_drop": max_accuracy_drop,
+        "samples": len(labels),
+        "accuracy": choice.row["accuracy"],
+        "reference_accuracy": choice.reference["accuracy"],
+        "flops_speedup": choice.row["flops_speedup"],
+    }
+
+
+def describe_default_speed(default_speed: dict) -> str:
+    """One sentence: the default speed and how it was chosen (printed by `train`, written on the model card)."""
+    return (
+        f"Default speed {default_speed['speed']:g} ({default_speed['exit_rule']} rule): the largest speed within "
+        f"{100 * default_speed['max_accuracy_drop']:g} accuracy points of full depth on {default_speed['data']} "
+        f"({default_speed['accuracy']:.2%} against {default_speed['reference_accuracy']:.2%}, "
+        f"{default_speed['flops_speedup']:.2f}x fewer FLOPs). `speed=0` runs every layer."
+    )
 
 
 def _warmup_steps(common: dict, warmup_ratio: float, num_samples: int, epochs: float) -> int:
@@ -322,6 +367,7 @@ def train_fastbert(
     weight_decay: float = 0.01,
     seed: int = 42,
     eval_speeds=DEFAULT_SPEEDS,
+    max_accuracy_drop: float | None = MAX_ACCURACY_DROP,
     overwrite_output_dir: bool = False,
     dataset_name: str | None = None,
     push_to_hub: bool = False,
@@ -394,6 +440,14 @@ def train_fastbert(
         distillation_temperature (`float`, *optional*, defaults to 1.0): See [`FastBertTrainingArguments`].
         batch_size, warmup_ratio, weight_decay, seed: Shared by both stages (per-device batch size).
         eval_speeds (`Iterable[float]`, *optional*, defaults to 0.0 .. 0.9): Speeds of the final evaluation.
+        max_accuracy_drop (`float`, *optional*, defaults to 0.005):
+            The model is saved with a default speed (`config.speed`) that is fast out of the box: the largest speed of
+            its exit rule whose accuracy stays within this fraction (0.005: half a point) of full depth
+            ([`calibrate_default_speed`]). It is chosen on the `eval_split` (already evaluated: no extra pass) unless
+            that split is called `"test"`, in which case on the held-out slice of the training split, so that the
+            reported test results are never the data the speed was chosen on. `None` keeps the checkpoint's speed (0
+            for a stock checkpoint). Without distilled students or labelled calibration data the speed stays 0.
+            `speed=0` per call (pipeline, model, CLI `--speed 0`) still runs every layer.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Replace a non-empty `output_dir` that is not a previous run's output: everything in it is deleted once
             the new model is saved.
@@ -412,6 +466,10 @@ def train_fastbert(
         [`FastBertTrainingOutput`].
     """
     speeds = validate_speeds(eval_speeds, name="eval_speeds")
+    if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 1:
+        raise ValueError(
+            f"`max_accuracy_drop` must be in [0, 1) (a fraction: 0.005 is half a point), got {max_accuracy_drop!r}."
+        )
     if "train" not in raw_datasets:
         raise ValueError(f"The dataset has no 'train' split; its splits are {list(raw_datasets)}.")
     for name, epochs in (
@@ -614,15 +672,37 @@ def train_fastbert(
                 convergence["distill"] = distiller.convergence
         model = distiller.accelerator.unwrap_model(distiller.model).eval()
 
-        results = None
+        results, eval_logits, default_speed = None, None, None
         if eval_dataset is not None and distiller.is_world_process_zero():
-            results = evaluate_speeds(model, eval_dataset, speeds, batch_size=batch_size, progress=progress)
+            eval_logits = predict_all_logits(model, eval_dataset, batch_size=batch_size, progress=progress)
+            all_logits, seq_lengths, labels = eval_logits
+            results = metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
             distiller.speed_results = results
             distiller.speed_results_samples = len(eval_dataset)
             distiller.speed_results_data = f"{dataset_name or 'the data'} ({eval_split} split)"
+        if max_accuracy_drop is not None and model.config.branches_distilled and distiller.is_world_process_zero():
+            if eval_logits is not None and eval_split != "test":
+                calibration_logits, data = eval_logits, distiller.speed_results_data
+            elif held_out is not None:
+                calibration_logits = predict_all_logits(model, held_out, batch_size=batch_size, progress=progress)
+                data = f"the held-out slice of {dataset_name or 'the data'} (train split)"
+            else:
+                calibration_logits = None
+                logger.warning(
+                    "No labelled data to choose the default speed on (no eval split other than 'test', no held-out "
+                    "slice): the model keeps speed %g.",
+                    model.config.speed,
+                )
+            if calibration_logits is not None:
+                default_speed = calibrate_default_speed(model, *calibration_logits, max_accuracy_drop)
+                default_speed["data"] = f"{default_speed['samples']:,} samples of {data}"
         distiller.training_notes = training_notes(
             convergence, finetune_steps, finetune_learning_rate, distill_epochs, distill_learning_rate
         )
+        if default_speed is not None:
+            distiller.training_notes = "\n".join(
+                filter(None, [distiller.training_notes, f"- {describe_default_speed(default_speed)}"])
+            )
         distiller.save_model(work_dir)
         base_model = None if os.path.isdir(model_name_or_path) else model_name_or_path  # a Hub id for the card
         if distiller.is_world_process_zero():
@@ -636,6 +716,7 @@ def train_fastbert(
                     "distill_learning_rate": distill_learning_rate if distill_epochs > 0 else None,
                     "held_out_samples": len(held_out) if held_out is not None else 0,
                     "convergence": convergence,
+                    "default_speed": default_speed,
                     "training_notes": distiller.training_notes,
                     "data": distiller.speed_results_data if results else None,
                     "samples": distiller.speed_results_samples if results else None,
@@ -674,15 +755,20 @@ def train_fastbert(
         finetune_metrics=finetune_metrics,
         distill_metrics=distill_metrics,
         convergence=convergence,
+        default_speed=default_speed,
+        eval_logits=eval_logits,
     )
 
 
 __all__ = [
     "RESULTS_FILENAME",
     "RUN_MANIFEST",
+    "MAX_ACCURACY_DROP",
     "FastBertTrainingOutput",
+    "calibrate_default_speed",
     "check_output_dir",
     "default_finetune_learning_rate",
+    "describe_default_speed",
     "staged_output_dir",
     "train_fastbert",
 ]

@@ -1,0 +1,36 @@
+"""How closely two computations of the same model must agree, for tests that compare them.
+
+Two computations of the same function (weights saved and reloaded, the stock model against the FastBERT engine, another
+process, another batch) agree to float32 rounding, not bit for bit: which kernel runs, its summation order and its
+vectorized tails depend on the CPU, the thread count and memory alignment. So they are compared within `LOGITS_ATOL`,
+and their exit layers exactly where the decisions are clear of their thresholds by far more than that
+(`assert_exits_clear`). Bit-for-bit equality is asserted only where it is a real property, and each such test says
+why (the same call repeated, values selected from the same tensor, bytes copied by `save_pretrained`).
+"""
+
+import torch
+
+
+# On the tiny models' logits (of order 1), float32 rounding differences are around 1e-7 (5.8e-10 seen between two CPUs
+# on a reload); a real bug (a wrong mask, a skipped layer) moves them by 1e-2 or more.
+LOGITS_ATOL = 1e-6
+# Batched against alone: padding changes the shapes of the matmuls, hence their blocking and sums.
+BATCH_ATOL = 1e-5
+# An exit decision compared exactly across two computations must not hinge on rounding.
+EXIT_MARGIN = 1e-4
+
+
+def assert_same_predictions(got, expected, atol=LOGITS_ATOL):
+    """Same logits within `atol`, same exit layers."""
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=atol)
+    assert got.exit_layers.tolist() == expected.exit_layers.tolist()
+
+
+def assert_exits_clear(model, input_ids, attention_mask, speed, margin=EXIT_MARGIN):
+    """Under the entropy rule at `speed`, every student's uncertainty is at least `margin` away from the threshold, so
+    that two computations agreeing within `LOGITS_ATOL` take the same exits."""
+    with torch.no_grad():
+        all_logits = model(input_ids=input_ids, attention_mask=attention_mask, output_all_logits=True).all_logits
+    uncertainties = model.uncertainty(all_logits[:, :-1].float())  # (B, L - 1)
+    closest = (uncertainties - speed).abs().min().item()
+    assert closest > margin, f"an uncertainty lies {closest:.2e} from speed {speed}: pick inputs clear of it"
