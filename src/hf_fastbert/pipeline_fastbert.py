@@ -52,6 +52,12 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
     >>> classifier(["A gem.", "Too long."], speed=0.5)  # per-call speed
     ```"""
 
+    def check_model_type(self, supported_models):
+        # FastBERT on ONNX Runtime (`hf_fastbert.modeling_ort`) is no PreTrainedModel, but a text classifier all the
+        # same: no "not supported for text-classification" error for it.
+        if not is_fastbert(self.model):
+            super().check_model_type(supported_models)
+
     def _sanitize_parameters(self, speed=None, return_exit_layer=None, exit_rule=None, **kwargs):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         for name, value in (("speed", speed), ("return_exit_layer", return_exit_layer), ("exit_rule", exit_rule)):

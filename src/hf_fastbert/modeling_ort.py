@@ -1,0 +1,335 @@
+"""FastBERT on ONNX Runtime: the stages written by [`hf_fastbert.onnx_export.export_onnx`], run with batched per-sample
+early exit between them.
+
+[`ORTFastBertForSequenceClassification`] loads like Optimum's `ORTModelForSequenceClassification` (a model folder with
+an `onnx/` sub-folder), takes the arguments of [`FastBertForSequenceClassification`] (`speed`, `exit_rule`,
+`output_all_logits`) and returns the same [`FastBertSequenceClassifierOutput`]: logits, 1-based exit layers and the
+exact FLOPs of every sample. The text-classification pipeline takes it with `speed`.
+
+The engine is the PyTorch one, on the runtime: after each layer's session run, the samples whose exit rule fires leave
+the batch; the remaining rows (and the padding columns no remaining sample needs) go to the next layer's session.
+Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule reads the uncertainty
+each layer graph computes (one comparison per sample), the others the student's logits.
+
+Example:
+
+```python
+>>> from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+
+>>> model = ORTFastBertForSequenceClassification.from_pretrained("out/fastbert-rt", threads=1)  # after `export`
+>>> output = model(**tokenizer(["A gem.", "Too long."], padding=True, return_tensors="np"), speed=0.3)
+>>> output.logits, output.exit_layers, output.flops
+```
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configuration_fastbert import validate_speed
+from .exit_rules import check_exit_rule, exits_at_layer, select_exits
+from .flops import fastbert_flops
+from .modeling_fastbert import FastBertSequenceClassifierOutput
+from .onnx_export import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ONNX_EXTRA_HINT,
+    ONNX_FOLDER,
+    config_signature,
+    weights_fingerprint,
+)
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"The ONNX Runtime backend needs the [onnx] extra: {ONNX_EXTRA_HINT}") from None
+    return onnxruntime
+
+
+def _as_numpy(value, dtype=np.int64):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value, dtype=dtype)
+
+
+def check_onnx_folder(folder, config) -> dict:
+    """
+    Read `<folder>/onnx/fastbert_onnx.json` and check that the `onnx/` folder belongs to this model: same format, same
+    config fields the graphs depend on, same weights (when the folder holds `model.safetensors`), every stage present.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        `FileNotFoundError` without an exported `onnx/` folder; `ValueError` naming the mismatch.
+    """
+    folder = Path(folder)
+    onnx_dir = folder / ONNX_FOLDER
+    manifest_path = onnx_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no exported ONNX stages ({ONNX_FOLDER}/{MANIFEST} is missing): run "
+            f"`hf-fastbert export {folder}` (or hf_fastbert.onnx_export.export_onnx) first."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{manifest_path} is not a valid manifest ({error}): export the model again.") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{onnx_dir} was written by another hf-fastbert ONNX format ({manifest.get('format_version')!r}, this "
+            f"version reads {FORMAT_VERSION}): export the model again."
+        )
+    expected = config_signature(config)
+    for key, value in expected.items():
+        if manifest.get("config", {}).get(key) != value:
+            raise ValueError(
+                f"{onnx_dir} does not match the model's config.json: {key} is {manifest.get('config', {}).get(key)!r} "
+                f"in the ONNX export and {value!r} in the config. It belongs to another model, or the config changed "
+                f"since the export: run `hf-fastbert export {folder}` again."
+            )
+    exported_from = manifest.get("model_safetensors_sha256")
+    if exported_from is not None:
+        current = weights_fingerprint(folder)
+        if current is not None and current != exported_from:
+            raise ValueError(
+                f"{onnx_dir} was exported from other weights than {folder}/model.safetensors: run "
+                f"`hf-fastbert export {folder}` again."
+            )
+    stages = ["embeddings.onnx"] + [f"layer_{index}.onnx" for index in range(config.num_hidden_layers)]
+    if manifest.get("stages") != stages:
+        raise ValueError(f"{onnx_dir}: the manifest lists {manifest.get('stages')}, expected {stages}.")
+    missing = [name for name in stages if not (onnx_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{onnx_dir} lacks {', '.join(missing)}: export the model again.")
+    return manifest
+
+
+class ORTFastBertForSequenceClassification:
+    """
+    A FastBERT classifier on ONNX Runtime (CPU), with the PyTorch model's call signature and outputs.
+
+    Attributes:
+        config: the model's FastBERT config (`speed`, `exit_rule`, labels), from its `config.json`.
+        manifest (`dict`): what the `onnx/` folder was exported from (`int8`, fusions per stage, versions).
+        sessions (`list[onnxruntime.InferenceSession]`): the embeddings, then one per layer.
+    """
+
+    main_input_name = "input_ids"
+    training = False
+
+    def __init__(self, config, sessions, manifest, name_or_path=None):
+        self.config = config
+        self.sessions = sessions
+        self.manifest = manifest
+        self.name_or_path = name_or_path
+        self._token_types = manifest["token_type_ids"]
+        self._flops_tables = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        threads: int | None = None,
+        session_options=None,
+        provider: str = "CPUExecutionProvider",
+        config=None,
+        **kwargs,
+    ):
+        """
+        Load the ONNX stages of a model folder (or a Hub repo with an `onnx/` folder).
+
+        Args:
+            pretrained_model_name_or_path (`str`): the model folder or Hub repo id.
+            threads (`int`, *optional*): intra-op threads of every session (ONNX Runtime's default: one per core).
+            session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
+            provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
+            config (*optional*): the FastBERT config, when not read from the folder.
+            kwargs: passed to `huggingface_hub.snapshot_download` for a Hub repo (`revision`, `token`, ...).
+        """
+        ort = _import_onnxruntime()
+        from transformers import AutoConfig
+
+        from .configuration_fastbert import is_fastbert_model_type
+
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    allow_patterns=["*.json", "*.txt", "*.model", f"{ONNX_FOLDER}/*", "model.safetensors"],
+                    **kwargs,
+                )
+            )
+        if config is None:
+            config = AutoConfig.from_pretrained(folder)
+        if not is_fastbert_model_type(getattr(config, "model_type", None)):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not a FastBERT model (model_type={config.model_type!r})."
+            )
+        manifest = check_onnx_folder(folder, config)
+        if session_options is not None and threads is not None:
+            raise ValueError(
+                "Give `threads` or `session_options`, not both (set intra_op_num_threads on the options)."
+            )
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            if threads is not None:
+                if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                    raise ValueError(f"`threads` must be an integer >= 1, got {threads!r}.")
+                session_options.intra_op_num_threads = threads
+                if threads > 1:
+                    # Spinning workers between the short runs of consecutive stages would steal the caller's cores.
+                    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = []
+        for name in manifest["stages"]:
+            path = folder / ONNX_FOLDER / name
+            try:
+                sessions.append(ort.InferenceSession(str(path), session_options, providers=[provider]))
+            except Exception as error:  # ONNX Runtime's errors for a corrupted or foreign file
+                raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
+        return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
+
+    # What the pipeline and the `Trainer`-free evaluation code read of a model.
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def to(self, device):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"The ONNX Runtime model runs on the CPU; it cannot move to {device}.")
+        return self
+
+    def eval(self):
+        return self
+
+    def can_generate(self) -> bool:
+        return False
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
+        """`fastbert_flops` of each sample, read from a (length x exit layer) table, as the PyTorch model does."""
+        key = bool(branches_ran)
+        table = self._flops_tables.get(key)
+        if table is None or table.shape[0] <= seq_length:
+            size = 2 ** max(7, int(np.ceil(np.log2(seq_length + 1))))
+            lengths = torch.arange(size)[:, None]
+            layers = torch.arange(1, self.config.num_hidden_layers + 1)[None, :]
+            table = self._flops_tables[key] = fastbert_flops(self.config, lengths, layers, branches_ran)
+        return table[seq_lengths.long(), exit_layers.long() - 1]
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        speed: float | None = None,
+        output_all_logits: bool = False,
+        exit_rule: str | None = None,
+        **kwargs,
+    ) -> FastBertSequenceClassifierOutput:
+        """
+        Same arguments and outputs as [`FastBertForSequenceClassification.forward`] (no labels, no `inputs_embeds`):
+        `input_ids`, `attention_mask`, `token_type_ids` as torch tensors or numpy arrays.
+        """
+        unexpected = {name for name, value in kwargs.items() if value is not None} - {"return_dict"}
+        if unexpected:
+            raise ValueError(f"The ONNX Runtime model takes no {', '.join(sorted(unexpected))}.")
+        if input_ids is None:
+            raise ValueError("input_ids is required.")
+        speed = validate_speed(self.config.speed if speed is None else speed)
+        exit_rule = check_exit_rule(self.config, exit_rule)
+        ids = _as_numpy(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}.")
+        mask = np.ones_like(ids) if attention_mask is None else _as_numpy(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}.")
+        batch_size, seq_length = ids.shape
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self._token_types:
+            feed["token_type_ids"] = np.zeros_like(ids) if token_type_ids is None else _as_numpy(token_type_ids)
+        seq_lengths = torch.from_numpy(mask.sum(axis=1))  # (B,)
+        hidden = self.sessions[0].run(None, feed)[0]  # (B, T, H)
+        num_layers = self.config.num_hidden_layers
+        full_depth = output_all_logits or speed == 0
+        logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
+        exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
+        rows = np.arange(batch_size)  # caller's index of each remaining sample
+        last_columns = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)  # (B,) columns each sample needs
+        last_columns[mask.sum(axis=1) == 0] = 0
+        student_logits, rule_state = [], None
+        for index in range(num_layers):
+            outputs = self.sessions[index + 1].run(None, {"hidden_states": hidden, "attention_mask": mask})
+            if index == num_layers - 1:
+                teacher_logits = outputs[0]
+                logits[rows] = teacher_logits
+                break
+            hidden, branch_logits, uncertainty = outputs
+            if full_depth:
+                student_logits.append(branch_logits)
+                continue
+            if exit_rule == "entropy":
+                exits = uncertainty < speed  # (b,)
+            else:
+                exits, rule_state = exits_at_layer(
+                    self.config, speed, index, torch.from_numpy(branch_logits), rule_state, exit_rule
+                )
+                exits = exits.numpy()
+            num_exits = int(exits.sum())
+            if num_exits == 0:
+                continue
+            leave = np.flatnonzero(exits)
+            logits[rows[leave]] = branch_logits[leave]
+            exit_layers[rows[leave]] = index + 1
+            if num_exits == len(exits):
+                break
+            stay = np.flatnonzero(~exits)
+            used_columns = int(last_columns[stay].max()) or mask.shape[1]  # all-zero masks staying: keep every column
+            rows, last_columns = rows[stay], last_columns[stay]
+            hidden = np.ascontiguousarray(hidden[stay, :used_columns])
+            mask = np.ascontiguousarray(mask[stay, :used_columns])
+            if rule_state is not None:
+                rule_state = tuple(value[torch.from_numpy(stay)] for value in rule_state)
+
+        all_logits = None
+        result_logits, result_exits = torch.from_numpy(logits), torch.from_numpy(exit_layers)
+        if full_depth:
+            all_logits = torch.from_numpy(np.stack(student_logits + [teacher_logits], axis=1))  # (B, L, C)
+            result_logits, result_exits = select_exits(all_logits, speed, self.config, exit_rule)
+        # Every layer graph computes its student, at speed 0 too: the FLOPs say so (the PyTorch model skips them there).
+        flops = self._sample_flops(seq_lengths, result_exits, True, seq_length)
+        return FastBertSequenceClassifierOutput(
+            logits=result_logits,
+            exit_layers=result_exits,
+            flops=flops,
+            all_logits=all_logits if output_all_logits else None,
+        )
+
+
+def is_onnx_model_folder(path) -> bool:
+    """Whether a local folder holds exported ONNX stages."""
+    return os.path.isfile(os.path.join(path, ONNX_FOLDER, MANIFEST))
+
+
+__all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder", "is_onnx_model_folder"]

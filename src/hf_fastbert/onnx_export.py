@@ -1,0 +1,362 @@
+"""Export a FastBERT model to ONNX Runtime as stages, so that its early exits run on the runtime BERT classifiers are
+deployed with.
+
+ONNX Runtime cannot leave a session half-way (its maintainers say so; `If`/`Loop` subgraphs miss the fusion passes), so
+the model is cut where the exits are: one graph for the embeddings, then one graph per layer that also computes that
+layer's student, its logits and its exit measure (the normalized entropy). Between two session runs the host reads a
+few numbers per sample and drops the rows that left ([`hf_fastbert.modeling_ort`]). Every fusion of a layer (Attention,
+SkipLayerNormalization, BiasGelu) lies inside it; only cross-layer memory planning is lost.
+
+Toolchain: `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's torchlib), onnxscript's ONNX Runtime
+rewriter (`onnxscript.rewriter.ort_fusions`, which fuses graphs from the dynamo exporter; the older
+`onnxruntime.transformers.optimizer` does not) and `onnxruntime.quantization.quantize_dynamic` for int8. Optimum pins
+transformers < 4.58; transformers' own `exporters` export whole models, not a model's layers one by one.
+
+Layout, beside the model's `config.json` (Optimum's habit: ONNX files under `onnx/`):
+
+    onnx/embeddings.onnx   input_ids, attention_mask[, token_type_ids] -> hidden_states
+    onnx/layer_<i>.onnx    hidden_states, attention_mask -> next_hidden_states, logits, uncertainty (i < L - 1)
+    onnx/layer_<L-1>.onnx  hidden_states, attention_mask -> logits (the teacher)
+    onnx/fastbert_onnx.json  what the files were exported from, checked at load
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .exit_rules import _unclamped_normalized_entropy
+
+
+logger = logging.getLogger(__name__)
+
+ONNX_FOLDER = "onnx"
+MANIFEST = "fastbert_onnx.json"
+FORMAT_VERSION = 1
+OPSET = 18
+# The fused operators every layer of these families must have after the rewriter (checked at export and in tests):
+# a version of onnxscript or torch that silently stops fusing fails loudly instead of running slower.
+EXPECTED_FUSIONS = {
+    "bert": {"Attention": 1, "SkipLayerNormalization": 2, "BiasGelu": 1},
+    "roberta": {"Attention": 1, "SkipLayerNormalization": 2, "BiasGelu": 1},
+    "xlm-roberta": {"Attention": 1, "SkipLayerNormalization": 2, "BiasGelu": 1},
+    "electra": {"Attention": 1, "SkipLayerNormalization": 2, "BiasGelu": 1},
+    "distilbert": {"Attention": 1, "SkipLayerNormalization": 2, "BiasGelu": 1},
+}
+ONNX_EXTRA_HINT = "pip install 'hf-fastbert[onnx]'"
+
+
+def require_onnx():
+    """Import the export toolchain, or fail with one line naming the extra."""
+    try:
+        import onnx_ir  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"ONNX export and ONNX Runtime need the [onnx] extra: {ONNX_EXTRA_HINT} ({error})") from None
+
+
+class EmbeddingStage(nn.Module):
+    """The embeddings of a FastBERT model: token ids (and types) -> the first layer's input."""
+
+    def __init__(self, model, token_types: bool):
+        super().__init__()
+        self.model, self.token_types = model, token_types
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "inputs_embeds": None}
+        inputs.update({name: None for name in self.model.backbone.embedding_inputs})  # positions: the default
+        if self.token_types:
+            inputs["token_type_ids"] = token_type_ids
+        return self.model.backbone.embed(self.model, inputs, attention_mask)  # (B, T, H)
+
+
+class LayerStage(nn.Module):
+    """Layer `index` of a FastBERT model, with its student and exit measure (the teacher after the last layer)."""
+
+    def __init__(self, model, index: int):
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, hidden_states, attention_mask):
+        model, backbone = self.model, self.model.backbone
+        state = backbone.prepare(model, hidden_states, attention_mask)
+        # At layer 0 the input is the embeddings (DeBERTa's convolution after the first layer reads them).
+        hidden = backbone.run_layer(model, self.index, hidden_states, state, attention_mask, hidden_states)
+        if self.index == model.config.num_hidden_layers - 1:
+            return model.teacher_logits(hidden, attention_mask)  # (B, C)
+        logits = model.branches[self.index](backbone.student_input(model, hidden), attention_mask)  # (B, C)
+        uncertainty = _unclamped_normalized_entropy(logits, model.config.uncertainty_top_k)  # (B,)
+        return hidden, logits, uncertainty
+
+
+def uses_token_types(model) -> bool:
+    return "token_type_ids" in model.backbone.embedding_inputs and getattr(model.config, "type_vocab_size", 0) > 0
+
+
+def weights_fingerprint(folder) -> str | None:
+    """SHA-256 of the folder's `model.safetensors` (None without one): ties an `onnx/` folder to the weights."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_signature(config) -> dict:
+    """The config fields the exported graphs depend on: a mismatch at load means the files belong to another model."""
+    return {
+        "backbone_model_type": config.backbone_model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_labels": config.num_labels,
+        "id2label": {str(key): value for key, value in config.id2label.items()},
+        "uncertainty_top_k": config.uncertainty_top_k,
+        "teacher_head": config.teacher_head,
+    }
+
+
+def _operator_counts(model) -> dict:
+    counts = {}
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _export_stage(module, args, input_names, output_names, dynamic_shapes):
+    import warnings
+
+    # The exporter's notes (axis names, deprecations, "torchvision is not installed") are not the user's business.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    registration.setLevel(level)
+    return program.model  # onnx_ir.Model
+
+
+def _fuse(model):
+    from onnxscript.rewriter import ort_fusions
+
+    fused, _ = ort_fusions.optimize_for_ort(model)
+    return fused
+
+
+def _student_nodes(model) -> list[str]:
+    """Names of the nodes that compute the student (its name scope is `model.branches.<i>`)."""
+    names = []
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+        if ".branches." in scopes or "'branches." in scopes:
+            names.append(node.name)
+    return names
+
+
+def _save(model, path: Path):
+    import onnx_ir as ir
+
+    ir.save(model, str(path))
+
+
+def _quantize(source: Path, target: Path, exclude: list[str]):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+
+
+def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students: bool = False, check: bool = True):
+    """
+    Export a FastBERT model as ONNX Runtime stages into `<output_dir>/onnx/`.
+
+    Args:
+        model ([`FastBertForSequenceClassification`] or `str`):
+            The model, or the folder of a saved one (then `output_dir` defaults to it). Inference copies (folded or
+            int8 PyTorch models) are refused: export the float model, and pass `int8=True`.
+        output_dir (`str`, *optional*): The model folder the `onnx/` folder goes into. With a model object, the model
+            is saved there first (`save_pretrained`: config and weights, which the `onnx/` files are tied to); add the
+            tokenizer for the pipeline. [`ORTFastBertForSequenceClassification.from_pretrained`] reads the folder.
+        int8 (`bool`, *optional*, defaults to `False`): Dynamic int8 quantization of every stage (weights int8 per
+            tensor, activations quantized per call), after fusion.
+        quantize_students (`bool`, *optional*, defaults to `False`): Quantize the students' matrices too. By default
+            they stay float: they see one vector per sample after their input projection, where per-call activation
+            quantization costs more than it saves (measured in `benchmarks/bench_onnx.py`).
+        check (`bool`, *optional*, defaults to `True`): Fail when a layer of a family listed in `EXPECTED_FUSIONS`
+            lacks one of its fused operators.
+
+    Returns:
+        `Path` of the `onnx/` folder. It replaces an existing one only once every stage is written.
+    """
+    require_onnx()
+    from .modeling_fastbert import FastBertForSequenceClassification, FastBertModelMixin
+
+    source_dir = None
+    if isinstance(model, str | os.PathLike):
+        source_dir = Path(model)
+        if not (source_dir / "config.json").is_file():
+            raise ValueError(f"{model} is not a saved model folder (no config.json).")
+        model = FastBertForSequenceClassification.from_pretrained(source_dir)
+    if not isinstance(model, FastBertModelMixin):
+        raise ValueError(f"export_onnx takes a FastBERT model, got {type(model).__name__}.")
+    if model.is_inference_copy:
+        raise ValueError(
+            "This model is an inference copy (folded or int8 PyTorch): export the float model it came from "
+            "(`int8=True` quantizes the ONNX stages)."
+        )
+    if output_dir is None:
+        if source_dir is None:
+            raise ValueError("Give `output_dir`: the model folder the onnx/ folder goes into.")
+        output_dir = source_dir
+    output_dir = Path(output_dir)
+    if source_dir is None or output_dir.resolve() != source_dir.resolve():
+        model.save_pretrained(output_dir)
+    config = model.config
+    family = config.backbone_model_type
+    if not config.branches_distilled:
+        logger.warning(
+            "The students of this model were never self-distilled: the exported stages answer like the PyTorch model, "
+            "so only speed 0 gives meaningful predictions."
+        )
+    model = model.eval()
+    token_types = uses_token_types(model)
+
+    # Example inputs: 2 rows, one padded, so that the traced graph covers padding; both axes dynamic.
+    generator = torch.Generator().manual_seed(0)
+    low = min(5, config.vocab_size - 1)
+    input_ids = torch.randint(low, config.vocab_size, (2, 16), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 11:] = 0
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    axes = {0: batch, 1: length}
+
+    final = output_dir / ONNX_FOLDER
+    work = Path(tempfile.mkdtemp(prefix=f".{ONNX_FOLDER}.", suffix=".partial", dir=output_dir))
+    try:
+        stages = []
+        embedding_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
+        args = (input_ids, attention_mask) + ((torch.zeros_like(input_ids),) if token_types else ())
+        try:
+            graph = _export_stage(
+                EmbeddingStage(model, token_types).eval(),
+                args,
+                embedding_inputs,
+                ["hidden_states"],
+                tuple(axes for _ in args),
+            )
+            with torch.no_grad():
+                hidden = EmbeddingStage(model, token_types).eval()(*args)
+            stages.append(("embeddings.onnx", graph))
+            for index in range(config.num_hidden_layers):
+                last = index == config.num_hidden_layers - 1
+                outputs = ["logits"] if last else ["next_hidden_states", "logits", "uncertainty"]
+                stage = LayerStage(model, index).eval()
+                graph = _export_stage(
+                    stage, (hidden, attention_mask), ["hidden_states", "attention_mask"], outputs, (axes, axes)
+                )
+                stages.append((f"layer_{index}.onnx", graph))
+                if not last:
+                    with torch.no_grad():
+                        hidden = stage(hidden, attention_mask)[0]
+        except Exception as error:  # the exporter's errors are long; name the family and the reason first
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"The {family} family does not export to ONNX with this torch ({torch.__version__}): {reason}"
+            ) from error
+
+        fusions, quantized_students = {}, {}
+        for name, graph in stages:
+            graph = _fuse(graph)
+            counts = _operator_counts(graph)
+            fused = {op: count for op, count in counts.items() if op in FUSED_OPERATORS}
+            fusions[name] = fused
+            if check and name.startswith("layer_") and family in EXPECTED_FUSIONS:
+                missing = {op: count for op, count in EXPECTED_FUSIONS[family].items() if fused.get(op, 0) < count}
+                if missing:
+                    raise RuntimeError(
+                        f"{name}: the ONNX Runtime fusions {sorted(missing)} were not applied (fused: {fused}); "
+                        "this torch/onnxscript version changed the exported graph. Pass check=False to export "
+                        "unfused stages anyway."
+                    )
+            path = work / name
+            if int8:
+                exclude = [] if quantize_students else _student_nodes(graph)
+                quantized_students[name] = quantize_students
+                float_path = work / f"{name}.float"
+                _save(graph, float_path)
+                _quantize(float_path, path, exclude)
+                float_path.unlink()
+            else:
+                _save(graph, path)
+
+        import onnxruntime
+        import onnxscript
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "config": config_signature(config),
+            "model_safetensors_sha256": weights_fingerprint(output_dir),
+            "token_type_ids": token_types,
+            "int8": int8,
+            "quantize_students": quantize_students if int8 else None,
+            "stages": [name for name, _ in stages],
+            "fusions": fusions,
+            "opset": OPSET,
+            "exported_with": {
+                "torch": torch.__version__,
+                "onnxscript": onnxscript.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            trash = output_dir / f".{ONNX_FOLDER}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            work.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            work.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+# ONNX Runtime's own (com.microsoft) operators the rewriter fuses into, counted per stage in the manifest.
+FUSED_OPERATORS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "EmbedLayerNormalization",
+    "RotaryEmbedding",
+    "QAttention",
+    "DynamicQuantizeMatMul",
+    "MatMulInteger",
+)
+
+
+__all__ = ["EXPECTED_FUSIONS", "MANIFEST", "ONNX_FOLDER", "export_onnx", "require_onnx", "weights_fingerprint"]

@@ -1,0 +1,230 @@
+"""FastBERT on ONNX Runtime: export, the staged engine against the PyTorch one, the pipeline, and the error cases."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import FAMILIES, family_model, random_batch, sentiment_fastbert
+from tolerances import assert_exits_clear
+
+from hf_fastbert import fastbert_flops, fold_students
+from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+from hf_fastbert.onnx_export import EXPECTED_FUSIONS, MANIFEST, export_onnx
+
+
+# ONNX Runtime's kernels (fused attention, other GEMMs) against PyTorch's: the same function within float32 rounding.
+ORT_ATOL = 1e-4
+SPEEDS = [0.0, 0.5, 1.0]
+
+
+def run(model, input_ids, attention_mask, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Export on first use, once per (family, layers, int8): `exported(family, layers=2)` -> (model, folder)."""
+    cache = {}
+
+    def get(family, layers=2, int8=False):
+        key = (family, layers, int8)
+        if key not in cache:
+            settings = {"n_layers": layers} if family == "distilbert" else {"num_hidden_layers": layers}
+            model = family_model(family, **settings)
+            model.config.branches_distilled = True  # spread students stand in for distilled ones
+            folder = tmp_path_factory.mktemp(f"{family}-{layers}-{'int8' if int8 else 'fp32'}")
+            export_onnx(model, folder, int8=int8)
+            cache[key] = (model, folder)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_answers_as_pytorch(exported, family):
+    model, folder = exported(family)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    input_ids, attention_mask = random_batch(batch_size=8)
+    for speed in SPEEDS:
+        assert_exits_clear(model, input_ids, attention_mask, speed)
+        expected = run(model, input_ids, attention_mask, speed=speed)
+        got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=speed)
+        assert got.exit_layers.tolist() == expected.exit_layers.tolist(), (family, speed)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=ORT_ATOL)
+        # The layer graphs compute their students at speed 0 too, and the FLOPs count them.
+        flops = fastbert_flops(model.config, attention_mask.sum(dim=1), got.exit_layers, branches_ran=True)
+        assert torch.equal(got.flops, flops)
+    if family == "bert":  # the mixed speed really mixes: some samples leave after the student, some run on
+        assert set(run(model, input_ids, attention_mask, speed=0.5).exit_layers.tolist()) == {1, 2}
+    full = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.5, output_all_logits=True)
+    reference = run(model, input_ids, attention_mask, speed=0.5, output_all_logits=True)
+    torch.testing.assert_close(full.all_logits, reference.all_logits, rtol=0, atol=ORT_ATOL)
+    assert full.exit_layers.tolist() == reference.exit_layers.tolist()
+
+
+def test_layers_keep_onnx_runtime_fusions(exported):
+    # A torch or onnxscript version that stops fusing would make every stage slower without failing anything else.
+    model, folder = exported("bert", layers=4)
+    manifest = json.loads((folder / "onnx" / MANIFEST).read_text())
+    for index in range(4):
+        graph = onnx.load(folder / "onnx" / f"layer_{index}.onnx", load_external_data=False)
+        counts = {}
+        for node in graph.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        for operator, count in EXPECTED_FUSIONS["bert"].items():
+            assert counts.get(operator) == count, (index, operator, counts)
+        assert manifest["fusions"][f"layer_{index}.onnx"] == {**EXPECTED_FUSIONS["bert"]}
+    assert manifest["config"]["num_hidden_layers"] == 4 and manifest["int8"] is False
+
+
+def test_batch_invariance_alone_padded_and_permuted(exported):
+    model, folder = exported("bert", layers=4)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    input_ids, attention_mask = random_batch(batch_size=8, seq_length=12)
+    batched = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.5)
+    assert len(set(batched.exit_layers.tolist())) > 1  # early and late exits in one batch
+    for row in range(8):
+        length = int(attention_mask[row].sum())
+        alone = ort_model(input_ids=input_ids[row : row + 1, :length], speed=0.5)
+        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], rtol=0, atol=1e-5)
+        assert alone.flops.item() == batched.flops[row].item()
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    permuted = ort_model(input_ids=input_ids[order], attention_mask=attention_mask[order], speed=0.5)
+    assert permuted.exit_layers.tolist() == batched.exit_layers[order].tolist()
+    torch.testing.assert_close(permuted.logits, batched.logits[order], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["entropy", "patience", "thresholds", "learned"])
+def test_every_exit_rule_as_in_pytorch(exported, rule):
+    model, folder = exported("bert", layers=4)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    input_ids, attention_mask = random_batch(batch_size=16, seed=3)
+    if rule in ("thresholds", "learned"):
+        model.calibrate_exit_rules(run(model, input_ids, attention_mask, output_all_logits=True).all_logits)
+        ort_model.config.exit_thresholds = model.config.exit_thresholds
+        ort_model.config.exit_heads = model.config.exit_heads
+    seen = set()
+    for speed in (0.02, 0.2, 0.6, 0.9):
+        expected = run(model, input_ids, attention_mask, speed=speed, exit_rule=rule)
+        got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=speed, exit_rule=rule)
+        assert got.exit_layers.tolist() == expected.exit_layers.tolist(), (rule, speed)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=ORT_ATOL)
+        seen |= set(got.exit_layers.tolist())
+    assert len(seen) > 1, rule
+
+
+def test_int8_stages_are_quantized_with_float_students(exported):
+    model, folder = exported("bert", layers=4, int8=True)
+    manifest = json.loads((folder / "onnx" / MANIFEST).read_text())
+    assert manifest["int8"] is True and manifest["quantize_students"] is False
+    graph = onnx.load(folder / "onnx" / "layer_1.onnx")
+    operators = {node.op_type for node in graph.graph.node}
+    assert {"QAttention", "DynamicQuantizeMatMul"} & operators or "MatMulInteger" in operators, operators
+    student_weights = [init for init in graph.graph.initializer if "branches.1.classifier" in init.name]
+    assert student_weights and all(init.data_type == onnx.TensorProto.FLOAT for init in student_weights)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    input_ids, attention_mask = random_batch(batch_size=16, seed=1)
+    got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)
+    expected = run(model, input_ids, attention_mask, speed=0.0)
+    agreement = (got.logits.argmax(-1) == expected.logits.argmax(-1)).float().mean().item()
+    assert agreement >= 0.75 and (got.logits - expected.logits).abs().max().item() < 0.5
+
+
+def test_pipeline_takes_the_onnx_model_with_speed(tmp_path, caplog):
+    from transformers import pipeline
+
+    import hf_fastbert  # noqa: F401
+
+    words = "good bad great awful fine movie plot the was".split()
+    model, tokenizer = sentiment_fastbert(words)
+    model.config.branches_distilled = True
+    export_onnx(model, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(tmp_path, threads=1)
+    texts = ["good movie", "the plot was awful", "fine"]
+    expected = pipeline("text-classification", model=model, tokenizer=tokenizer, speed=0.3)
+    classifier = pipeline("text-classification", model=ort_model, tokenizer=tokenizer, speed=0.3)
+    assert "not supported" not in caplog.text
+    for speed in (0.0, 0.3, 0.9):
+        got = classifier(texts, return_exit_layer=True, speed=speed)
+        want = expected(texts, return_exit_layer=True, speed=speed)
+        assert [(r["label"], r["exit_layer"]) for r in got] == [(r["label"], r["exit_layer"]) for r in want]
+        assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=ORT_ATOL)
+
+
+# Bad input
+
+
+def test_missing_or_foreign_onnx_folders_are_refused_at_load(exported, tmp_path):
+    model, folder = exported("bert", layers=4)
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    with pytest.raises(FileNotFoundError, match="hf-fastbert export"):
+        ORTFastBertForSequenceClassification.from_pretrained(plain)
+    # Another model's onnx/ folder: same config, other weights.
+    other = family_model("bert", seed=1, num_hidden_layers=4)
+    other.save_pretrained(plain)
+    shutil.copytree(folder / "onnx", plain / "onnx")
+    with pytest.raises(ValueError, match="exported from other weights"):
+        ORTFastBertForSequenceClassification.from_pretrained(plain)
+    # A config that no longer matches the graphs (labels changed since the export).
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c"}
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="id2label"):
+        ORTFastBertForSequenceClassification.from_pretrained(changed)
+    # A corrupted stage.
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(folder, corrupted)
+    (corrupted / "onnx" / "layer_2.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ValueError, match="layer_2.onnx is not a valid ONNX model"):
+        ORTFastBertForSequenceClassification.from_pretrained(corrupted)
+    # A missing stage.
+    (corrupted / "onnx" / "layer_3.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="layer_3.onnx"):
+        ORTFastBertForSequenceClassification.from_pretrained(corrupted)
+
+
+def test_inference_copies_are_refused_and_nothing_is_written(tmp_path):
+    model = family_model("bert", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="inference copy"):
+        export_onnx(fold_students(model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="not a saved model folder"):
+        export_onnx(str(tmp_path / "missing"))
+
+
+def test_without_the_extra_a_one_line_error_names_it():
+    script = """
+import sys
+sys.modules["onnxruntime"] = None
+from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+try:
+    ORTFastBertForSequenceClassification.from_pretrained(".")
+except ImportError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "pip install 'hf-fastbert[onnx]'" in result.stdout
+
+
+def test_inputs_are_checked(exported):
+    _, folder = exported("bert", layers=4)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    with pytest.raises(ValueError, match="speed"):
+        ort_model(input_ids=np.ones((1, 4), dtype=np.int64), speed=2.0)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        ort_model(input_ids=np.ones((1, 4), dtype=np.int64), attention_mask=np.ones((1, 5), dtype=np.int64))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        ort_model(input_ids=np.ones((1, 4), dtype=np.int64), inputs_embeds=torch.zeros(1, 4, 32))
+    with pytest.raises(ValueError, match="threads"):
+        ORTFastBertForSequenceClassification.from_pretrained(folder, threads=0)
