@@ -317,7 +317,7 @@ class ORTFastBertForSequenceClassification:
         if full_depth:
             all_logits = torch.from_numpy(np.stack(student_logits + [teacher_logits], axis=1))  # (B, L, C)
             result_logits, result_exits = select_exits(all_logits, speed, self.config, exit_rule)
-        # Every layer graph computes its student, at speed 0 too: the FLOPs say so (the PyTorch model skips them there).
+        # Every layer graph computes its student, at speed 0 too: the FLOPs count it (PyTorch skips them there).
         flops = self._sample_flops(seq_lengths, result_exits, True, seq_length)
         return FastBertSequenceClassifierOutput(
             logits=result_logits,
