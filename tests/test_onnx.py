@@ -228,3 +228,66 @@ def test_inputs_are_checked(exported):
         ort_model(input_ids=np.ones((1, 4), dtype=np.int64), inputs_embeds=torch.zeros(1, 4, 32))
     with pytest.raises(ValueError, match="threads"):
         ORTFastBertForSequenceClassification.from_pretrained(folder, threads=0)
+
+
+# The command line
+
+
+def test_export_then_every_command_with_the_onnx_backend(tmp_path, capsys):
+    from test_cli import DATA_ARGS, sentences, tiny_kwargs, tiny_tokenizer, write_csv
+
+    from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
+    from hf_fastbert.cli import main
+
+    torch.manual_seed(0)
+    model = spread_branches_of(FastBertForSequenceClassification(FastBertConfig(**tiny_kwargs())))
+    model_dir, data = tmp_path / "model", write_csv(tmp_path / "dev.csv", sentences(40))
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    config_before = (model_dir / "config.json").read_text()
+
+    assert main(["predict", str(model_dir), "x", "--backend", "onnx"]) == 1  # not exported yet
+    assert f"hf-fastbert export {model_dir}" in capsys.readouterr().err
+    assert main(["export", str(model_dir)]) == 0
+    assert "exported 4 float32 ONNX stages" in capsys.readouterr().out
+    assert (model_dir / "config.json").read_text() == config_before  # exported in place: the model is untouched
+
+    texts = ["a good movie", "the plot was dull and boring", "not fun"]
+    for backend in ("torch", "onnx"):
+        assert main(["predict", str(model_dir), *texts, "--speed", "0.5", "--json", "--backend", backend]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        if backend == "torch":
+            expected = lines
+    assert [(line["label"], line["exit_layer"]) for line in lines] == [
+        (line["label"], line["exit_layer"]) for line in expected
+    ]
+    assert [line["score"] for line in lines] == pytest.approx([line["score"] for line in expected], abs=ORT_ATOL)
+    assert main(["predict", str(model_dir), "x", "--backend", "onnx", "--int8"]) == 1
+    assert "needs an int8 export" in capsys.readouterr().err
+
+    common = ["--dataset", str(data), *DATA_ARGS, "--backend", "onnx"]
+    assert main(["evaluate", str(model_dir), *common, "--speeds", "0", "0.8"]) == 0
+    assert "wall_speedup" in capsys.readouterr().out
+    assert main(["sweep", str(model_dir), *common, "--output-dir", str(tmp_path / "sweep")]) == 0
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["samples"] == 40
+    capsys.readouterr()
+    # Calibrated on the runtime's outputs and kept in onnx/, not in config.json (the PyTorch model's defaults).
+    assert main(["calibrate", str(model_dir), *common, "--max-accuracy-drop", "1.0", "--save"]) == 0
+    assert "as the ONNX Runtime default" in capsys.readouterr().out
+    assert (model_dir / "config.json").read_text() == config_before
+    loaded = ORTFastBertForSequenceClassification.from_pretrained(model_dir)
+    assert loaded.config.speed == 0.99 and len(loaded.config.exit_thresholds) == 2
+
+    assert main(["export", str(model_dir), "--int8"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(model_dir), *texts, "--backend", "onnx", "--int8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["export", str(model_dir), "--quantize-students"]) == 1
+    assert "goes with --int8" in capsys.readouterr().err
+
+
+def spread_branches_of(model):
+    from tiny_models import spread_branches
+
+    model.config.branches_distilled = True
+    return spread_branches(model).eval()

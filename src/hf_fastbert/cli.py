@@ -39,6 +39,7 @@ from .configuration_fastbert import EXIT_RULES, is_fastbert_model_type, validate
 logger = logging.getLogger(__name__)
 
 PROG = "hf-fastbert"
+BACKENDS = ("torch", "onnx")
 SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9 (= hf_fastbert.analysis.SWEEP_SPEEDS)
 CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99 (= analysis.CALIBRATION_SPEEDS)
 EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
@@ -134,7 +135,19 @@ def _add_int8_argument(parser):
         "--int8",
         action="store_true",
         help="Run the linear layers in int8 on the CPU (dynamic quantization: about 1.8x faster at speed 0, "
-        "exits on top; check the accuracy with `evaluate --int8`).",
+        "exits on top; check the accuracy with `evaluate --int8`). With --backend onnx: require an int8 export.",
+    )
+    _add_backend_argument(parser)
+
+
+def _add_backend_argument(parser):
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch: the PyTorch model. onnx: its ONNX Runtime stages (`hf-fastbert export MODEL` first; needs "
+        "pip install 'hf-fastbert[onnx]'), with the exit rule and speed `calibrate --backend onnx --save` chose for "
+        "them, else the model's.",
     )
 
 
@@ -337,6 +350,7 @@ def build_parser():
         "them.",
     )
     _add_data_arguments(sweep, split_default="test")
+    _add_backend_argument(sweep)
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -375,6 +389,28 @@ def build_parser():
         help_text="Candidate exit rules; thresholds and learned are fitted on this validation data first.",
     )
     _add_data_arguments(calibrate)
+    _add_backend_argument(calibrate)
+
+    export = commands.add_parser(
+        "export",
+        help="Write the model as ONNX Runtime stages (onnx/ in its folder), fp32 or int8, for --backend onnx.",
+        description="Exports the embeddings and one graph per layer (the layer, its student, the student's logits "
+        "and its uncertainty) with torch.onnx's dynamo exporter, fuses them for ONNX Runtime (Attention, "
+        "SkipLayerNormalization, Gelu) and, with --int8, quantizes each stage dynamically. Written to "
+        "<output-dir>/onnx/, replacing an existing export only once complete. Then `predict`, `evaluate`, `sweep`, "
+        "`calibrate` and `serve` take --backend onnx; `calibrate --backend onnx --save` picks the exit rule and "
+        "speed on the runtime's own outputs. Needs pip install 'hf-fastbert[onnx]'.",
+        formatter_class=_HelpFormatter,
+    )
+    export.add_argument("model", help="A local FastBERT model folder (or a Hub repo id, with --output-dir).")
+    export.add_argument("--output-dir", help="The model folder to write onnx/ into (default: the model's folder).")
+    export.add_argument("--int8", action="store_true", help="Dynamic int8 quantization of every stage.")
+    export.add_argument(
+        "--quantize-students",
+        action="store_true",
+        help="With --int8, quantize the students' matrices too (by default they stay float: measured slower in "
+        "int8, one vector per sample).",
+    )
 
     predict = commands.add_parser(
         "predict",
@@ -619,10 +655,24 @@ def _load_fastbert_weights(source, name_or_path, config):
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_fastbert(name_or_path, int8=False):
-    """Load a FastBERT model (eval mode, int8 linear layers with `int8`) and its tokenizer; a clear error otherwise."""
+def load_fastbert(name_or_path, int8=False, backend="torch"):
+    """
+    Load a FastBERT model (eval mode, int8 linear layers with `int8`) and its tokenizer; a clear error otherwise. With
+    `backend="onnx"`, its ONNX Runtime stages ([`ORTFastBertForSequenceClassification`]); `int8` then requires an int8
+    export.
+    """
     from transformers import AutoTokenizer
 
+    if backend == "onnx":
+        from .modeling_ort import ORTFastBertForSequenceClassification
+
+        model = ORTFastBertForSequenceClassification.from_pretrained(name_or_path)
+        if int8 and not model.manifest["int8"]:
+            raise ValueError(
+                f"--int8 with --backend onnx needs an int8 export, and {name_or_path}/onnx is float32: run "
+                f"`{PROG} export {name_or_path} --int8`"
+            )
+        return model, AutoTokenizer.from_pretrained(model.name_or_path)
     if int8:  # before anything loads
         from .quantization import check_int8_supported
 
@@ -712,7 +762,7 @@ def run_predict(args):
     if args.output is not None or is_table_file(args.file):
         return run_predict_file(args)
     texts = read_texts(args.texts, args.file)
-    model, tokenizer = load_fastbert(args.model, int8=args.int8)
+    model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend)
     results = predict_texts(
         model,
         tokenizer,
@@ -754,7 +804,7 @@ def run_predict_file(args):
         if output.is_dir():
             raise IsADirectoryError(f"cannot write predictions to {args.output}: it is a folder")
         check_writable_folder(output.parent, f"cannot write predictions to {args.output}")
-    model, tokenizer = load_fastbert(args.model, int8=args.int8)
+    model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend)
 
     def emit(rows):
         for row in rows:
@@ -816,7 +866,7 @@ def run_serve(args):
         speed_curve=curve,
         model_id=args.model,
     )
-    model, tokenizer = load_fastbert(args.model, int8=args.int8)
+    model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend)
     if args.threads is not None:
         import torch
 
@@ -1056,7 +1106,7 @@ def prepare_evaluation(args):
 
     raw = load_split(args.dataset, args.split, args.dataset_config)
     check_columns(raw, [args.text_column, args.text_pair_column, args.label_column], split=args.split)
-    model, tokenizer = load_fastbert(args.model, int8=getattr(args, "int8", False))
+    model, tokenizer = load_fastbert(args.model, int8=getattr(args, "int8", False), backend=args.backend)
     if getattr(args, "uncertainty_top_k", None) is not None:
         model.config.uncertainty_top_k = args.uncertainty_top_k
     if args.max_samples is not None:
@@ -1188,10 +1238,14 @@ def run_calibrate(args):
         f"{choice.row['flops_speedup']:.2f}x FLOPs, accuracy {choice.row['accuracy']:.4f})"
     )
     if args.save:
+        saved = f"exit_rule={choice.exit_rule}, speed={choice.speed:g}"
+        if args.backend == "onnx":  # the runtime's own default; config.json keeps the PyTorch model's
+            path = model.save_calibration(save_dir)
+            print(f"saved {saved} as the ONNX Runtime default in {path}")
+            return
         with tempfile.TemporaryDirectory(dir=save_dir, prefix=".calibrate-") as work_dir:
             model.config.save_pretrained(work_dir)
             os.replace(Path(work_dir) / "config.json", save_dir / "config.json")
-        saved = f"exit_rule={choice.exit_rule}, speed={choice.speed:g}"
         print(f"saved {saved} as the default in {save_dir / 'config.json'}")
 
 
@@ -1323,8 +1377,40 @@ def main(argv=None) -> int:
         return 1
 
 
+def run_export(args):
+    from .onnx_export import export_onnx, require_onnx
+
+    require_onnx()  # before anything loads
+    if args.quantize_students and not args.int8:
+        raise ValueError("--quantize-students goes with --int8")
+    source, config = load_model_config(args.model)
+    if not is_fastbert_model_type(config.model_type):
+        raise ValueError(f"{args.model} is a {config.model_type!r} model, not FastBERT")
+    local = Path(args.model).expanduser().is_dir()
+    if args.output_dir is None and not local:
+        raise ValueError(f"{args.model} is not a local folder: give --output-dir for the exported model")
+    output_dir = Path(args.output_dir or args.model).expanduser()
+    in_place = local and output_dir.resolve() == Path(args.model).expanduser().resolve()
+    model = _load_fastbert_weights(source, args.model, config).eval()  # a clear error for weights that do not fit
+    started = time.perf_counter()
+    # In place, the folder's own weights are what the stages are tied to; elsewhere the model is saved there first.
+    folder = export_onnx(
+        output_dir if in_place else model, output_dir, int8=args.int8, quantize_students=args.quantize_students
+    )
+    if not in_place:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+    seconds = time.perf_counter() - started
+    print(
+        f"exported {config.num_hidden_layers + 1} {'int8' if args.int8 else 'float32'} ONNX stages to {folder} in "
+        f"{seconds:.0f} s; run it with `{PROG} predict {output_dir} TEXT --backend onnx`"
+    )
+
+
 COMMANDS = {
     "train": run_train,
+    "export": run_export,
     "evaluate": run_evaluate,
     "sweep": run_sweep,
     "calibrate": run_calibrate,

@@ -300,7 +300,7 @@ def predict_all_logits(model, dataset, batch_size: int = 32, progress: bool = Fa
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     all_logits, seq_lengths, labels = [], [], []
     for start in tqdm(range(0, num_samples, batch_size), desc="Evaluating", disable=not progress):

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from .configuration_fastbert import validate_speed
-from .exit_rules import check_exit_rule, exits_at_layer, select_exits
+from .exit_rules import (
+    _unclamped_normalized_entropy,
+    calibrate_thresholds,
+    check_exit_rule,
+    exits_at_layer,
+    fit_exit_heads,
+    select_exits,
+)
 from .flops import fastbert_flops
 from .modeling_fastbert import FastBertSequenceClassifierOutput
 from .onnx_export import (
@@ -132,6 +139,30 @@ class ORTFastBertForSequenceClassification:
         self.name_or_path = name_or_path
         self._token_types = manifest["token_type_ids"]
         self._flops_tables = {}
+        for key, value in (manifest.get("calibration") or {}).items():
+            setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
+
+    def calibrate_exit_rules(self, all_logits: torch.Tensor):
+        """As [`FastBertForSequenceClassification.calibrate_exit_rules`], on this runtime's `all_logits`."""
+        all_logits = all_logits.detach().float().cpu()
+        self.config.exit_thresholds = calibrate_thresholds(all_logits, self.config.uncertainty_top_k)
+        self.config.exit_heads = fit_exit_heads(all_logits, self.config.uncertainty_top_k)
+        return self
+
+    def save_calibration(self, folder=None) -> Path:
+        """
+        Keep the config's exit rule, speed and calibrated rules as this export's defaults: they are written into
+        `onnx/fastbert_onnx.json` (atomically), not into `config.json`, whose defaults stay the PyTorch model's (int8
+        on the runtime shifts the students' confidence, so each backend has its own). Returns the manifest's path.
+        """
+        folder = Path(folder or self.name_or_path)
+        path = folder / ONNX_FOLDER / MANIFEST
+        fields = ("exit_rule", "speed", "exit_thresholds", "exit_heads", "uncertainty_top_k")
+        self.manifest["calibration"] = {name: getattr(self.config, name, None) for name in fields}
+        temporary = path.with_name(f".{path.name}.partial")
+        temporary.write_text(json.dumps(self.manifest, indent=2) + "\n")
+        os.replace(temporary, path)
+        return path
 
     @classmethod
     def from_pretrained(
@@ -279,6 +310,8 @@ class ORTFastBertForSequenceClassification:
         last_columns = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)  # (B,) columns each sample needs
         last_columns[mask.sum(axis=1) == 0] = 0
         student_logits, rule_state = [], None
+        top_k = self.config.uncertainty_top_k
+        graph_uncertainty = top_k == self.manifest.get("uncertainty_top_k")
         for index in range(num_layers):
             outputs = self.sessions[index + 1].run(None, {"hidden_states": hidden, "attention_mask": mask})
             if index == num_layers - 1:
@@ -289,8 +322,10 @@ class ORTFastBertForSequenceClassification:
             if full_depth:
                 student_logits.append(branch_logits)
                 continue
-            if exit_rule == "entropy":
+            if exit_rule == "entropy" and graph_uncertainty:
                 exits = uncertainty < speed  # (b,)
+            elif exit_rule == "entropy":  # another top-k than the graphs measure
+                exits = (_unclamped_normalized_entropy(torch.from_numpy(branch_logits), top_k) < speed).numpy()
             else:
                 exits, rule_state = exits_at_layer(
                     self.config, speed, index, torch.from_numpy(branch_logits), rule_state, exit_rule

@@ -122,7 +122,6 @@ def config_signature(config) -> dict:
         "hidden_size": config.hidden_size,
         "num_labels": config.num_labels,
         "id2label": {str(key): value for key, value in config.id2label.items()},
-        "uncertainty_top_k": config.uncertainty_top_k,
         "teacher_head": config.teacher_head,
     }
 
@@ -165,12 +164,19 @@ def _fuse(model):
 
 
 def _student_nodes(model) -> list[str]:
-    """Names of the nodes that compute the student (its name scope is `model.branches.<i>`)."""
+    """Names of the nodes that compute a student after its input projection (which sees every token, as a layer's
+    matrices do, and is quantized): traced inside `model.branches.<i>` (the exporter's name scopes), or reading one
+    of its parameters (nodes the rewriter made keep their inputs, not always their metadata)."""
     names = []
     for node in model.graph:
         scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-        if ".branches." in scopes or "'branches." in scopes:
+        inputs = [value.name for value in node.inputs if value is not None]
+        if "dense_in" in scopes or any(name and "dense_in" in name for name in inputs):
+            continue
+        if "branches." in scopes or any(name and "branches." in name for name in inputs):
             names.append(node.name)
+            if node.op_type == "Gemm":  # quantize_dynamic first rewrites a Gemm into `<name>_MatMul` + `<name>_Add`
+                names.append(f"{node.name}_MatMul")
     return names
 
 
@@ -183,7 +189,11 @@ def _save(model, path: Path):
 def _quantize(source: Path, target: Path, exclude: list[str]):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    logging.disable(logging.WARNING)  # its advice to pre-process, logged on the root logger for every stage
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students: bool = False, check: bool = True):
@@ -199,9 +209,10 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
             tokenizer for the pipeline. [`ORTFastBertForSequenceClassification.from_pretrained`] reads the folder.
         int8 (`bool`, *optional*, defaults to `False`): Dynamic int8 quantization of every stage (weights int8 per
             tensor, activations quantized per call), after fusion.
-        quantize_students (`bool`, *optional*, defaults to `False`): Quantize the students' matrices too. By default
-            they stay float: they see one vector per sample after their input projection, where per-call activation
-            quantization costs more than it saves (measured in `benchmarks/bench_onnx.py`).
+        quantize_students (`bool`, *optional*, defaults to `False`): Quantize every matrix of the students. By
+            default only their input projection is (it sees every token, like a layer's matrices); the rest sees one
+            vector per sample, where per-call activation quantization costs more than it saves (as measured for the
+            PyTorch int8 path; `benchmarks/bench_onnx.py --quantized-students` measures it on the runtime).
         check (`bool`, *optional*, defaults to `True`): Fail when a layer of a family listed in `EXPECTED_FUSIONS`
             lacks one of its fused operators.
 
@@ -317,6 +328,10 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
             "config": config_signature(config),
             "model_safetensors_sha256": weights_fingerprint(output_dir),
             "token_type_ids": token_types,
+            # The layer graphs' `uncertainty` output measures this; another config value is computed from the logits.
+            "uncertainty_top_k": config.uncertainty_top_k,
+            # `calibrate --backend onnx --save` writes the exit rule and speed chosen on these stages' outputs here.
+            "calibration": None,
             "int8": int8,
             "quantize_students": quantize_students if int8 else None,
             "stages": [name for name, _ in stages],

@@ -63,7 +63,7 @@ def classify_batch(model, encodings: Sequence[dict], speed: float | None, pad_to
     Returns:
         `(logits, exit_layers)`: a `(B, C)` float32 CPU tensor and a `(B,)` int64 CPU tensor.
     """
-    device = next(model.parameters()).device
+    device = model.device
     batch = collate(encodings, pad_token_id, padding_side)
     output = model(**{key: value.to(device) for key, value in batch.items()}, speed=speed)
     return output.logits.float().cpu(), output.exit_layers.long().cpu()

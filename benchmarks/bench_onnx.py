@@ -1,0 +1,322 @@
+"""FastBERT on ONNX Runtime against the stock classifier on ONNX Runtime, with the same fusions, and against PyTorch.
+
+On real held-out snippets, batch 1 and 32, interleaved rounds (medians of per-round ratios), in one run:
+- the stock `BertForSequenceClassification` (same weights) in fp32 PyTorch;
+- the stock model exported as one graph (`torch.onnx.export(dynamo=True)`), fused by onnxscript's ONNX Runtime
+  rewriter exactly as FastBERT's stages are (Attention, SkipLayerNormalization, BiasGelu), in fp32 and dynamically
+  quantized to int8;
+- FastBERT in PyTorch, fp32 and int8 (`quantize_int8`), at the model's saved speed;
+- FastBERT on ONNX Runtime (`hf-fastbert export`, fp32 and `--int8`) at speed 0 and at the speed calibrated on the
+  validation split on its own outputs (the largest within `--budget` of its own speed 0, entropy rule).
+Also measured: the cost of one session run (an Identity graph on a batch of hidden states), the per-stage overhead.
+
+Accuracy is on `--accuracy-samples` test snippets (batch 32), times on the first `--samples`. The wall-time speed-up
+over the same backend's speed 0 is given beside the FLOPs speed-up (`wall / FLOPs`: 1.0 = the exits save all the time
+their FLOPs promise).
+
+    make demo
+    python benchmarks/bench_onnx.py --model outputs/fastbert-demo --threads 1
+    python benchmarks/bench_onnx.py --model outputs/fastbert-demo --threads 2 --name onnx_2threads
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from bench_inference import Contender, run_rounds
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from hf_fastbert import FastBertForSequenceClassification
+from hf_fastbert.analysis import calibrate
+from hf_fastbert.data import prepare_dataset
+from hf_fastbert.demo_data import load_rotten_tomatoes
+from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+from hf_fastbert.onnx_export import _export_stage, _fuse, _operator_counts, _quantize, _save, export_onnx
+from hf_fastbert.quantization import quantize_int8
+
+
+class StockClassifier(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def stock_onnx(stock, work_dir: Path):
+    """The stock classifier as one fused graph, fp32 and int8 files; and its fused operator counts."""
+    sample = torch.randint(1000, 2000, (2, 16))
+    mask = torch.ones_like(sample)
+    mask[1, 11:] = 0
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    axes = {0: batch, 1: length}
+    graph = _export_stage(
+        StockClassifier(stock).eval(),
+        (sample, mask, torch.zeros_like(sample)),
+        ["input_ids", "attention_mask", "token_type_ids"],
+        ["logits"],
+        (axes, axes, axes),
+    )
+    graph = _fuse(graph)
+    counts = _operator_counts(graph)
+    fp32, int8 = work_dir / "stock.onnx", work_dir / "stock-int8.onnx"
+    _save(graph, fp32)
+    _quantize(fp32, int8, [])
+    return fp32, int8, counts
+
+
+def session_run_cost(threads, hidden_size, batch_size, length, runs=2000):
+    """Microseconds of one `InferenceSession.run` of an Identity graph on a (batch, length, hidden) float tensor."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    shape = [None, None, hidden_size]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": np.zeros((batch_size, length, hidden_size), dtype=np.float32)}
+    for _ in range(100):
+        session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    return 1e6 * (time.perf_counter() - start) / runs
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    import onnxruntime
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a trained FastBERT folder (make demo: outputs/fastbert-demo)")
+    parser.add_argument("--samples", type=int, default=256, help="test snippets timed per contender")
+    parser.add_argument("--accuracy-samples", type=int, default=2000, help="test snippets scored per contender")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=0.005, help="accuracy drop of the calibrated speed")
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--name", default="onnx", help="results file stem")
+    parser.add_argument(
+        "--quantized-students", action="store_true", help="add an int8 export whose students are quantized whole"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    fastbert = FastBertForSequenceClassification.from_pretrained(args.model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = BertForSequenceClassification.from_pretrained(args.model).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    exports = {}
+    for precision in ("fp32", "int8") + (("int8-students",) if args.quantized_students else ()):
+        folder = work / precision
+        shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("onnx", "sweep", "*.json.partial"))
+        export_onnx(str(folder), int8=precision != "fp32", quantize_students=precision == "int8-students")
+        exports[precision] = folder
+    stock_fp32, stock_int8, stock_fusions = stock_onnx(stock, work)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    stock_sessions = {
+        precision: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for precision, path in (("fp32", stock_fp32), ("int8", stock_int8))
+    }
+    ort = {
+        precision: ORTFastBertForSequenceClassification.from_pretrained(folder, threads=args.threads)
+        for precision, folder in exports.items()
+    }
+    torch_models = {"fp32": fastbert, "int8": quantize_int8(fastbert)}
+
+    data = load_rotten_tomatoes()
+    label_names = [fastbert.config.id2label[index] for index in range(fastbert.config.num_labels)]
+    validation = prepare_dataset(
+        data["validation"], tokenizer, "text", None, "label", label_names, args.max_length, "validation"
+    )
+    calibrated = {}
+    for precision, model in ort.items():  # on the runtime's own outputs: int8 shifts the students' confidence
+        choice = calibrate(model, validation, max_accuracy_drop=args.budget, exit_rules=["entropy"], batch_size=64)
+        calibrated[precision] = {"speed": choice.speed, "validation": choice.row, "reference": choice.reference}
+        print(f"ONNX Runtime {precision}: calibrated speed {choice.speed:g} on validation", file=sys.stderr)
+
+    test = data["test"]
+    texts, labels = list(test["text"]), torch.tensor(test["label"])
+    accuracy_texts, accuracy_labels = texts[: args.accuracy_samples], labels[: args.accuracy_samples]
+    timed_texts = texts[: args.samples]
+
+    def encode(batch_texts):
+        return dict(tokenizer(batch_texts, truncation=True, max_length=args.max_length, padding=True,
+                              return_tensors="pt"))  # fmt: skip
+
+    batches = {
+        1: [encode([text]) for text in timed_texts],
+        32: [encode(timed_texts[i : i + 32]) for i in range(0, len(timed_texts), 32)],
+    }
+    accuracy_batches = [encode(accuracy_texts[i : i + 32]) for i in range(0, len(accuracy_texts), 32)]
+
+    # (name, kind, callable on one batch dict) for every contender; FastBERT ones also report FLOPs.
+    variants = [("stock PyTorch fp32", lambda batch: stock(**batch).logits, None)]
+    for precision, session in stock_sessions.items():
+        variants.append(
+            (
+                f"stock ONNX Runtime {precision}",
+                lambda batch, session=session: torch.from_numpy(
+                    session.run(None, {key: value.numpy() for key, value in batch.items()})[0]
+                ),
+                None,
+            )
+        )
+    for precision, model in torch_models.items():
+        speed = fastbert.config.speed
+        variants.append(
+            (f"FastBERT PyTorch {precision} s{speed:g}", lambda batch, m=model, s=speed: m(**batch, speed=s), speed)
+        )
+    for precision, model in ort.items():
+        for speed in sorted({0.0, calibrated[precision]["speed"]}):
+            variants.append(
+                (
+                    f"FastBERT ONNX Runtime {precision} s{speed:g}",
+                    lambda batch, m=model, s=speed: m(**batch, speed=s),
+                    speed,
+                )
+            )
+
+    def logits_of(output):
+        return getattr(output, "logits", output)
+
+    scores, flops = {}, {}
+    with torch.inference_mode():
+        for name, call, _ in variants:
+            outputs = [call(batch) for batch in accuracy_batches]
+            predictions = torch.cat([logits_of(output).argmax(dim=-1) for output in outputs])
+            scores[name] = (predictions == accuracy_labels).double().mean().item()
+            if hasattr(outputs[0], "flops"):
+                flops[name] = torch.cat([output.flops for output in outputs]).double().sum().item()
+
+    contenders = {}
+    for name, call, _ in variants:
+        for batch_size, inputs_list in batches.items():
+            contenders[f"{name} b{batch_size}"] = Contender(
+                lambda call=call, inputs_list=inputs_list: [call(batch) for batch in inputs_list]
+            )
+    with torch.inference_mode():
+        times = run_rounds(contenders, args.rounds, 1)
+    wall = {name: value["wall"] for name, value in times.items()}
+
+    def over(reference, name):  # median over rounds of reference time / name time
+        return statistics.median(a / b for a, b in zip(wall[reference], wall[name], strict=True))
+
+    rows = []
+    for name, _, speed in variants:
+        for batch_size in batches:
+            key = f"{name} b{batch_size}"
+            row = {
+                "model": name,
+                "batch_size": batch_size,
+                "accuracy": scores[name],
+                "ms_per_sample": 1000 * statistics.median(wall[key]) / len(timed_texts),
+                "x_stock_pytorch_fp32": over(f"stock PyTorch fp32 b{batch_size}", key),
+            }
+            if name.startswith("FastBERT ONNX Runtime"):
+                precision = name.split()[3]
+                zero = f"FastBERT ONNX Runtime {precision} s0"
+                stock_precision = precision.split("-")[0]
+                row["x_stock_onnx_same_precision"] = over(f"stock ONNX Runtime {stock_precision} b{batch_size}", key)
+                if speed:
+                    row["wall_speedup_over_speed0"] = over(f"{zero} b{batch_size}", key)
+                    row["flops_speedup_over_speed0"] = flops[zero] / flops[name]
+                    row["wall_over_flops"] = row["wall_speedup_over_speed0"] / row["flops_speedup_over_speed0"]
+                    row["calibrated"] = True
+            rows.append(row)
+    run_costs = {
+        batch_size: session_run_cost(args.threads, fastbert.config.hidden_size, batch_size, 24)
+        for batch_size in (1, 32)
+    }
+    result = {
+        "command": "python benchmarks/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "samples_timed": len(timed_texts),
+        "samples_scored": len(accuracy_texts),
+        "calibrated": calibrated,
+        "stock_fusions": {op: n for op, n in stock_fusions.items() if op[0].isupper() and op in FUSED},
+        "session_run_us": run_costs,
+        "rows": rows,
+        "wall_s": time.time() - started,
+    }
+    lines = [
+        f"{len(timed_texts)} Rotten Tomatoes test snippets timed, {len(accuracy_texts)} scored; {args.threads} "
+        f"thread(s); {cpu_model()}; {args.rounds} interleaved rounds (medians of per-round ratios); "
+        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}. Command: `{result['command']}`",
+        "",
+        "Calibrated speeds (validation, entropy rule, within "
+        f"{100 * args.budget:g} points of the same backend's speed 0): "
+        + ", ".join(f"ONNX Runtime {p} {c['speed']:g}" for p, c in calibrated.items())
+        + f". One session run (Identity graph, length 24): {run_costs[1]:.1f} us at batch 1, "
+        f"{run_costs[32]:.1f} us at batch 32. Stock graph fusions: {result['stock_fusions']}.",
+        "",
+        "| model | batch | accuracy | ms / sample | x stock PyTorch fp32 | x stock ONNX Runtime (same precision) "
+        "| wall / FLOPs speed-up over its speed 0 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        same = f"{row['x_stock_onnx_same_precision']:.2f}x" if "x_stock_onnx_same_precision" in row else ""
+        ratio = (
+            f"{row['wall_speedup_over_speed0']:.2f}x / {row['flops_speedup_over_speed0']:.2f}x = "
+            f"{row['wall_over_flops']:.2f}"
+            if "wall_over_flops" in row
+            else ""
+        )
+        lines.append(
+            f"| {row['model']} | {row['batch_size']} | {100 * row['accuracy']:.2f}% | {row['ms_per_sample']:.2f} | "
+            f"{row['x_stock_pytorch_fp32']:.2f}x | {same} | {ratio} |"
+        )
+    table = "\n".join(lines) + "\n"
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"{args.name}.md").write_text(table)
+    shutil.rmtree(work, ignore_errors=True)
+    print(table)
+
+
+FUSED = ("Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "EmbedLayerNormalization")
+
+
+if __name__ == "__main__":
+    main()
