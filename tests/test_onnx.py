@@ -291,3 +291,23 @@ def spread_branches_of(model):
 
     model.config.branches_distilled = True
     return spread_branches(model).eval()
+
+
+def test_the_server_answers_from_onnx_runtime_as_offline(tmp_path):
+    from test_serving import WORDS, post, running
+
+    from hf_fastbert.serving import ServingConfig, create_app
+
+    model, tokenizer = sentiment_fastbert(WORDS)
+    model.config.branches_distilled = True
+    export_onnx(model, tmp_path)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(tmp_path, threads=1)
+    texts = ["good movie", "the plot was awful and boring", "a gem", "long mess"]
+    with running(create_app(ort_model, tokenizer, ServingConfig(max_wait_ms=20))) as (url, _):
+        status, body, _ = post(f"{url}/predict", {"inputs": [[text] for text in texts]})  # TEI: a batch of inputs
+    assert status == 200
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, padding=True, return_tensors="pt"))  # at the model's speed, 0.3
+    assert [entry[0]["exit_layer"] for entry in body] == expected.exit_layers.tolist()
+    scores = expected.logits.softmax(-1).max(-1).values.tolist()
+    assert [entry[0]["score"] for entry in body] == pytest.approx(scores, abs=ORT_ATOL)
