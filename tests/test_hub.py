@@ -119,7 +119,29 @@ def client_no_plugin(workdir: Path) -> dict:
     return result
 
 
-CLIENTS = {"push": client_push, "no_plugin": client_no_plugin}
+def client_onnx(workdir: Path) -> dict:
+    """Export ONNX Runtime stages, `hf-fastbert push` them with the model, then load them back from the repo id."""
+    import torch
+
+    from hf_fastbert.cli import main
+    from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+    from hf_fastbert.onnx_export import export_onnx
+
+    model, tokenizer = tiny_fastbert()
+    model.config.branches_distilled = True
+    folder = workdir / "model"
+    export_onnx(model, folder)
+    tokenizer.save_pretrained(folder)
+    local = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    torch.save(model_outputs(local, tokenizer), workdir / "onnx_local.pt")
+    assert main(["push", str(folder), ONNX_REPO]) == 0
+    loaded = ORTFastBertForSequenceClassification.from_pretrained(ONNX_REPO, threads=1)
+    torch.save(model_outputs(loaded, tokenizer), workdir / "onnx_hub.pt")
+    return {"manifest": loaded.manifest}
+
+
+CLIENTS = {"push": client_push, "no_plugin": client_no_plugin, "onnx": client_onnx}
+ONNX_REPO = "alice/fastbert-tiny-onnx"
 
 
 # ---- test side ---------------------------------------------------------------------------------------------------
@@ -262,6 +284,19 @@ def test_load_without_plugin_trust_remote_code_gives_the_same_outputs(pushed, no
     assert result["model_class"].startswith("transformers_modules.")
     assert result["model_class"].endswith("modeling_fastbert.FastBertForSequenceClassification")
     _assert_same_outputs(_load(workdir / "remote.pt"), _load(pushed[1] / "reference.pt"))
+
+
+def test_push_uploads_the_onnx_stages_and_they_load_from_the_repo_id(hub, tmp_path):
+    result = run_client(hub, "onnx", tmp_path)
+    files = hub.files(ONNX_REPO)
+    stages = {f"onnx/layer_{index}.onnx" for index in range(NUM_LAYERS)} | {"onnx/embeddings.onnx"}
+    assert stages | {"onnx/fastbert_onnx.json", "model.safetensors", "config.json"} <= files.keys()
+    assert not any(name.startswith("onnx/.") for name in files)
+    readme = files["README.md"].decode()
+    assert "## ONNX Runtime" in readme
+    assert f'ORTFastBertForSequenceClassification.from_pretrained("{ONNX_REPO}"' in readme
+    _assert_same_outputs(_load(tmp_path / "onnx_hub.pt"), _load(tmp_path / "onnx_local.pt"))
+    assert result["manifest"]["config"]["num_hidden_layers"] == NUM_LAYERS
 
 
 def test_load_without_plugin_requires_trust_remote_code(no_plugin):

@@ -1315,6 +1315,16 @@ def run_push(args):
         raise ValueError(f"invalid repo id {args.repo_id!r}: {error}") from None
     card = card_results(path, args.results, getattr(load_model_config(str(path))[1], "exit_rule", None))
     model, tokenizer = load_fastbert(str(path))
+    add_onnx = None
+    if (path / "onnx").is_dir():  # `hf-fastbert export` stages go up with the weights they belong to
+        from .modeling_ort import check_onnx_folder
+        from .onnx_export import copy_onnx_stages
+
+        check_onnx_folder(path, model.config)  # before the repository is created
+
+        def add_onnx(folder):
+            copy_onnx_stages(path, folder, model.config)
+
     if not model.config.branches_distilled:
         if not args.allow_undistilled:
             raise ValueError(
@@ -1340,9 +1350,11 @@ def run_push(args):
         results_data=card and card["data"],
         results_samples=card and card["samples"],
         training=training_notes_of(path),
+        add_files=add_onnx,
     )
     extra = f" and the plot {PLOT_FILENAME}" if card else ""
-    print(f"pushed the model, its tokenizer, the model card{extra} to {args.repo_id}: {commit.commit_url}")
+    extra += ", its ONNX Runtime stages (onnx/)" if add_onnx else ""
+    print(f"pushed the model, its tokenizer{extra}, the model card to {args.repo_id}: {commit.commit_url}")
 
 
 def main(argv=None) -> int:

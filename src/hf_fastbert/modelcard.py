@@ -4,6 +4,7 @@
 only the standard library, huggingface_hub and its siblings (the plot comes from `plotting.py`).
 """
 
+import json
 import math
 import os
 import re
@@ -197,6 +198,7 @@ def render_model_card(
     tags=None,
     plot_filename: str | None = None,
     training: str | None = None,
+    onnx: dict | None = None,
 ) -> str:
     """
     The text of a FastBERT model card (README.md), YAML metadata included. See [`write_model_card`].
@@ -265,6 +267,8 @@ def render_model_card(
         details.append(f"- Data: {', '.join(dataset_names)}")
     parts.append("\n".join(details) + "\n")
     parts.append(_usage(repo_id, config))
+    if onnx is not None:
+        parts.append(_onnx_usage(repo_id, config, onnx))
     if training is not None:
         if not isinstance(training, str) or not training.strip():
             raise ValueError(f"`training` must be a non-empty string, got {training!r}.")
@@ -281,6 +285,33 @@ def render_model_card(
         parts.append("\n".join(section))
     parts.append(f"## Citation\n\n{_CITATION}\n")
     return "\n".join(parts)
+
+
+def _onnx_usage(repo_id: str, config, manifest: dict) -> str:
+    """The card's section on the `onnx/` stages `hf-fastbert export` wrote (`manifest`: their fastbert_onnx.json)."""
+    precision = "int8 (dynamic quantization)" if manifest.get("int8") else "float32"
+    calibration = manifest.get("calibration") or {}
+    speed = calibration.get("speed", config.speed)
+    rule = calibration.get("exit_rule", getattr(config, "exit_rule", "entropy"))
+    chosen = "calibrated on the runtime's own outputs" if calibration else "the model's"
+    return f"""## ONNX Runtime
+
+`onnx/` holds this model as ONNX Runtime stages ({precision}): the embeddings, then one graph per layer with its
+student, so that each input still leaves at the first confident layer. Default on the runtime: speed {speed:g},
+exit rule `{rule}` ({chosen}).
+
+```python
+import hf_fastbert  # noqa: F401  (pip install 'hf-fastbert[onnx]')
+from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
+from transformers import AutoTokenizer, pipeline
+
+model = ORTFastBertForSequenceClassification.from_pretrained("{repo_id}", threads=1)
+classifier = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{repo_id}"))
+classifier("A gem.", return_exit_layer=True)
+```
+
+or `hf-fastbert predict {repo_id} "A gem." --backend onnx`.
+"""
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -361,6 +392,8 @@ def write_model_card(
         raise ValueError(f"`save_directory` must be a folder, got the file {str(directory)!r}.")
     rows = _check_results(results, _fastbert_config(model).num_hidden_layers)
     plot = rows is not None and any(row["accuracy"] is not None for row in rows)
+    manifest_path = directory / "onnx" / "fastbert_onnx.json"  # ONNX Runtime stages (`hf-fastbert export`)
+    onnx = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     text = render_model_card(
         model,
         repo_id=repo_id or directory.resolve().name,
@@ -372,6 +405,7 @@ def write_model_card(
         tags=tags,
         plot_filename=PLOT_FILENAME if plot else None,
         training=training,
+        onnx=onnx,
     )
     directory.mkdir(parents=True, exist_ok=True)
     if plot:
@@ -401,6 +435,7 @@ def push_model_to_hub(
     results_data: str | None = None,
     results_samples: int | None = None,
     training: str | None = None,
+    add_files=None,
 ):
     """
     Every push of a FastBERT model (`FastBertForSequenceClassification.push_to_hub`, the distillation trainer's
@@ -414,6 +449,9 @@ def push_model_to_hub(
 
     Args:
         tokenizer (*optional*): uploaded with the model (its `save_pretrained` files).
+        add_files (`Callable[[Path], None]`, *optional*): called with the folder to upload once the model and
+            tokenizer are saved in it, before the card is written: `hf-fastbert push` adds the model's `onnx/` stages
+            ([`hf_fastbert.onnx_export.copy_onnx_stages`]), which the card then describes.
         base_model, datasets, results, results_data, results_samples, training: the card's, see
             [`write_model_card`].
     """
@@ -437,6 +475,8 @@ def push_model_to_hub(
         model.save_pretrained(work_dir, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(work_dir)
+        if add_files is not None:
+            add_files(Path(work_dir))
         write_model_card(work_dir, model, repo_id=repo_id, **card)  # validates the card's inputs
         created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if created != repo_id:  # a name without namespace: the card's snippets need the full id

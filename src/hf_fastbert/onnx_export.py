@@ -357,6 +357,23 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
     return final
 
 
+def copy_onnx_stages(source, target, config) -> None:
+    """
+    Copy the `onnx/` stages of the model folder `source` into `target`, where the same model was just saved (a push):
+    checked first against `source`'s config and weights, then tied to the weights file in `target` (the same tensors,
+    not necessarily the same bytes).
+    """
+    from .modeling_ort import check_onnx_folder
+
+    source, target = Path(source), Path(target)
+    check_onnx_folder(source, config)
+    shutil.copytree(source / ONNX_FOLDER, target / ONNX_FOLDER, ignore=shutil.ignore_patterns(".*"))
+    manifest_path = target / ONNX_FOLDER / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model_safetensors_sha256"] = weights_fingerprint(target)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 # ONNX Runtime's own (com.microsoft) operators the rewriter fuses into, counted per stage in the manifest.
 FUSED_OPERATORS = (
     "Attention",
@@ -374,4 +391,12 @@ FUSED_OPERATORS = (
 )
 
 
-__all__ = ["EXPECTED_FUSIONS", "MANIFEST", "ONNX_FOLDER", "export_onnx", "require_onnx", "weights_fingerprint"]
+__all__ = [
+    "EXPECTED_FUSIONS",
+    "MANIFEST",
+    "ONNX_FOLDER",
+    "copy_onnx_stages",
+    "export_onnx",
+    "require_onnx",
+    "weights_fingerprint",
+]
