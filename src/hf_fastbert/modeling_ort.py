@@ -181,6 +181,9 @@ class ORTFastBertForSequenceClassification:
         Args:
             pretrained_model_name_or_path (`str`): the model folder or Hub repo id.
             threads (`int`, *optional*): intra-op threads of every session (ONNX Runtime's default: one per core).
+                Workers spin between runs, ONNX Runtime's default. (With spinning off, at 2 threads the stages at
+                speed 0 took 1.5x the time of the stock graph, which spins, at batch 1:
+                `benchmarks/results/onnx_2threads.md`; each stage is a short run right after the previous one.)
             session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
             config (*optional*): the FastBERT config, when not read from the folder.
@@ -219,9 +222,6 @@ class ORTFastBertForSequenceClassification:
                 if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                     raise ValueError(f"`threads` must be an integer >= 1, got {threads!r}.")
                 session_options.intra_op_num_threads = threads
-                if threads > 1:
-                    # Spinning workers between the short runs of consecutive stages would steal the caller's cores.
-                    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = []
         for name in manifest["stages"]:
             path = folder / ONNX_FOLDER / name
