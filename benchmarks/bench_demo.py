@@ -10,19 +10,12 @@ the saved model at speed 0 and at its saved speed. The report is the min-max ove
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+from bench_inference import cpu_model
 
 
 def run_seed(seed: int, outputs: Path) -> dict:

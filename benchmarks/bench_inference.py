@@ -53,6 +53,15 @@ FIRST, NONE = "all exit at layer 1", "none exit (teacher answers all)"
 LOOPED = (FIRST, UNIFORM, HALVING, NONE)  # distributions also timed one sample per call (batch size 1)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux `/proc/cpuinfo`), for the results: report it with every benchmark."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def exit_distributions(batch_size: int, num_layers: int) -> dict[str, list[int]]:
     """Named (B,) lists of 1-based exit layers. Mixed ones are shuffled so exits are spread over the batch."""
 

@@ -21,7 +21,6 @@ their FLOPs promise).
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from bench_inference import Contender, run_rounds
+from bench_inference import Contender, cpu_model, run_rounds
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_fastbert import FastBertForSequenceClassification
@@ -102,14 +101,6 @@ def session_run_cost(threads, hidden_size, batch_size, length, runs=2000):
     for _ in range(runs):
         session.run(None, feed)
     return 1e6 * (time.perf_counter() - start) / runs
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main(argv=None):
