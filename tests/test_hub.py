@@ -286,9 +286,12 @@ def test_load_without_plugin_trust_remote_code_gives_the_same_outputs(pushed, no
     _assert_same_outputs(_load(workdir / "remote.pt"), _load(pushed[1] / "reference.pt"))
 
 
-def test_push_uploads_the_onnx_stages_and_they_load_from_the_repo_id(hub, tmp_path):
-    result = run_client(hub, "onnx", tmp_path)
-    files = hub.files(ONNX_REPO)
+def test_push_uploads_the_onnx_stages_and_they_load_from_the_repo_id(tmp_path):
+    from hub_server import HubServer
+
+    with HubServer(tokens={TOKEN: "alice"}) as hub:  # its own Hub: the other tests count the shared one's repos
+        result = run_client(hub, "onnx", tmp_path)
+        files = hub.files(ONNX_REPO)
     stages = {f"onnx/layer_{index}.onnx" for index in range(NUM_LAYERS)} | {"onnx/embeddings.onnx"}
     assert stages | {"onnx/fastbert_onnx.json", "model.safetensors", "config.json"} <= files.keys()
     assert not any(name.startswith("onnx/.") for name in files)

@@ -137,18 +137,27 @@ def test_int8_stages_are_quantized_with_float_students(exported):
     assert agreement >= 0.75 and (got.logits - expected.logits).abs().max().item() < 0.5
 
 
-def test_pipeline_takes_the_onnx_model_with_speed(tmp_path, caplog):
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory):
+    """The seeded sentiment FastBERT of tests/tiny_models.py, exported once: (model, tokenizer, folder)."""
+    from test_serving import WORDS
+
+    model, tokenizer = sentiment_fastbert(WORDS)
+    model.config.branches_distilled = True
+    folder = tmp_path_factory.mktemp("sentiment")
+    export_onnx(model, folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer, folder
+
+
+def test_pipeline_takes_the_onnx_model_with_speed(sentiment, caplog):
     from transformers import pipeline
 
     import hf_fastbert  # noqa: F401
 
-    words = "good bad great awful fine movie plot the was".split()
-    model, tokenizer = sentiment_fastbert(words)
-    model.config.branches_distilled = True
-    export_onnx(model, tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    ort_model = ORTFastBertForSequenceClassification.from_pretrained(tmp_path, threads=1)
-    texts = ["good movie", "the plot was awful", "fine"]
+    model, tokenizer, folder = sentiment
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    texts = ["good movie", "the plot was awful and boring", "a gem"]
     expected = pipeline("text-classification", model=model, tokenizer=tokenizer, speed=0.3)
     classifier = pipeline("text-classification", model=ort_model, tokenizer=tokenizer, speed=0.3)
     assert "not supported" not in caplog.text
@@ -293,15 +302,13 @@ def spread_branches_of(model):
     return spread_branches(model).eval()
 
 
-def test_the_server_answers_from_onnx_runtime_as_offline(tmp_path):
-    from test_serving import WORDS, post, running
+def test_the_server_answers_from_onnx_runtime_as_offline(sentiment):
+    from test_serving import post, running
 
     from hf_fastbert.serving import ServingConfig, create_app
 
-    model, tokenizer = sentiment_fastbert(WORDS)
-    model.config.branches_distilled = True
-    export_onnx(model, tmp_path)
-    ort_model = ORTFastBertForSequenceClassification.from_pretrained(tmp_path, threads=1)
+    model, tokenizer, folder = sentiment
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     texts = ["good movie", "the plot was awful and boring", "a gem", "long mess"]
     with running(create_app(ort_model, tokenizer, ServingConfig(max_wait_ms=20))) as (url, _):
         status, body, _ = post(f"{url}/predict", {"inputs": [[text] for text in texts]})  # TEI: a batch of inputs
