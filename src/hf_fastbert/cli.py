@@ -137,7 +137,6 @@ def _add_int8_argument(parser):
         help="Run the linear layers in int8 on the CPU (dynamic quantization: about 1.8x faster at speed 0, "
         "exits on top; check the accuracy with `evaluate --int8`). With --backend onnx: require an int8 export.",
     )
-    _add_backend_argument(parser)
 
 
 def _add_backend_argument(parser):
@@ -319,6 +318,7 @@ def build_parser():
     evaluate.add_argument("--no-timing", action="store_true", help="Skip the wall-time measurement.")
     _add_exit_rule_arguments(evaluate)
     _add_int8_argument(evaluate)
+    _add_backend_argument(evaluate)
     _add_data_arguments(evaluate, split_default="test")
 
     sweep = commands.add_parser(
@@ -435,6 +435,7 @@ def build_parser():
         "--max-length", type=_positive_int, help="Truncate inputs to N tokens (default: the model's limit)."
     )
     _add_int8_argument(predict)
+    _add_backend_argument(predict)
     _add_predict_file_arguments(predict)
 
     push = commands.add_parser(
@@ -500,6 +501,7 @@ def _add_serve_parser(commands):
     serve.add_argument("--port", type=int, default=8080, help="Port to bind.")
     serve.add_argument("--speed", type=_speed, help="Default speed (default: the model's config.speed).")
     _add_int8_argument(serve)
+    _add_backend_argument(serve)
     batching = serve.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-size", type=_positive_int, default=32, help="Inputs per forward pass.")
     batching.add_argument(
@@ -1317,12 +1319,9 @@ def run_push(args):
     model, tokenizer = load_fastbert(str(path))
     add_onnx = None
     if (path / "onnx").is_dir():  # `hf-fastbert export` stages go up with the weights they belong to
-        from .modeling_ort import check_onnx_folder
         from .onnx_export import copy_onnx_stages
 
-        check_onnx_folder(path, model.config)  # before the repository is created
-
-        def add_onnx(folder):
+        def add_onnx(folder):  # checks the stages first; push_model_to_hub calls it before creating the repository
             copy_onnx_stages(path, folder, model.config)
 
     if not model.config.branches_distilled:

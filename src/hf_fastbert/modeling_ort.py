@@ -30,16 +30,8 @@ import numpy as np
 import torch
 
 from .configuration_fastbert import validate_speed
-from .exit_rules import (
-    _unclamped_normalized_entropy,
-    calibrate_thresholds,
-    check_exit_rule,
-    exits_at_layer,
-    fit_exit_heads,
-    select_exits,
-)
-from .flops import fastbert_flops
-from .modeling_fastbert import FastBertSequenceClassifierOutput
+from .exit_rules import check_exit_rule, exits_at_layer, select_exits
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, last_needed_columns
 from .onnx_export import (
     FORMAT_VERSION,
     MANIFEST,
@@ -138,16 +130,12 @@ class ORTFastBertForSequenceClassification:
         self.manifest = manifest
         self.name_or_path = name_or_path
         self._token_types = manifest["token_type_ids"]
-        self._flops_tables = {}
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
-    def calibrate_exit_rules(self, all_logits: torch.Tensor):
-        """As [`FastBertForSequenceClassification.calibrate_exit_rules`], on this runtime's `all_logits`."""
-        all_logits = all_logits.detach().float().cpu()
-        self.config.exit_thresholds = calibrate_thresholds(all_logits, self.config.uncertainty_top_k)
-        self.config.exit_heads = fit_exit_heads(all_logits, self.config.uncertainty_top_k)
-        return self
+    # The PyTorch model's own: both read only `self.config` (and keep the FLOPs tables in `self.__dict__`).
+    calibrate_exit_rules = FastBertModelMixin.calibrate_exit_rules
+    _sample_flops = FastBertModelMixin._sample_flops
 
     def save_calibration(self, folder=None) -> Path:
         """
@@ -258,17 +246,6 @@ class ORTFastBertForSequenceClassification:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
-        """`fastbert_flops` of each sample, read from a (length x exit layer) table, as the PyTorch model does."""
-        key = bool(branches_ran)
-        table = self._flops_tables.get(key)
-        if table is None or table.shape[0] <= seq_length:
-            size = 2 ** max(7, int(np.ceil(np.log2(seq_length + 1))))
-            lengths = torch.arange(size)[:, None]
-            layers = torch.arange(1, self.config.num_hidden_layers + 1)[None, :]
-            table = self._flops_tables[key] = fastbert_flops(self.config, lengths, layers, branches_ran)
-        return table[seq_lengths.long(), exit_layers.long() - 1]
-
     def forward(
         self,
         input_ids=None,
@@ -307,11 +284,10 @@ class ORTFastBertForSequenceClassification:
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
-        last_columns = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)  # (B,) columns each sample needs
-        last_columns[mask.sum(axis=1) == 0] = 0
+        last_columns = last_needed_columns(torch.from_numpy(mask)).numpy()  # (B,) columns each sample needs
         student_logits, rule_state = [], None
-        top_k = self.config.uncertainty_top_k
-        graph_uncertainty = top_k == self.manifest.get("uncertainty_top_k")
+        # The graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
+        graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         for index in range(num_layers):
             outputs = self.sessions[index + 1].run(None, {"hidden_states": hidden, "attention_mask": mask})
             if index == num_layers - 1:
@@ -324,8 +300,6 @@ class ORTFastBertForSequenceClassification:
                 continue
             if exit_rule == "entropy" and graph_uncertainty:
                 exits = uncertainty < speed  # (b,)
-            elif exit_rule == "entropy":  # another top-k than the graphs measure
-                exits = (_unclamped_normalized_entropy(torch.from_numpy(branch_logits), top_k) < speed).numpy()
             else:
                 exits, rule_state = exits_at_layer(
                     self.config, speed, index, torch.from_numpy(branch_logits), rule_state, exit_rule
@@ -362,9 +336,4 @@ class ORTFastBertForSequenceClassification:
         )
 
 
-def is_onnx_model_folder(path) -> bool:
-    """Whether a local folder holds exported ONNX stages."""
-    return os.path.isfile(os.path.join(path, ONNX_FOLDER, MANIFEST))
-
-
-__all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder", "is_onnx_model_folder"]
+__all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder"]

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,25 +135,25 @@ def _operator_counts(model) -> dict:
 
 
 def _export_stage(module, args, input_names, output_names, dynamic_shapes):
-    import warnings
-
     # The exporter's notes (axis names, deprecations, "torchvision is not installed") are not the user's business.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            verbose=False,
-        )
-    registration.setLevel(level)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     return program.model  # onnx_ir.Model
 
 
@@ -189,11 +190,12 @@ def _save(model, path: Path):
 def _quantize(source: Path, target: Path, exclude: list[str]):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.disable(logging.WARNING)  # its advice to pre-process, logged on the root logger for every stage
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))  # its advice to pre-process, on the root logger for every stage
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(disabled)
 
 
 def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students: bool = False, check: bool = True):
@@ -297,7 +299,7 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
                 f"The {family} family does not export to ONNX with this torch ({torch.__version__}): {reason}"
             ) from error
 
-        fusions, quantized_students = {}, {}
+        fusions = {}
         for name, graph in stages:
             graph = _fuse(graph)
             counts = _operator_counts(graph)
@@ -314,7 +316,6 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
             path = work / name
             if int8:
                 exclude = [] if quantize_students else _student_nodes(graph)
-                quantized_students[name] = quantize_students
                 float_path = work / f"{name}.float"
                 _save(graph, float_path)
                 _quantize(float_path, path, exclude)

@@ -233,14 +233,17 @@ class FastBertTrainingOutput:
     eval_logits: tuple | None = None
 
 
-def calibrate_default_speed(model, all_logits, seq_lengths, labels, max_accuracy_drop=MAX_ACCURACY_DROP) -> dict:
+def calibrate_default_speed(
+    model, all_logits, seq_lengths, labels, data: str, max_accuracy_drop=MAX_ACCURACY_DROP
+) -> dict:
     """
     Set `model.config.speed` to the largest speed (0, 0.01, ..., 0.99) of the model's exit rule whose accuracy on the
-    given full-depth pass stays within `max_accuracy_drop` (a fraction) of full depth, and describe the choice.
+    given full-depth pass (of `data`, in words) stays within `max_accuracy_drop` (a fraction) of full depth, and
+    describe the choice.
 
     Returns:
-        `dict` with `exit_rule`, `speed`, `max_accuracy_drop`, `samples`, `accuracy`, `reference_accuracy` and
-        `flops_speedup` (the last three on the same data).
+        `dict` with `exit_rule`, `speed`, `max_accuracy_drop`, `data` ("1,000 samples of <data>"), `samples`,
+        `accuracy`, `reference_accuracy` and `flops_speedup` (the last three on the same data).
     """
     from .analysis import calibrate_logits
 
@@ -251,6 +254,7 @@ def calibrate_default_speed(model, all_logits, seq_lengths, labels, max_accuracy
         "exit_rule": choice.exit_rule,
         "speed": choice.speed,
         "max_accuracy_drop": max_accuracy_drop,
+        "data": f"{len(labels):,} samples of {data}",
         "samples": len(labels),
         "accuracy": choice.row["accuracy"],
         "reference_accuracy": choice.reference["accuracy"],
@@ -694,8 +698,7 @@ def train_fastbert(
                     model.config.speed,
                 )
             if calibration_logits is not None:
-                default_speed = calibrate_default_speed(model, *calibration_logits, max_accuracy_drop)
-                default_speed["data"] = f"{default_speed['samples']:,} samples of {data}"
+                default_speed = calibrate_default_speed(model, *calibration_logits, data, max_accuracy_drop)
         distiller.training_notes = training_notes(
             convergence, finetune_steps, finetune_learning_rate, distill_epochs, distill_learning_rate
         )
