@@ -68,7 +68,7 @@ def stock_onnx(stock, work_dir: Path):
         ["logits"],
         (axes, axes, axes),
     )
-    graph = _fuse(graph)
+    graph = _fuse(graph, padding_mask=True)  # as the stages are
     counts = _operator_counts(graph)
     fp32, int8 = work_dir / "stock.onnx", work_dir / "stock-int8.onnx"
     _save(graph, fp32)

@@ -57,9 +57,10 @@ def test_every_family_answers_as_pytorch(exported, family):
         got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=speed)
         assert got.exit_layers.tolist() == expected.exit_layers.tolist(), (family, speed)
         torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=ORT_ATOL)
-        # The layer graphs compute their students at speed 0 too, and the FLOPs count them.
-        flops = fastbert_flops(model.config, attention_mask.sum(dim=1), got.exit_layers, branches_ran=True)
-        assert torch.equal(got.flops, flops)
+        # The PyTorch model's FLOPs: the students are skipped at speed 0 (their graphs do not run).
+        assert torch.equal(got.flops, expected.flops)
+        students = fastbert_flops(model.config, attention_mask.sum(dim=1), got.exit_layers, branches_ran=speed > 0)
+        assert torch.equal(got.flops, students)
     if family == "bert":  # the mixed speed really mixes: some samples leave after the student, some run on
         assert set(run(model, input_ids, attention_mask, speed=0.5).exit_layers.tolist()) == {1, 2}
     full = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.5, output_all_logits=True)
@@ -80,6 +81,18 @@ def test_layers_keep_onnx_runtime_fusions(exported):
         for operator, count in EXPECTED_FUSIONS["bert"].items():
             assert counts.get(operator) == count, (index, operator, counts)
         assert manifest["fusions"][f"layer_{index}.onnx"] == {**EXPECTED_FUSIONS["bert"]}
+        # The Attention reads the padding mask itself (mask_index): no per-layer mask construction is left.
+        (attention,) = [node for node in graph.graph.node if node.op_type == "Attention"]
+        assert list(attention.input)[3:] == ["attention_mask_index"]
+        assert not {"GatherND", "Range", "Expand"} & set(counts), counts
+        if index < 3:  # the student: its own graph, run only when a sample may leave
+            student = onnx.load(folder / "onnx" / f"student_{index}.onnx", load_external_data=False)
+            assert [value.name for value in student.graph.output] == ["logits", "uncertainty"]
+            assert not {"Attention", "SkipLayerNormalization"} & {node.op_type for node in student.graph.node}
+    assert manifest["stages"] == [
+        "embeddings.onnx", "layer_0.onnx", "student_0.onnx", "layer_1.onnx", "student_1.onnx", "layer_2.onnx",
+        "student_2.onnx", "layer_3.onnx",
+    ]
     assert manifest["config"]["num_hidden_layers"] == 4 and manifest["int8"] is False
 
 
@@ -127,8 +140,11 @@ def test_int8_stages_are_quantized_with_float_students(exported):
     graph = onnx.load(folder / "onnx" / "layer_1.onnx")
     operators = {node.op_type for node in graph.graph.node}
     assert {"QAttention", "DynamicQuantizeMatMul"} & operators or "MatMulInteger" in operators, operators
-    student_weights = [init for init in graph.graph.initializer if "branches.1.classifier" in init.name]
+    student = onnx.load(folder / "onnx" / "student_1.onnx")
+    student_weights = [init for init in student.graph.initializer if "branches.1.classifier" in init.name]
     assert student_weights and all(init.data_type == onnx.TensorProto.FLOAT for init in student_weights)
+    # Its input projection sees every token, like a layer's matrices, and is quantized.
+    assert {"DynamicQuantizeMatMul", "MatMulInteger"} & {node.op_type for node in student.graph.node}
     ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     input_ids, attention_mask = random_batch(batch_size=16, seed=1)
     got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)

@@ -503,14 +503,19 @@ class FastBertModelMixin:
         a few dozen, which a batch of one pays for. The table is built once per device, `branches_ran` and a size
         covering `seq_length`.
         """
+        table = self._flops_table(exit_layers.device, branches_ran, seq_length)  # (size, L)
+        return table[seq_lengths.long(), exit_layers.long() - 1]  # (B,)
+
+    def _flops_table(self, device, branches_ran, seq_length) -> torch.Tensor:
+        """(size, L) `fastbert_flops` of every length 0 .. size - 1 (size > seq_length) and exit layer, kept."""
         tables = self.__dict__.setdefault("_flops_tables", {})
-        key = (exit_layers.device, bool(branches_ran))
+        key = (device, bool(branches_ran))
         if key not in tables or tables[key].shape[0] <= seq_length:
             size = 2 ** max(7, math.ceil(math.log2(seq_length + 1)))  # lengths 0 .. size - 1
-            lengths = torch.arange(size, device=exit_layers.device)[:, None]  # (size, 1)
-            layers = torch.arange(1, self.config.num_hidden_layers + 1, device=exit_layers.device)[None, :]  # (1, L)
+            lengths = torch.arange(size, device=device)[:, None]  # (size, 1)
+            layers = torch.arange(1, self.config.num_hidden_layers + 1, device=device)[None, :]  # (1, L)
             tables[key] = fastbert_flops(self.config, lengths, layers, branches_ran)  # (size, L)
-        return tables[key][seq_lengths.long(), exit_layers.long() - 1]  # (B,)
+        return tables[key]
 
     def _check_labels(self, labels: torch.Tensor):
         if labels.is_floating_point():

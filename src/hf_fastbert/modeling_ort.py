@@ -9,7 +9,8 @@ exact FLOPs of every sample. The text-classification pipeline takes it with `spe
 The engine is the PyTorch one, on the runtime: after each layer's session run, the samples whose exit rule fires leave
 the batch; the remaining rows (and the padding columns no remaining sample needs) go to the next layer's session.
 Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule reads the uncertainty
-each layer graph computes (one comparison per sample), the others the student's logits.
+each student graph computes (one comparison per sample), the others the student's logits. At speed 0 the students'
+sessions do not run.
 
 Example:
 
@@ -31,13 +32,14 @@ import torch
 
 from .configuration_fastbert import validate_speed
 from .exit_rules import check_exit_rule, exits_at_layer, select_exits
-from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, last_needed_columns
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput
 from .onnx_export import (
     FORMAT_VERSION,
     MANIFEST,
     ONNX_EXTRA_HINT,
     ONNX_FOLDER,
     config_signature,
+    stage_names,
     weights_fingerprint,
 )
 
@@ -102,7 +104,7 @@ def check_onnx_folder(folder, config) -> dict:
                 f"{onnx_dir} was exported from other weights than {folder}/model.safetensors: run "
                 f"`hf-fastbert export {folder}` again."
             )
-    stages = ["embeddings.onnx"] + [f"layer_{index}.onnx" for index in range(config.num_hidden_layers)]
+    stages = stage_names(config.num_hidden_layers)
     if manifest.get("stages") != stages:
         raise ValueError(f"{onnx_dir}: the manifest lists {manifest.get('stages')}, expected {stages}.")
     missing = [name for name in stages if not (onnx_dir / name).is_file()]
@@ -118,7 +120,8 @@ class ORTFastBertForSequenceClassification:
     Attributes:
         config: the model's FastBERT config (`speed`, `exit_rule`, labels), from its `config.json`.
         manifest (`dict`): what the `onnx/` folder was exported from (`int8`, fusions per stage, versions).
-        sessions (`list[onnxruntime.InferenceSession]`): the embeddings, then one per layer.
+        sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
+            (`embeddings.onnx`, `layer_<i>.onnx`, `student_<i>.onnx`).
     """
 
     main_input_name = "input_ids"
@@ -130,12 +133,16 @@ class ORTFastBertForSequenceClassification:
         self.manifest = manifest
         self.name_or_path = name_or_path
         self._token_types = manifest["token_type_ids"]
+        layers = config.num_hidden_layers
+        self._embeddings = sessions["embeddings.onnx"]
+        self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
+        self._students = [sessions[f"student_{index}.onnx"] for index in range(layers - 1)]
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
     # The PyTorch model's own: both read only `self.config` (and keep the FLOPs tables in `self.__dict__`).
     calibrate_exit_rules = FastBertModelMixin.calibrate_exit_rules
-    _sample_flops = FastBertModelMixin._sample_flops
+    _flops_table = FastBertModelMixin._flops_table
 
     def save_calibration(self, folder=None) -> Path:
         """
@@ -210,11 +217,11 @@ class ORTFastBertForSequenceClassification:
                 if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                     raise ValueError(f"`threads` must be an integer >= 1, got {threads!r}.")
                 session_options.intra_op_num_threads = threads
-        sessions = []
+        sessions = {}
         for name in manifest["stages"]:
             path = folder / ONNX_FOLDER / name
             try:
-                sessions.append(ort.InferenceSession(str(path), session_options, providers=[provider]))
+                sessions[name] = ort.InferenceSession(str(path), session_options, providers=[provider])
             except Exception as error:  # ONNX Runtime's errors for a corrupted or foreign file
                 raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
         return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
@@ -277,25 +284,30 @@ class ORTFastBertForSequenceClassification:
         feed = {"input_ids": ids, "attention_mask": mask}
         if self._token_types:
             feed["token_type_ids"] = np.zeros_like(ids) if token_type_ids is None else _as_numpy(token_type_ids)
-        seq_lengths = torch.from_numpy(mask.sum(axis=1))  # (B,)
-        hidden = self.sessions[0].run(None, feed)[0]  # (B, T, H)
+        # A batch of one pays for every host-side operator: numpy only, and nothing that speed 0 does not need.
+        seq_lengths = mask.sum(axis=1)  # (B,)
+        hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         num_layers = self.config.num_hidden_layers
-        full_depth = output_all_logits or speed == 0
+        students_run = output_all_logits or speed > 0  # at speed 0 no sample can leave: the students are skipped
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
-        last_columns = last_needed_columns(torch.from_numpy(mask)).numpy()  # (B,) columns each sample needs
+        if students_run and not output_all_logits:  # (B,) the 1-based last column each sample needs
+            last_columns = ((mask != 0) * np.arange(1, seq_length + 1)).max(axis=1)
         student_logits, rule_state = [], None
         # The graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
         graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         for index in range(num_layers):
-            outputs = self.sessions[index + 1].run(None, {"hidden_states": hidden, "attention_mask": mask})
+            feed = {"hidden_states": hidden, "attention_mask": mask}
             if index == num_layers - 1:
-                teacher_logits = outputs[0]
+                teacher_logits = self._layers[index].run(None, feed)[0]  # (b, C)
                 logits[rows] = teacher_logits
                 break
-            hidden, branch_logits, uncertainty = outputs
-            if full_depth:
+            hidden = feed["hidden_states"] = self._layers[index].run(None, feed)[0]  # (b, T', H)
+            if not students_run:
+                continue
+            branch_logits, uncertainty = self._students[index].run(None, feed)  # (b, C), (b,)
+            if output_all_logits:  # every layer runs on every sample; the exits are selected at the end
                 student_logits.append(branch_logits)
                 continue
             if exit_rule == "entropy" and graph_uncertainty:
@@ -323,16 +335,14 @@ class ORTFastBertForSequenceClassification:
 
         all_logits = None
         result_logits, result_exits = torch.from_numpy(logits), torch.from_numpy(exit_layers)
-        if full_depth:
+        if output_all_logits:
             all_logits = torch.from_numpy(np.stack(student_logits + [teacher_logits], axis=1))  # (B, L, C)
             result_logits, result_exits = select_exits(all_logits, speed, self.config, exit_rule)
-        # Every layer graph computes its student, at speed 0 too: the FLOPs count it (PyTorch skips them there).
-        flops = self._sample_flops(seq_lengths, result_exits, True, seq_length)
+        # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
+        table = self._flops_table(torch.device("cpu"), speed > 0, seq_length).numpy()  # (size, L)
+        flops = torch.from_numpy(table[seq_lengths, result_exits.numpy() - 1])  # (B,)
         return FastBertSequenceClassifierOutput(
-            logits=result_logits,
-            exit_layers=result_exits,
-            flops=flops,
-            all_logits=all_logits if output_all_logits else None,
+            logits=result_logits, exit_layers=result_exits, flops=flops, all_logits=all_logits
         )
 
 
