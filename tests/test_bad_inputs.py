@@ -82,6 +82,13 @@ def files(tmp_path_factory):
     (root / "latin1.csv").write_bytes("text,label\ngood film,positive\ncaf\xe9 mess,negative\n".encode("latin-1"))
     (root / "bad.parquet").write_bytes(b"PAR1 not really parquet")
     (root / "latin1.txt").write_bytes("good film\ncaf\xe9\n".encode("latin-1"))
+    good_jsonl = "".join(json.dumps({"text": row["text"]}) + "\n" for row in rows)
+    (root / "good.jsonl").write_text(good_jsonl)
+    (root / "existing.jsonl").write_text('{"label": "a previous run"}\n')
+    # A lone surrogate (valid JSON, not valid Unicode text) at line 3, after good rows.
+    (root / "surrogate.jsonl").write_text(good_jsonl[: good_jsonl.index("\n", 40) + 1] + '{"text": "x \\ud800"}\n')
+    # A row with more fields than the header, which pandas would read shifted into an index.
+    (root / "ragged.csv").write_text("text,label\ngood film,positive\ngreat,1,extra,fields\n")
     (root / "a_folder").mkdir()
     (root / "a_file").write_text("not a folder\n")
     (root / "results.csv").write_text("speed,accuracy,mean_exit_layer,flops_speedup\n0,0.8,4,1\n")
@@ -158,11 +165,16 @@ CLI_CASES = [
     ("sweep {model} --dataset {good_csv} --max-length 1", 1, ["leaves no room for text"]),
     ("sweep {model} --dataset {good_csv} --exit-rule learned", 1, ["'learned' is fitted on validation data"]),
     ("sweep {model} --dataset {good_csv} --exit-rule fastest", 2, ["--exit-rule", "invalid choice: 'fastest'"]),
-    ("sweep {model} --dataset {good_csv} --uncertainty-top-k 0", 2, ["must be a positive integer"]),
+    ("sweep {model} --dataset {good_csv} --uncertainty-top-k 0", 2, ["must be an integer >= 2"]),
+    ("evaluate {model} --dataset {good_csv} --uncertainty-top-k 1", 2, ["--uncertainty-top-k", "integer >= 2"]),
     # calibrate
     ("calibrate {root}/missing --max-accuracy-drop 0.01 --save", 1, ["--save needs a local model folder"]),
     ("calibrate {model} --dataset {no_label_tsv} --max-accuracy-drop 0.01", 1, ["no column 'label'"]),
     ("calibrate outputs/fastbrt --target-speedup 2", 1, ["no such model folder"]),
+    # a top-k the config refuses is refused before any work, not written into config.json
+    ("calibrate {model} --dataset {good_csv} --uncertainty-top-k 1 --save", 2, ["integer >= 2"]),
+    # serve
+    ("serve {model} --port 70000", 2, ["--port", "[0, 65535]"]),
     # predict
     ("predict {model} --file {a_folder}", 1, ["text file", "is a folder, not a file"]),
     ("predict {model} --file {root}/missing.txt", 1, ["text file", "does not exist"]),
@@ -175,6 +187,11 @@ CLI_CASES = [
     ("predict {no_students} good", 1, ["branches_distilled=true", "holds no student weights"]),
     ("predict outputs/fastbrt good", 1, ["no such model folder: outputs/fastbrt"]),
     ("predict {model} good --speed 2", 2, ["invalid speed '2'"]),
+    ("predict {model} --file {surrogate_jsonl} --output new.jsonl", 1, ["surrogate.jsonl:3", "not valid Unicode"]),
+    ("predict {model} --file {surrogate_jsonl}", 1, ["surrogate.jsonl:3", "not valid Unicode"]),
+    ("predict {model} --file {ragged_csv}", 1, ["ragged.csv:3 has 4 fields and the header 2"]),
+    ("predict {model} --file {good_jsonl} --output {good_jsonl}", 1, ["is the input file"]),
+    ("predict {model} --file {good_jsonl} --output {existing_jsonl}", 1, ["existing.jsonl exists", "--overwrite"]),
     # push (all fail before anything is created: no Hub is reachable here)
     ("push {model} alice/x --token hf_secret", 2, ["HF_TOKEN", "hf auth login"]),
     ("push {model} 'not a valid id!'", 1, ["invalid repo id"]),
@@ -419,3 +436,39 @@ def test_push_checks_everything_before_creating_the_repo(files, tmp_path, capsys
     expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"}
     assert uploaded == expected | code | {"accuracy_vs_speedup.png"}
     assert 'model="alice/tiny"' in hub.files("alice/tiny")["README.md"].decode()  # the namespace the Hub gave
+
+
+def test_texts_are_split_on_newlines_only_the_same_in_every_path(files, tmp_path, capsys, monkeypatch):
+    from hf_fastbert.cli import read_texts
+    from hf_fastbert.prediction import read_inputs
+
+    # Form feed, U+2028, lone CR and U+0085 stay inside their text; CRLF ends a line; the BOM is not text.
+    content = "\ufeffone\fstill one\r\ntwo\u2028still two\nthree\rstill three\u0085still\n\n"
+    expected = ["one\fstill one", "two\u2028still two", "three\rstill three\u0085still"]
+    path = tmp_path / "in.txt"
+    path.write_bytes(content.encode("utf-8"))
+    assert read_texts([], str(path)) == expected
+    assert [text for chunk in read_inputs(path) for text, _ in chunk] == expected
+    assert read_texts(["-"], stdin=io.BytesIO(content.encode("utf-8"))) == expected
+    assert main(["predict", files["model"], "--file", str(path), "--json"]) == 0
+    # (json.dumps keeps U+2028 and U+0085 unescaped: split the output on "\n" only too)
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.split("\n")[:-1]] == expected
+    assert main(["predict", files["model"], "--file", str(path), "--output", str(tmp_path / "out.jsonl")]) == 0
+    written = (tmp_path / "out.jsonl").read_bytes().decode("utf-8").split("\n")[:-1]
+    assert [json.loads(line)["text"] for line in written] == expected
+
+
+def test_texts_may_follow_options(files, capsys):
+    assert main(["predict", files["model"], "--speed", "0.3", "a good film", "a bad film", "--json"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["a good film", "a bad film"]
+    assert main(["predict", files["model"], "a good film", "--unknown-flag"]) == 2  # options are still checked
+    assert "unrecognized arguments: --unknown-flag" in capsys.readouterr().err
+
+
+def test_calibrate_save_keeps_the_previous_config(files, tmp_path, caplog):
+    model = shutil.copytree(files["model"], tmp_path / "model")
+    before = (model / "config.json").read_bytes()
+    code = main(["calibrate", str(model), "--dataset", files["good_csv"], "--max-accuracy-drop", "0.01", "--save"])
+    assert code == 0
+    assert (model / "config.json.previous").read_bytes() == before
+    assert "Calibrated on only 16 samples" in caplog.text  # a budget in points needs more samples than that

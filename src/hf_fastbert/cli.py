@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ FINETUNE_MAX_EPOCHS = 10.0
 DISTILL_MAX_EPOCHS = 10.0
 DISTILL_LEARNING_RATE = 1e-3
 MAX_ACCURACY_DROP = 0.005
+CALIBRATION_MIN_SAMPLES = 1000  # below this, `calibrate` warns that its accuracy budget is not measured reliably
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,6 +83,26 @@ def _positive_int(value):
         number = 0
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
+def _top_k(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 2:  # the config's own rule (validate_uncertainty_top_k): the entropy of one probability is always 0
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (the entropy of one label is 0), got {value!r}")
+    return number
+
+
+def _port(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (0: any free port), got {value!r}")
     return number
 
 
@@ -181,7 +203,7 @@ def _add_exit_rule_arguments(parser, *, several=False, default=None, help_text=N
     )
     group.add_argument(
         "--uncertainty-top-k",
-        type=_positive_int,
+        type=_top_k,
         help="Uncertainty over the K most probable labels (many-class tasks; default: the model's config).",
     )
 
@@ -477,6 +499,7 @@ def _add_predict_file_arguments(predict):
         "writes one output in input order.",
     )
     group.add_argument("--output", help="Write the predictions to this .jsonl, .parquet or .csv file (needs --file).")
+    group.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     group.add_argument("--text-column", default="text", help="Text column of a table --file.")
     group.add_argument("--text-pair-column", help="Second text column of a table --file, for sentence pairs.")
     group.add_argument(
@@ -498,7 +521,7 @@ def _add_serve_parser(commands):
     )
     _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server).")
-    serve.add_argument("--port", type=int, default=8080, help="Port to bind.")
+    serve.add_argument("--port", type=_port, default=8080, help="Port to bind.")
     serve.add_argument("--speed", type=_speed, help="Default speed (default: the model's config.speed).")
     _add_int8_argument(serve)
     _add_backend_argument(serve)
@@ -709,14 +732,19 @@ def _decode_utf8(data, source):
 
 
 def read_texts(texts, file=None, stdin=None):
-    """Texts from the arguments (`-` = stdin), a file with one per line, or piped stdin; empty lines are skipped."""
+    """
+    Texts from the arguments (`-` = stdin), a file with one per line, or piped stdin; empty lines are skipped. Lines
+    end at `\\n` only, as `predict --file ... --output` reads them ([`hf_fastbert.prediction.split_lines`]).
+    """
+    from .prediction import split_lines
+
     stdin = sys.stdin if stdin is None else stdin
     collected = [_decode_utf8(text, f"argument {index}") for index, text in enumerate(texts, start=1) if text != "-"]
     if file is not None:
-        collected += _decode_utf8(input_file(file, "text file").read_bytes(), f"text file {file}").splitlines()
+        collected += split_lines(_decode_utf8(input_file(file, "text file").read_bytes(), f"text file {file}"))
     if "-" in texts or (not texts and file is None and not stdin.isatty()):
         stream = getattr(stdin, "buffer", stdin)  # bytes where there are: decoded here, with a clear error
-        collected += _decode_utf8(stream.read(), "stdin").splitlines()
+        collected += split_lines(_decode_utf8(stream.read(), "stdin"))
     collected = [text for text in collected if text.strip()]
     if not collected:
         raise ValueError("no texts to classify: give them as arguments, with --file, or on stdin")
@@ -805,6 +833,10 @@ def run_predict_file(args):
             )
         if output.is_dir():
             raise IsADirectoryError(f"cannot write predictions to {args.output}: it is a folder")
+        if output.exists() and output.resolve() == Path(args.file).expanduser().resolve():
+            raise ValueError(f"--output {args.output} is the input file: write the predictions to another file")
+        if output.exists() and not args.overwrite:
+            raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
         check_writable_folder(output.parent, f"cannot write predictions to {args.output}")
     model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend)
 
@@ -1227,6 +1259,12 @@ def run_calibrate(args):
     )
     reference = choice.reference
     print(f"{len(dataset)} samples; full depth: accuracy {reference['accuracy']:.4f}")
+    if args.max_accuracy_drop is not None and len(dataset) < CALIBRATION_MIN_SAMPLES:
+        logger.warning(
+            f"Calibrated on only {len(dataset)} samples: one sample is {100 / len(dataset):.2g} accuracy points, so an "
+            f"accuracy budget of {100 * args.max_accuracy_drop:g} points is not measured reliably. Calibrate on at "
+            f"least {CALIBRATION_MIN_SAMPLES:,} held-out samples (--split, --max-samples)."
+        )
     rows = [{"exit_rule": rule, **(row or {})} for rule, row in choice.candidates.items()]
     print(format_table(rows, ("exit_rule",) + RESULT_COLUMNS))
     print_oracle(choice.oracle, [])
@@ -1245,10 +1283,13 @@ def run_calibrate(args):
             path = model.save_calibration(save_dir)
             print(f"saved {saved} as the ONNX Runtime default in {path}")
             return
+        previous = save_dir / "config.json.previous"
         with tempfile.TemporaryDirectory(dir=save_dir, prefix=".calibrate-") as work_dir:
             model.config.save_pretrained(work_dir)
+            shutil.copy2(save_dir / "config.json", Path(work_dir) / previous.name)
+            os.replace(Path(work_dir) / previous.name, previous)  # the config before, kept whole
             os.replace(Path(work_dir) / "config.json", save_dir / "config.json")
-        print(f"saved {saved} as the default in {save_dir / 'config.json'}")
+        print(f"saved {saved} as the default in {save_dir / 'config.json'} (the previous one: {previous})")
 
 
 def card_results(model_dir, results_path=None, exit_rule=None):
@@ -1360,7 +1401,11 @@ def main(argv=None) -> int:
     """Run `hf-fastbert` with `argv` (default: `sys.argv[1:]`); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "predict" and extra and not any(value.startswith("-") and value != "-" for value in extra):
+            args.texts += extra  # texts after an option (`predict M --speed 0.3 "text"`), as argparse will not
+        elif extra:
+            parser.parse_args(argv)  # argparse's own usage error for what it did not recognize
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")

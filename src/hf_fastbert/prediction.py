@@ -164,123 +164,165 @@ class InputSpec:
     pair_separator: str | None = None
 
 
-def _split_pair(line: str, separator: str | None):
+def _split_pair(line: str, separator: str | None, where: str):
     if separator is None:
         return line, None
     parts = line.split(separator, 1)
     if len(parts) != 2:
-        raise ValueError(f"every input must hold the pair separator {separator!r}: {line[:80]!r}")
+        raise ValueError(f"{where}: every input must hold the pair separator {separator!r}: {line[:80]!r}")
     return parts[0], parts[1]
 
 
-def _csv_chunks(path: Path, chunk_size: int):
-    import pandas as pd
-
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=chunk_size)
-    with reader:
-        for frame in reader:
-            yield frame.to_dict("list")
+def split_lines(text: str) -> list[str]:
+    """
+    One input per `\\n`-terminated line (a trailing `\\r` of Windows line ends dropped), and nothing else: form
+    feeds, lone carriage returns, U+0085 and U+2028 stay inside their line, as in every other line-based tool.
+    """
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def _jsonl_chunks(path: Path, chunk_size: int, columns: list[str]):
-    rows = {column: [] for column in columns}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+def check_text(value, where: str) -> str:
+    """`value` if it is text the tokenizer can take; a `ValueError` naming `where` (file and line or row) if not."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the input is not text: {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where}: the input is not valid Unicode text ({error.reason} at character {error.start})"
+        ) from None
+    return value
+
+
+def _text_rows(path: Path, spec: InputSpec):
+    """(where, text, pair) of every non-empty line of a text file; lines split on b"\\n" only, decoded one by one."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
+                raw = raw[3:]
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where} is not UTF-8 text (byte {raw[error.start]:#04x})") from None
+            (line,) = split_lines(line.removesuffix("\n"))
+            if line.strip():
+                yield (where, *_split_pair(line, spec.pair_separator, where))
+
+
+def _csv_rows(path: Path, columns: list[str]):
+    import csv
+
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            missing = [column for column in columns if column not in header]
+            if missing:
+                raise ValueError(f"{path} has no column {missing[0]!r} (it has {header})")
+            indices = [header.index(column) for column in columns]
+            for row in reader:
+                if not row:
+                    continue
+                where = f"{path}:{reader.line_num}"
+                if len(row) != len(header):  # pandas would shift such a row silently
+                    raise ValueError(
+                        f"{where} has {len(row)} fields and the header {len(header)}: quote fields that hold the "
+                        "separator"
+                    )
+                yield (where, *(row[index] for index in indices))
+        except csv.Error as error:
+            raise ValueError(f"{path}:{reader.line_num} is not valid CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 text ({error.reason})") from None
+
+
+def _jsonl_rows(path: Path, columns: list[str]):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where} is not UTF-8 text (byte {raw[error.start]:#04x})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not a JSON object per line ({error.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as error:
+                reason = getattr(error, "msg", "nested too deeply")
+                raise ValueError(f"{where} is not a JSON object per line ({reason})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number} is not a JSON object per line")
+                raise ValueError(f"{where} is not a JSON object per line")
             for column in columns:
                 if column not in record:
-                    raise ValueError(f"{path}:{number} has no column {column!r} (it has {sorted(record)})")
-                rows[column].append(record[column])
-            if len(rows[columns[0]]) == chunk_size:
-                yield rows
-                rows = {column: [] for column in columns}
-    if rows[columns[0]]:
-        yield rows
+                    raise ValueError(f"{where} has no column {column!r} (it has {sorted(record)})")
+            yield (where, *(record[column] for column in columns))
 
 
-def _parquet_chunks(path: Path, chunk_size: int, columns: list[str]):
+def _parquet_rows(path: Path, columns: list[str]):
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
     missing = [column for column in columns if column not in parquet.schema_arrow.names]
     if missing:
         raise ValueError(f"{path} has no column {missing[0]!r} (it has {parquet.schema_arrow.names})")
-    for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns):
-        yield batch.to_pydict()
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        for values in zip(*(batch.column(column).to_pylist() for column in columns), strict=True):
+            number += 1
+            yield (f"{path}, row {number}", *values)
 
 
 def read_inputs(path, spec: InputSpec | None = None, chunk_size: int = 1024) -> Iterator[list[tuple[str, str | None]]]:
     """
     Stream `(text, text_pair)` inputs from a file, `chunk_size` at a time (`text_pair` is `None` for single texts).
 
-    .txt (or any other suffix): one input per line, empty lines skipped. .csv/.tsv, .jsonl/.json (one JSON object
-    per line) and .parquet: the `spec.text_column` (and `spec.text_pair_column`) of every row; .parquet files are
-    read by row groups, the others line by line, so memory stays bounded whatever the file's size.
+    .txt (or any other suffix): one input per `\\n` line ([`split_lines`]), empty lines skipped. .csv/.tsv (every row
+    with the header's number of fields), .jsonl/.json (one JSON object per line) and .parquet: the `spec.text_column`
+    (and `spec.text_pair_column`) of every row. Read row by row, so memory stays bounded whatever the file's size. A
+    value that is not text the tokenizer can take (a number, a lone surrogate) is a `ValueError` naming its line or
+    row.
     """
     spec = spec or InputSpec()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        chunk = []
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    chunk.append(_split_pair(line, spec.pair_separator))
-                if len(chunk) == chunk_size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
-        return
     columns = [spec.text_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
-    if suffix in (".csv", ".tsv"):
-        chunks = _csv_chunks(path, chunk_size)
+    if suffix not in TABLE_SUFFIXES:
+        rows = _text_rows(path, spec)
+    elif suffix in (".csv", ".tsv"):
+        rows = _csv_rows(path, columns)
     elif suffix == ".parquet":
-        chunks = _parquet_chunks(path, chunk_size, columns)
+        rows = _parquet_rows(path, columns)
     else:
-        chunks = _jsonl_chunks(path, chunk_size, columns)
-    for rows in chunks:
-        missing = [column for column in columns if column not in rows]
-        if missing:
-            raise ValueError(f"{path} has no column {missing[0]!r} (it has {sorted(rows)})")
-        texts = rows[spec.text_column]
-        pairs = rows[spec.text_pair_column] if spec.text_pair_column else [None] * len(texts)
-        for column in columns:
-            bad = [value for value in rows[column] if not isinstance(value, str)]
-            if bad:
-                raise ValueError(f"{path}: column {column!r} holds a value that is not text: {bad[0]!r}")
-        yield list(zip(texts, pairs, strict=True))
+        rows = _jsonl_rows(path, columns)
+    chunk = []
+    for where, text, *pair in rows:
+        pair = pair[0] if pair else None
+        chunk.append((check_text(text, where), None if pair is None else check_text(pair, where)))
+        if len(chunk) == chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def count_inputs(path, spec: InputSpec | None = None) -> int | None:
-    """The number of inputs `read_inputs` will yield, when cheap to know (parquet metadata, text lines); else None."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    if suffix in (".csv", ".tsv"):
-        return None  # quoted fields may span lines
-    with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
+def count_inputs(path, spec: InputSpec | None = None) -> int:
+    """
+    The number of inputs in a file, every one read and checked as [`read_inputs`] reads it: a bad row fails here,
+    before any model runs and before an output file is opened.
+    """
+    return sum(len(chunk) for chunk in read_inputs(path, spec))
 
 
 class PredictionWriter:
     """
     Writes result rows to a .jsonl, .parquet or .csv file as they come, into `PATH.partial`, renamed to `PATH` by
-    `close()` (a crashed job leaves no complete-looking file). Use as a context manager.
+    `close()`; a failed job removes it (no complete-looking file, no partial one). Use as a context manager.
     """
 
     def __init__(self, path):
@@ -324,7 +366,8 @@ class PredictionWriter:
             self._writer.close()
         if self._handle is not None:
             self._handle.close()
-        if not complete:
+        if not complete:  # a failed job leaves nothing behind: not a complete-looking file, not a partial one
+            self.partial.unlink(missing_ok=True)
             return
         if self.rows_written == 0:  # no input: an empty but valid file
             if self.suffix == ".parquet":
@@ -412,8 +455,8 @@ def predict_file(
     if max_length is None:
         max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", math.inf))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = count_inputs(input_path, spec)  # every input checked before the first forward pass
     writer = PredictionWriter(output_path) if output_path is not None and state.is_main_process else None
-    total = count_inputs(input_path, spec) if state.is_main_process and progress else None
     bar = tqdm(total=total, desc="Predicting", unit=" inputs", disable=not (progress and state.is_main_process))
     done = 0
     try:
