@@ -89,6 +89,8 @@ def files(tmp_path_factory):
     (root / "surrogate.jsonl").write_text(good_jsonl[: good_jsonl.index("\n", 40) + 1] + '{"text": "x \\ud800"}\n')
     # A row with more fields than the header, which pandas would read shifted into an index.
     (root / "ragged.csv").write_text("text,label\ngood film,positive\ngreat,1,extra,fields\n")
+    (root / "empty_key").write_text("\n")
+    (root / "bad_curve.json").write_text("speed,accuracy\n0,0.8\n")
     (root / "a_folder").mkdir()
     (root / "a_file").write_text("not a folder\n")
     (root / "results.csv").write_text("speed,accuracy,mean_exit_layer,flops_speedup\n0,0.8,4,1\n")
@@ -175,6 +177,8 @@ CLI_CASES = [
     ("calibrate {model} --dataset {good_csv} --uncertainty-top-k 1 --save", 2, ["integer >= 2"]),
     # serve
     ("serve {model} --port 70000", 2, ["--port", "[0, 65535]"]),
+    ("serve {model} --api-key-file {empty_key}", 1, ["API key file", "is empty"]),
+    ("serve {model} --adaptive --target-p95-ms 50 --speed-curve {bad_curve_json}", 1, ["bad_curve.json", "not a JSON"]),
     # predict
     ("predict {model} --file {a_folder}", 1, ["text file", "is a folder, not a file"]),
     ("predict {model} --file {root}/missing.txt", 1, ["text file", "does not exist"]),

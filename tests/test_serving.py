@@ -369,6 +369,10 @@ def test_bad_requests_get_named_errors(server_url):
         ({"inputs": [["gem"], [too_long]]}, 413, "validation", "input 1 has 22 tokens"),
         ({"inputs": ["a", "b", "c"]}, 422, "validation", "a batch is a list of lists"),
         ({"input": "film"}, 422, "validation", "no `inputs` field"),
+        # JSON the parser accepts or refuses in ways a tokenizer or json.loads would turn into a 500
+        (b'{"inputs": "film \\ud800"}', 422, "validation", "not valid Unicode text"),
+        (b"[" * 200_000 + b"]" * 200_000, 400, "validation", "not valid JSON"),
+        (b'{"inputs": "film", "speed": ' + b"9" * 5000 + b"}", 400, "validation", "not valid JSON"),
     ]
     for body, status, error_type, message in cases:
         code, answer, _ = post(f"{server_url}/predict", body, raw=isinstance(body, bytes))
@@ -579,3 +583,66 @@ def test_every_backbone_family_is_served_like_offline(family):
     logits, exits = offline(model, tokenizer, texts, speed=0.5)
     for predictions, row, layer in zip(body, logits, exits, strict=True):
         check(predictions, row, layer, labels=[model.config.id2label[i] for i in range(3)], speed=0.5)
+
+
+def test_body_limit_is_checked_before_the_body_is_read(model_and_tokenizer):
+    import http.client
+
+    model, tokenizer = model_and_tokenizer
+    app = create_app(model, tokenizer, ServingConfig(max_request_bytes=1000))
+    body = json.dumps({"inputs": "film " * 400}).encode()
+    with running(app) as (url, _):
+        status, answer, _ = post(f"{url}/predict", body, raw=True)  # with Content-Length: refused from the header
+        assert (status, answer["error_type"]) == (413, "validation") and "more than 1000" in answer["error"]
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)  # chunked: no length
+        connection.request("POST", "/predict", body=iter([body[:600], body[600:]]), encode_chunked=True,
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})  # fmt: skip
+        response = connection.getresponse()
+        assert response.status == 413 and "more than 1000 bytes" in json.loads(response.read())["error"]
+        connection.close()
+        assert post(f"{url}/predict", {"inputs": "a gem"})[0] == 200
+
+
+def test_api_key_guards_every_route_but_health(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    app = create_app(model, tokenizer, ServingConfig(api_key="s3cret"))
+
+    def call(path, key=None, body=None):
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    with running(app) as (url, _):
+        for path, body in ((f"{url}/predict", {"inputs": "a gem"}), (f"{url}/info", None), (f"{url}/metrics", None)):
+            assert call(path, body=body) == 401
+            assert call(path, "wrong", body=body) == 401
+            assert call(path, "s3cret", body=body) == 200
+        assert call(f"{url}/health") == 200
+    with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+        ServingConfig(api_key=" ")
+
+
+def test_tokenizing_a_request_does_not_block_the_event_loop(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    app = create_app(model, tokenizer, ServingConfig())
+    server = app.state.server
+    encode = server.encode
+
+    def slow_encode(request):  # a 2 MB body's tokenization, in time
+        time.sleep(3)
+        return encode(request)
+
+    monkeypatch.setattr(server, "encode", slow_encode)
+    with running(app) as (url, _):
+        slow = threading.Thread(target=post, args=(f"{url}/predict", {"inputs": "a gem"}))
+        slow.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert get(f"{url}/health")[0] == 200
+        assert time.monotonic() - started < 2  # answered while the request is still being tokenized
+        slow.join()

@@ -59,6 +59,7 @@ FINETUNE_MAX_EPOCHS = 10.0
 DISTILL_MAX_EPOCHS = 10.0
 DISTILL_LEARNING_RATE = 1e-3
 MAX_ACCURACY_DROP = 0.005
+API_KEY_ENV = "HF_FASTBERT_API_KEY"
 CALIBRATION_MIN_SAMPLES = 1000  # below this, `calibrate` warns that its accuracy budget is not measured reliably
 
 
@@ -545,6 +546,17 @@ def _add_serve_parser(commands):
     batching.add_argument(
         "--auto-truncate", action="store_true", help="Truncate over-long inputs unless a request says otherwise."
     )
+    batching.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=2_000_000,
+        help="Larger request bodies answer 413, refused from their Content-Length before they are read.",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        help="A file holding an API key: every route but /health then needs `Authorization: Bearer <key>` (or set "
+        f"{API_KEY_ENV}; a key on the command line would show in `ps`).",
+    )
     adaptive = serve.add_argument_group("load-adaptive speed")
     adaptive.add_argument("--adaptive", action="store_true", help="Choose the speed from the load.")
     adaptive.add_argument("--target-p95-ms", type=_positive_float, help="The p95 latency target (with --adaptive).")
@@ -871,6 +883,16 @@ def run_predict_file(args):
         print(f"{count} predictions written to {args.output}", file=sys.stderr)
 
 
+def read_api_key(path=None) -> str | None:
+    """`serve`'s API key: the first line of `path`, else the `HF_FASTBERT_API_KEY` environment variable, else None."""
+    if path is not None:
+        lines = input_file(path, "API key file").read_text(encoding="utf-8").splitlines()
+        if not lines or not lines[0].strip():
+            raise ValueError(f"the API key file {path} is empty")
+        return lines[0].strip()
+    return os.environ.get(API_KEY_ENV) or None
+
+
 def run_serve(args):
     from .serving import ServingConfig, find_speed_curve, load_speed_curve, serve
 
@@ -894,6 +916,8 @@ def run_serve(args):
         max_client_batch_size=args.max_client_batch_size,
         max_input_length=args.max_input_length,
         auto_truncate=args.auto_truncate,
+        max_request_bytes=args.max_request_bytes,
+        api_key=read_api_key(args.api_key_file),
         adaptive=args.adaptive,
         target_p95_ms=args.target_p95_ms,
         max_accuracy_drop=args.max_accuracy_drop,

@@ -14,6 +14,7 @@ The batcher and the controller need neither Starlette nor uvicorn.
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import torch
 
 from .configuration_fastbert import validate_speed
 from .pipeline_fastbert import is_fastbert
-from .prediction import classify_batch, tokenize
+from .prediction import check_text, classify_batch, tokenize
 
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ def load_speed_curve(path, exit_rule: str | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"speed curve {path} does not exist")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8
+        raise ValueError(f"the speed curve {path} is not a JSON results file ({str(error)[:120]})") from None
     rows = rows_of_rule(data, exit_rule, path)
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{path} holds no speed/accuracy rows")
@@ -524,9 +528,16 @@ class PredictRequest:
 BATCH_SHAPE_HINT = 'a batch is a list of lists: [["text 1"], ["text 2"], ["first text", "second text"]]'
 
 
+def _text(value: str, where: str) -> str:
+    try:
+        return check_text(value, where)
+    except ValueError as error:  # a lone surrogate: JSON allows it, the tokenizer does not
+        raise RequestError(422, "validation", str(error)) from None
+
+
 def _sequence(value, where: str) -> tuple[str, str | None]:
     if isinstance(value, list) and len(value) in (1, 2) and all(isinstance(text, str) for text in value):
-        return value[0], value[1] if len(value) == 2 else None
+        return _text(value[0], where), _text(value[1], where) if len(value) == 2 else None
     raise RequestError(
         422, "validation", f"{where} must be a list of one text or a pair of texts, got {json.dumps(value)[:100]}"
     )
@@ -541,7 +552,7 @@ def parse_inputs(inputs) -> tuple[list[tuple[str, str | None]], bool]:
     refused.
     """
     if isinstance(inputs, str):
-        return [(inputs, None)], True
+        return [(_text(inputs, "`inputs`"), None)], True
     if not isinstance(inputs, list):
         raise RequestError(
             422, "validation", f"`inputs` must be a string, a pair of strings or a batch; {BATCH_SHAPE_HINT}"
@@ -611,7 +622,10 @@ class ServingConfig:
         max_input_length (`int`, *optional*): Tokens per input; defaults to the tokenizer's and the model's limit.
             Longer inputs answer 413 unless the request (or `auto_truncate`) asks for truncation.
         auto_truncate (`bool`, *optional*, defaults to `False`): Truncate when a request does not say.
-        max_request_bytes (`int`, *optional*, defaults to 2,000,000): Larger bodies answer 413.
+        max_request_bytes (`int`, *optional*, defaults to 2,000,000): Larger bodies answer 413, before they are read
+            (from `Content-Length`) or as soon as the bytes read pass the limit (a body without one).
+        api_key (`str`, *optional*): When set, every route but `/health` answers 401 unless the request carries
+            `Authorization: Bearer <api_key>` (TEI's `--api-key`).
         adaptive (`bool`, *optional*, defaults to `False`): Choose the speed from the load (needs `speed_curve` and
             `target_p95_ms`).
         target_p95_ms (`float`, *optional*): Adaptive mode's p95 latency target, in milliseconds.
@@ -630,6 +644,7 @@ class ServingConfig:
     max_input_length: int | None = None
     auto_truncate: bool = False
     max_request_bytes: int = 2_000_000
+    api_key: str | None = field(default=None, repr=False)
     adaptive: bool = False
     target_p95_ms: float | None = None
     max_accuracy_drop: float = 0.01
@@ -639,7 +654,10 @@ class ServingConfig:
     def __post_init__(self):
         if self.speed is not None:
             validate_speed(self.speed)
-        for name in ("max_batch_size", "max_queue_size", "max_concurrent_requests", "max_client_batch_size"):
+        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
+            raise ValueError("api_key must be a non-empty string (or None for no authentication).")
+        names = ("max_batch_size", "max_queue_size", "max_concurrent_requests", "max_client_batch_size")
+        for name in names + ("max_request_bytes",):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -781,6 +799,7 @@ class FastBertServer:
             on_batch=self.metrics.record_batch,
         )
         self.in_flight = 0
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastbert-parse")
 
     @property
     def adaptive(self) -> bool:
@@ -836,12 +855,27 @@ class FastBertServer:
         info["version"] = __version__
         return info
 
+    def _parse_and_encode(self, payload: bytes) -> tuple[PredictRequest, list[dict]]:
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a 5,000-digit number, nesting too deep
+            reason = str(error) if isinstance(error, ValueError) else "nested too deeply"
+            raise RequestError(400, "validation", f"the body is not valid JSON: {reason[:200]}") from None
+        request = parse_predict_request(body)
+        if len(request.texts) > self.config.max_client_batch_size:
+            raise RequestError(
+                413,
+                "validation",
+                f"batch size {len(request.texts)} > maximum allowed batch size {self.config.max_client_batch_size}",
+            )
+        return request, self.encode(request)
+
     def encode(self, request: PredictRequest) -> list[dict]:
         """Tokenize a request's inputs (unpadded); 413 for an over-long input without truncation."""
         truncate = self.config.auto_truncate if request.truncate is None else request.truncate
         tokenizer = self.tokenizer
         side = tokenizer.truncation_side
-        tokenizer.truncation_side = request.truncation_direction  # the event loop is the tokenizer's only user
+        tokenizer.truncation_side = request.truncation_direction  # the parsing thread is the tokenizer's only user
         try:
             encodings = tokenize(
                 tokenizer, request.texts, request.pairs, truncation=truncate, max_length=self.max_input_length
@@ -870,18 +904,11 @@ class FastBertServer:
             raise RequestError(
                 413, "validation", f"the body has {len(payload)} bytes, more than {self.config.max_request_bytes}"
             )
-        try:
-            body = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(400, "validation", f"the body is not valid JSON: {error}") from None
-        request = parse_predict_request(body)
-        if len(request.texts) > self.config.max_client_batch_size:
-            raise RequestError(
-                413,
-                "validation",
-                f"batch size {len(request.texts)} > maximum allowed batch size {self.config.max_client_batch_size}",
-            )
-        encodings = self.encode(request)
+        # Decoding and tokenizing a 2 MB body takes long enough to stall every other request (and /health) if it
+        # ran on the event loop: one worker thread does it (the tokenizer's only user, so its truncation side is
+        # safe to set per request).
+        loop = asyncio.get_running_loop()
+        request, encodings = await loop.run_in_executor(self._parser, self._parse_and_encode, payload)
         try:
             futures = self.batcher.submit(encodings, request.speed)
         except Overloaded as error:
@@ -929,11 +956,15 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
           "raw_scores": false, "truncate": false, "truncation_direction": "Right"}` plus an optional `"speed"`; TEI's
           response, a list of `{"score", "label"}` sorted by score (a list of such lists for a batch), each entry with
           the input's `exit_layer` and the `speed` it ran at. Errors are `{"error": ..., "error_type": ...}`: 400
-          (not JSON, empty input), 413 (too many inputs, input too long without truncation, body too large), 422
-          (wrong shape or type, invalid speed), 424 (the model failed), 429 (queue full), 503 (shutting down).
+          (not JSON, empty input), 401 (with `api_key`: no or a wrong `Authorization: Bearer` key), 413 (too many
+          inputs, input too long without truncation, body too large: refused from its `Content-Length` before it is
+          read), 422 (wrong shape or type, invalid speed, text that is not valid Unicode), 424 (the model failed),
+          429 (queue full), 500 (a bug: still a JSON error, counted in the metrics), 503 (shutting down). Bodies
+          are decoded and tokenized on a worker thread, never on the event loop.
         - `GET /health`: 200 `{"status": "ok"}`, 503 when shutting down.
         - `GET /info`: model, labels, layers, default and current speed, mode, limits (and the adaptive ladder).
         - `GET /metrics`: Prometheus text format.
+        With `api_key`, every route but `/health` needs the key.
 
     Args:
         model, tokenizer, config, controller: see [`FastBertServer`].
@@ -962,8 +993,35 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
     server = FastBertServer(model, tokenizer, config, controller)
     metrics = server.metrics
 
+    api_key = None if server.config.api_key is None else server.config.api_key.encode()
+
+    def authorized(request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
+
+    def unauthorized(started):
+        error = RequestError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`")
+        return _finish(_error_response(error), error, started)
+
+    async def read_body(request) -> bytes:
+        """The body, refused with 413 before it is read (Content-Length) or once it passes the limit."""
+        limit = server.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise RequestError(413, "validation", f"the body has {declared} bytes, more than {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, "validation", f"the body has more than {limit} bytes")
+        return bytes(body)
+
     async def predict(request):
         started = time.perf_counter()
+        if not authorized(request):
+            return unauthorized(started)
         if server.in_flight >= server.config.max_concurrent_requests:
             error = RequestError(
                 429,
@@ -975,8 +1033,12 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
         server.in_flight += 1
         metrics.in_flight.set(server.in_flight)
         try:
-            body, headers = await server.predict(await request.body(), started)
+            body, headers = await server.predict(await read_body(request), started)
         except RequestError as error:
+            return _finish(_error_response(error), error, started)
+        except Exception as error:  # a bug or an input nobody foresaw: TEI's JSON error, counted, and logged
+            logger.exception("unexpected error answering a request")
+            error = RequestError(500, "backend", f"unexpected error: {type(error).__name__}")
             return _finish(_error_response(error), error, started)
         finally:
             server.in_flight -= 1
@@ -996,9 +1058,13 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
         return JSONResponse({"status": "ok"})
 
     async def info(request):
+        if not authorized(request):
+            return unauthorized(time.perf_counter())
         return JSONResponse(server.info())
 
     async def prometheus(request):
+        if not authorized(request):
+            return unauthorized(time.perf_counter())
         metrics.speed.set(server.current_speed)
         metrics.queue_size.set(server.batcher.queue_size)
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -1019,6 +1085,7 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
             yield
         finally:
             await server.batcher.close()  # every accepted input is answered before the worker stops
+            server._parser.shutdown(wait=False)
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
