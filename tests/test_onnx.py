@@ -151,6 +151,15 @@ def test_int8_stages_are_quantized_with_float_students(exported):
     expected = run(model, input_ids, attention_mask, speed=0.0)
     agreement = (got.logits.argmax(-1) == expected.logits.argmax(-1)).float().mean().item()
     assert agreement >= 0.75 and (got.logits - expected.logits).abs().max().item() < 0.5
+    # Activations are quantized per session run: each sample runs alone, so its answer does not depend on the batch.
+    assert ort_model.int8_per_sample
+    for speed in (0.0, 0.5):
+        batched = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=speed)
+        for row in range(0, 16, 5):
+            length = int(attention_mask[row].sum())
+            alone = ort_model(input_ids=input_ids[row : row + 1, :length], speed=speed)
+            torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=1e-6)
+            assert batched.exit_layers[row].item() == alone.exit_layers.item()
 
 
 @pytest.fixture(scope="module")

@@ -473,6 +473,13 @@ class FastBertModelMixin:
             self._check_labels(labels)
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=self.device)
+        if (
+            self.__dict__.get("int8_per_sample")
+            and batch_size > 1
+            and input_ids is not None
+            and not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+        ):
+            return self._forward_each_sample(inputs, attention_mask, labels, speed, output_all_logits, exit_rule)
 
         stock_teacher = self.config.teacher_head != "branch"
         exits_at_speed = not self.training and speed > 0
@@ -496,6 +503,37 @@ class FastBertModelMixin:
             loss = F.cross_entropy(teacher_logits.view(-1, self.num_labels), labels.view(-1))
             output = FastBertSequenceClassifierOutput(loss=loss, **output)
         return output
+
+    def _forward_each_sample(self, inputs, attention_mask, labels, speed, output_all_logits, exit_rule):
+        """
+        Every sample alone, without its padding, then the outputs stacked: the int8 copies' path (`quantize_int8`,
+        `int8_per_sample`). Dynamic quantization scales activations per call, so in one batched call a sample's
+        answer would depend on the other samples (and on its own padding); alone, it is the same in any batch.
+        """
+        outputs = []
+        for row in range(attention_mask.shape[0]):
+            keep = attention_mask[row] != 0
+            if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
+                keep = torch.ones_like(keep)
+            sample = {name: None if value is None else value[row : row + 1, keep] for name, value in inputs.items()}
+            outputs.append(
+                self(
+                    **sample,
+                    attention_mask=attention_mask[row : row + 1, keep],
+                    labels=None if labels is None else labels[row : row + 1],
+                    speed=speed,
+                    output_all_logits=output_all_logits,
+                    exit_rule=exit_rule,
+                )
+            )
+        stacked = {
+            name: torch.cat([output[name] for output in outputs])
+            for name in ("logits", "exit_layers", "flops", "all_logits")
+            if outputs[0].get(name) is not None
+        }
+        if labels is not None:
+            stacked["loss"] = torch.stack([output.loss for output in outputs]).mean()
+        return FastBertSequenceClassifierOutput(**stacked)
 
     def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
         """

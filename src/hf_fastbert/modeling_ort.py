@@ -120,6 +120,9 @@ class ORTFastBertForSequenceClassification:
     Attributes:
         config: the model's FastBERT config (`speed`, `exit_rule`, labels), from its `config.json`.
         manifest (`dict`): what the `onnx/` folder was exported from (`int8`, fusions per stage, versions).
+        int8_per_sample (`bool`): whether a batch runs one sample at a time, each without its padding (True for
+            int8 exports, whose activations are quantized per run: a sample's answer is then the same in any batch;
+            set it to False to run int8 batches together, faster at large batches but batch-dependent).
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
             (`embeddings.onnx`, `layer_<i>.onnx`, `student_<i>.onnx`).
     """
@@ -133,6 +136,8 @@ class ORTFastBertForSequenceClassification:
         self.manifest = manifest
         self.name_or_path = name_or_path
         self._token_types = manifest["token_type_ids"]
+        # int8 stages quantize activations per run: each sample runs alone, so its answer is the same in any batch.
+        self.int8_per_sample = bool(manifest.get("int8"))
         layers = config.num_hidden_layers
         self._embeddings = sessions["embeddings.onnx"]
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
@@ -226,6 +231,23 @@ class ORTFastBertForSequenceClassification:
                 raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
         return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
 
+    def _forward_each_sample(self, feed, speed, output_all_logits, exit_rule) -> FastBertSequenceClassifierOutput:
+        """Every sample alone, without its padding (int8 exports: activations are quantized per session run, so in
+        one batched run a sample's answer would depend on the other samples), then the outputs stacked."""
+        outputs = []
+        for row in range(feed["input_ids"].shape[0]):
+            keep = feed["attention_mask"][row] != 0
+            if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
+                keep = np.ones_like(keep)
+            sample = {name: np.ascontiguousarray(value[row : row + 1, keep]) for name, value in feed.items()}
+            outputs.append(self.forward(**sample, speed=speed, output_all_logits=output_all_logits, exit_rule=exit_rule))
+        stacked = {
+            name: torch.cat([output[name] for output in outputs])
+            for name in ("logits", "exit_layers", "flops", "all_logits")
+            if outputs[0].get(name) is not None
+        }
+        return FastBertSequenceClassifierOutput(**stacked)
+
     # What the pipeline and the `Trainer`-free evaluation code read of a model.
     @property
     def device(self) -> torch.device:
@@ -284,6 +306,8 @@ class ORTFastBertForSequenceClassification:
         feed = {"input_ids": ids, "attention_mask": mask}
         if self._token_types:
             feed["token_type_ids"] = np.zeros_like(ids) if token_type_ids is None else _as_numpy(token_type_ids)
+        if self.int8_per_sample and batch_size > 1:
+            return self._forward_each_sample(feed, speed, output_all_logits, exit_rule)
         # A batch of one pays for every host-side operator: numpy only, and nothing that speed 0 does not need.
         seq_lengths = mask.sum(axis=1)  # (B,)
         hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
