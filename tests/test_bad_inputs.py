@@ -178,7 +178,11 @@ CLI_CASES = [
     # serve
     ("serve {model} --port 70000", 2, ["--port", "[0, 65535]"]),
     ("serve {model} --api-key-file {empty_key}", 1, ["API key file", "is empty"]),
-    ("serve {model} --adaptive --target-p95-ms 50 --speed-curve {bad_curve_json}", 1, ["bad_curve.json", "not a JSON"]),
+    (
+        "serve {model} --adaptive --target-p95-ms 50 --speed-curve {bad_curve_json}",
+        1,
+        ["bad_curve.json", "not a JSON"],
+    ),
     # predict
     ("predict {model} --file {a_folder}", 1, ["text file", "is a folder, not a file"]),
     ("predict {model} --file {root}/missing.txt", 1, ["text file", "does not exist"]),
@@ -331,6 +335,14 @@ def test_train_replaces_its_previous_run_whole_and_refuses_anything_else(files, 
     # A rerun replaces the whole previous run: no file of the first one survives (its sweep had another eval split).
     assert main(train_args(files, out)) == 0
     assert "sweep" not in snapshot(out) and json.loads((out / "speed_results.json").read_text())["results"] is None
+    assert "_finetune" not in snapshot(out)  # no empty folder of stage 2's (no checkpoint was kept)
+    # A file of the run changed since (a config edited by hand or by `calibrate --save`): not just a previous run.
+    config = (out / "config.json").read_bytes()
+    (out / "config.json").write_bytes(config.replace(b'"speed"', b'"speed" ', 1))
+    capsys.readouterr()
+    assert main(train_args(files, out)) == 1
+    assert "holds files changed since the previous training run wrote them (config.json)" in capsys.readouterr().err
+    (out / "config.json").write_bytes(config)
     # A file the user added since: the folder is no longer just a previous run.
     (out / "notes.txt").write_text("mine\n")
     capsys.readouterr()

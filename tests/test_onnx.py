@@ -90,8 +90,14 @@ def test_layers_keep_onnx_runtime_fusions(exported):
             assert [value.name for value in student.graph.output] == ["logits", "uncertainty"]
             assert not {"Attention", "SkipLayerNormalization"} & {node.op_type for node in student.graph.node}
     assert manifest["stages"] == [
-        "embeddings.onnx", "layer_0.onnx", "student_0.onnx", "layer_1.onnx", "student_1.onnx", "layer_2.onnx",
-        "student_2.onnx", "layer_3.onnx",
+        "embeddings.onnx",
+        "layer_0.onnx",
+        "student_0.onnx",
+        "layer_1.onnx",
+        "student_1.onnx",
+        "layer_2.onnx",
+        "student_2.onnx",
+        "layer_3.onnx",
     ]
     assert manifest["config"]["num_hidden_layers"] == 4 and manifest["int8"] is False
 

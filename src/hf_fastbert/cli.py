@@ -1285,8 +1285,8 @@ def run_calibrate(args):
     print(f"{len(dataset)} samples; full depth: accuracy {reference['accuracy']:.4f}")
     if args.max_accuracy_drop is not None and len(dataset) < CALIBRATION_MIN_SAMPLES:
         logger.warning(
-            f"Calibrated on only {len(dataset)} samples: one sample is {100 / len(dataset):.2g} accuracy points, so an "
-            f"accuracy budget of {100 * args.max_accuracy_drop:g} points is not measured reliably. Calibrate on at "
+            f"Calibrated on only {len(dataset)} samples: one sample is {100 / len(dataset):.2g} accuracy points, so "
+            f"an accuracy budget of {100 * args.max_accuracy_drop:g} points is not measured reliably. Calibrate on at "
             f"least {CALIBRATION_MIN_SAMPLES:,} held-out samples (--split, --max-samples)."
         )
     rows = [{"exit_rule": rule, **(row or {})} for rule, row in choice.candidates.items()]

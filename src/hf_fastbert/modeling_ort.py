@@ -240,7 +240,9 @@ class ORTFastBertForSequenceClassification:
             if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
                 keep = np.ones_like(keep)
             sample = {name: np.ascontiguousarray(value[row : row + 1, keep]) for name, value in feed.items()}
-            outputs.append(self.forward(**sample, speed=speed, output_all_logits=output_all_logits, exit_rule=exit_rule))
+            outputs.append(
+                self.forward(**sample, speed=speed, output_all_logits=output_all_logits, exit_rule=exit_rule)
+            )
         stacked = {
             name: torch.cat([output[name] for output in outputs])
             for name in ("logits", "exit_layers", "flops", "all_logits")

@@ -187,8 +187,11 @@ def _attention_reads_padding_mask(model) -> int:
     attention = [
         node
         for node in graph
-        if node.op_type == "Attention" and node.domain == "com.microsoft" and len(node.inputs) >= 6
-        and node.inputs[5] is not None and node.inputs[3] is None
+        if node.op_type == "Attention"
+        and node.domain == "com.microsoft"
+        and len(node.inputs) >= 6
+        and node.inputs[5] is not None
+        and node.inputs[3] is None
     ]
     if mask is None or not attention:
         return 0

@@ -4,6 +4,7 @@ Shared by `examples/text-classification/run_fastbert.py` and the `hf-fastbert tr
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -93,9 +94,10 @@ def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: st
     if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
         raise ValueError(f"the output folder {output_dir} contains the current folder: a run cannot replace it")
     if path.is_dir() and any(path.iterdir()) and not overwrite_output_dir:
-        made = None
+        made, digests = None, {}
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            made = set(json.loads((path / RUN_MANIFEST).read_text())["files"])
+            manifest = json.loads((path / RUN_MANIFEST).read_text())
+            made, digests = set(manifest["files"]), dict(manifest.get("sha256") or {})
         if made is None:
             raise ValueError(
                 f"the output folder {output_dir} is not empty and is not a previous training run's output: pick "
@@ -108,11 +110,27 @@ def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: st
                 f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): move them, pick another folder, or "
                 f"pass {flag} to replace everything in it"
             )
+        changed = sorted(
+            name for name, digest in digests.items() if (path / name).is_file() and _sha256(path / name) != digest
+        )
+        if changed:  # `calibrate --save` wrote a new default speed, or a user edited the config
+            raise ValueError(
+                f"the output folder {output_dir} holds files changed since the previous training run wrote them "
+                f"({', '.join(changed[:5])}): pick another folder, or pass {flag} to replace everything in it"
+            )
     existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise ValueError(f"cannot write the output folder {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write the output folder {output_dir}: the folder {existing} is not writable")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _claim_partial_folder(holder: Path, output_dir) -> None:
@@ -190,8 +208,14 @@ def staged_output_dir(output_dir, *, main_process: bool | None = None):
                         folder.rmdir()
         raise
     if main_process:
+        finetune = staging / "_finetune"
+        if finetune.is_dir() and not any(finetune.iterdir()):  # stage 2 saved no checkpoint: nothing to keep
+            finetune.rmdir()
         files = sorted({*os.listdir(staging), RUN_MANIFEST})
-        (staging / RUN_MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+        digests = {
+            name: _sha256(staging / name) for name in files if name != RUN_MANIFEST and (staging / name).is_file()
+        }
+        (staging / RUN_MANIFEST).write_text(json.dumps({"files": files, "sha256": digests}, indent=2) + "\n")
         _replace_folder(staging, final, holder / "previous")
         shutil.rmtree(holder)
 
