@@ -70,6 +70,18 @@ def files(tmp_path_factory):
     config["id2label"] = {"0": "negative", "1": "neutral", "2": "positive"}
     config["label2id"] = {"negative": 0, "neutral": 1, "positive": 2}
     (mismatched / "config.json").write_text(json.dumps(config))
+    fewer_layers = shutil.copytree(model, root / "fewer_layers")  # config.json edited: a layer less than the weights
+    config = json.loads((fewer_layers / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (fewer_layers / "config.json").write_text(json.dumps(config))
+    nan_thresholds = shutil.copytree(model, root / "nan_thresholds")  # a calibrated table that could never exit
+    config = json.loads((nan_thresholds / "config.json").read_text())
+    rows = config["num_hidden_layers"] - 1
+    config.update(exit_rule="thresholds", exit_thresholds=[[float("nan")] * 21] * rows)
+    (nan_thresholds / "config.json").write_text(json.dumps(config))
+    negative_thresholds = shutil.copytree(nan_thresholds, root / "negative_thresholds")
+    config["exit_thresholds"] = [[-0.5] * 21] * rows
+    (negative_thresholds / "config.json").write_text(json.dumps(config))
     no_students = shutil.copytree(model, root / "no_students")  # claims distilled students, holds none
     weights = load_file(no_students / "model.safetensors")
     save_file({key: value for key, value in weights.items() if not key.startswith("branches.")},
@@ -193,6 +205,9 @@ CLI_CASES = [
     ("predict {model} good --pair-separator | --max-length 3", 1, ["at least 4"]),
     ("predict {mismatched} good", 1, ["do not fit its config.json"]),
     ("predict {no_students} good", 1, ["branches_distilled=true", "holds no student weights"]),
+    ("predict {fewer_layers} good", 1, ["fewer_layers hold", "has no place for", "was config.json edited?"]),
+    ("predict {nan_thresholds} good", 1, ["exit_thresholds", "row 0 must be 21 finite numbers"]),
+    ("predict {negative_thresholds} good", 1, ["exit_thresholds", "non-negative and non-decreasing"]),
     ("predict outputs/fastbrt good", 1, ["no such model folder: outputs/fastbrt"]),
     ("predict {model} good --speed 2", 2, ["invalid speed '2'"]),
     ("predict {model} --file {surrogate_jsonl} --output new.jsonl", 1, ["surrogate.jsonl:3", "not valid Unicode"]),
@@ -488,3 +503,26 @@ def test_calibrate_save_keeps_the_previous_config(files, tmp_path, caplog):
     assert code == 0
     assert (model / "config.json.previous").read_bytes() == before
     assert "Calibrated on only 16 samples" in caplog.text  # a budget in points needs more samples than that
+
+
+@pytest.mark.parametrize("family", ["distilbert", "modernbert"])
+def test_families_without_token_types_train_and_predict_with_a_bert_tokenizer(files, tmp_path, family):
+    # A BERT tokenizer makes token_type_ids; DistilBERT and ModernBERT take none: they are left out, not an error.
+    from tiny_models import family_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    assert "token_type_ids" in tokenizer("good film")
+    folder = tmp_path / family
+    overrides = {
+        "num_labels": 2,
+        "id2label": {0: "negative", 1: "positive"},
+        "label2id": {"negative": 0, "positive": 1},
+    }
+    family_model(family, **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["predict", str(folder), "good film", "--speed", "0.5"]) == 0
+    args = train_args(files, tmp_path / "out")
+    args[args.index("--model") + 1] = str(folder)
+    assert main(args) == 0
+    assert main(["evaluate", str(tmp_path / "out"), "--dataset", files["good_csv"]]) == 0

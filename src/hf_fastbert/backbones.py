@@ -289,3 +289,10 @@ BACKBONES = {
 def get_backbone(config) -> Backbone:
     """The declaration of `config`'s family (`config.backbone_model_type`)."""
     return BACKBONES[config.backbone_model_type]
+
+
+def takes_token_type_ids(config) -> bool:
+    """Whether the models of `config`'s family (a stock or a FastBERT config) take `token_type_ids`: a tokenizer
+    borrowed from BERT makes them for DistilBERT and ModernBERT too, which must leave them out."""
+    family = getattr(config, "backbone_model_type", None) or getattr(config, "model_type", None)
+    return family not in BACKBONES or "token_type_ids" in BACKBONES[family].embedding_inputs

@@ -682,6 +682,13 @@ def _load_fastbert_weights(source, name_or_path, config):
             f"the weights in {name_or_path} do not fit its config.json: {key} is {list(saved)} in the weights but "
             f"{list(expected)} for the config ({config.num_labels} labels in id2label) - was config.json edited?"
         )
+    # A FastBERT checkpoint's weights are all the model's: left-over ones mean config.json lost layers or students.
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise ValueError(
+            f"the weights in {name_or_path} hold {len(unexpected)} tensors its config.json has no place for (e.g. "
+            f"{unexpected[0]}; the config says {config.num_hidden_layers} layers) - was config.json edited?"
+        )
     for record in held.records:
         load_logger.handle(record)
     return model
@@ -1160,6 +1167,7 @@ def describe_data(dataset, split, dataset_config=None):
 
 def prepare_evaluation(args):
     """Load the FastBERT model and its tokenizer, then the labelled evaluation data, tokenized with its label set."""
+    from .backbones import takes_token_type_ids
     from .data import check_columns, prepare_dataset
 
     raw = load_split(args.dataset, args.split, args.dataset_config)
@@ -1179,6 +1187,7 @@ def prepare_evaluation(args):
         label_names=label_names,
         max_length=min(args.max_length, model.config.max_position_embeddings),
         split=args.split if args.dataset is None or not is_local_data(args.dataset) else Path(args.dataset).name,
+        token_type_ids=takes_token_type_ids(model.config),
     )
     return model, tokenizer, dataset
 

@@ -36,6 +36,32 @@ def validate_uncertainty_top_k(top_k, allowed=("None",)):
         raise ValueError(f"`uncertainty_top_k` must be {', '.join(allowed)} or an integer >= 2, got {top_k!r}.")
 
 
+def validate_exit_table(table, name: str, num_students: int, sorted_rows: bool = False):
+    """
+    A `ValueError` unless `table` is None or a calibrated table (`exit_thresholds`, `exit_heads`): one row per student
+    (`num_students`), rows of equal length holding finite numbers (thresholds: >= 0 and non-decreasing). A NaN or
+    negative threshold would never let a sample out, silently.
+    """
+    if table is None:
+        return
+    if not isinstance(table, list) or len(table) != num_students:
+        rows = len(table) if isinstance(table, list) else type(table).__name__
+        raise ValueError(
+            f"`{name}` must hold one row per student ({num_students}), got {rows}: recalibrate "
+            "(`calibrate --save` or `model.calibrate_exit_rules`) after changing the number of layers."
+        )
+    width = len(table[0]) if table and isinstance(table[0], list) else None
+    for index, row in enumerate(table):
+        numbers = isinstance(row, list) and row and len(row) == width
+        numbers = numbers and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in row
+        )
+        if not numbers:
+            raise ValueError(f"`{name}` row {index} must be {width} finite numbers, got {row!r:.120}.")
+        if sorted_rows and (min(row) < 0 or any(b < a for a, b in zip(row, row[1:], strict=False))):
+            raise ValueError(f"`{name}` row {index} must be non-negative and non-decreasing, got {row!r:.120}.")
+
+
 def validate_speeds(speeds, name="speeds") -> list[float]:
     """A speed or a non-empty list of speeds -> list of floats; `ValueError` naming `name` for an invalid one."""
     speeds = [speeds] if isinstance(speeds, Real) else list(speeds)
@@ -147,6 +173,10 @@ class FastBertConfigMixin:
         if self.num_hidden_layers < 2:
             raise ValueError(
                 f"FastBERT needs at least 2 layers (students after all but the last), got {self.num_hidden_layers}."
+            )
+        for name in ("exit_thresholds", "exit_heads"):
+            validate_exit_table(
+                getattr(self, name), name, self.num_hidden_layers - 1, sorted_rows=name == "exit_thresholds"
             )
 
 

@@ -216,6 +216,7 @@ def prepare_dataset(
     label_names: Sequence[str] | None = None,
     max_length: int = 128,
     split: str = "train",
+    token_type_ids: bool = True,
 ) -> Dataset:
     """
     Validate and tokenize a text-classification split.
@@ -238,6 +239,9 @@ def prepare_dataset(
             Truncation length in tokens (no padding: the data collator pads each batch).
         split (`str`, *optional*, defaults to `"train"`):
             The split's name, for error messages.
+        token_type_ids (`bool`, *optional*, defaults to `True`):
+            Keep the tokenizer's `token_type_ids`; `False` for families whose models take none (DistilBERT,
+            ModernBERT), which a tokenizer borrowed from BERT still makes (`backbones.takes_token_type_ids`).
 
     Returns:
         `datasets.Dataset` with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer makes them) and,
@@ -258,6 +262,8 @@ def prepare_dataset(
         return tokenizer(batch[text_column], *pairs, truncation=True, max_length=max_length)
 
     tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {split}")
+    if not token_type_ids and "token_type_ids" in tokenized.column_names:
+        tokenized = tokenized.remove_columns("token_type_ids")
     if labels is not None:
         tokenized = tokenized.add_column("labels", labels)
     return tokenized

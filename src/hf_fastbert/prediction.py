@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .backbones import takes_token_type_ids
+
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ def classify_batch(model, encodings: Sequence[dict], speed: float | None, pad_to
     """
     device = model.device
     batch = collate(encodings, pad_token_id, padding_side)
+    if "token_type_ids" in batch and not takes_token_type_ids(model.config):  # a BERT tokenizer on DistilBERT
+        del batch["token_type_ids"]
     output = model(**{key: value.to(device) for key, value in batch.items()}, speed=speed)
     return output.logits.float().cpu(), output.exit_layers.long().cpu()
 

@@ -20,7 +20,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
-from .backbones import BACKBONES
+from .backbones import BACKBONES, takes_token_type_ids
 from .configuration_fastbert import fastbert_config_class, validate_speeds, validate_uncertainty_top_k
 from .convergence import ConvergenceCallback, split_held_out
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
@@ -576,6 +576,7 @@ def train_fastbert(
             label_names,
             max_length,
             split,
+            token_type_ids=takes_token_type_ids(config),  # a BERT tokenizer on DistilBERT or ModernBERT
         )
 
     train_dataset = tokenize(raw_datasets["train"], "train")
