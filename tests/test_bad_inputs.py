@@ -526,3 +526,13 @@ def test_families_without_token_types_train_and_predict_with_a_bert_tokenizer(fi
     args[args.index("--model") + 1] = str(folder)
     assert main(args) == 0
     assert main(["evaluate", str(tmp_path / "out"), "--dataset", files["good_csv"]]) == 0
+
+
+def test_push_without_network_is_a_one_line_error(in_inputs, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert main(["push", in_inputs["model"], "alice/x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hf-fastbert push: error: cannot reach the Hugging Face Hub at http://127.0.0.1:9")

@@ -1444,6 +1444,28 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = COMMANDS[args.command]
     try:
+        return _run_command(command, args)
+    except Exception as error:  # a bug, or bad input nobody foresaw: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(
+            f"{PROG} {args.command}: unexpected error: {type(error).__name__}: {message} (--debug shows the "
+            "traceback; please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A connection or timeout error of the HTTP stack under huggingface_hub (httpx, httpcore, requests, urllib3)."""
+    package = type(error).__module__.split(".")[0].rstrip("0123456789")
+    return package in ("httpx", "httpcore", "requests", "urllib3")
+
+
+def _run_command(command, args) -> int:
+    """`command(args)`, with bad input, missing files and an unreachable Hub as one-line errors (exit 1)."""
+    try:
         return command(args) or 0
     except (ValueError, OSError, ImportError) as error:  # bad input, missing files or packages, Hub errors
         if args.debug:
@@ -1454,13 +1476,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # a bug, or bad input nobody foresaw: still one line, the traceback with --debug
-        if args.debug:
+    except Exception as error:
+        if args.debug or not _is_network_error(error):
             raise
-        message = " ".join(str(error).split())
+        from huggingface_hub import constants
+
+        message = " ".join(str(error).split()) or type(error).__name__
         print(
-            f"{PROG} {args.command}: unexpected error: {type(error).__name__}: {message} (--debug shows the "
-            "traceback; please report it)",
+            f"{PROG} {args.command}: error: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({message}): "
+            "check the network, or HF_ENDPOINT",
             file=sys.stderr,
         )
         return 1
