@@ -77,34 +77,25 @@ def _speed(value):
     return speed
 
 
-def _positive_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return number
+def _integer(low: int, high: float, requirement: str):
+    """An argparse type: an integer in [low, high], else an error saying `requirement`."""
+
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value!r}")
+        return number
+
+    return parse
 
 
-def _top_k(value):
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 2:  # the config's own rule (validate_uncertainty_top_k): the entropy of one probability is always 0
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (the entropy of one label is 0), got {value!r}")
-    return number
-
-
-def _port(value):
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (0: any free port), got {value!r}")
-    return number
+_positive_int = _integer(1, float("inf"), "a positive integer")
+# The config's own rule (validate_uncertainty_top_k): the entropy of one probability is always 0.
+_top_k = _integer(2, float("inf"), "an integer >= 2 (the entropy of one label is 0)")
+_port = _integer(0, 65535, "a port number in [0, 65535] (0: any free port)")
 
 
 def _non_negative_float(value):
