@@ -181,9 +181,10 @@ class ORTFastBertForSequenceClassification:
         Args:
             pretrained_model_name_or_path (`str`): the model folder or Hub repo id.
             threads (`int`, *optional*): intra-op threads of every session (ONNX Runtime's default: one per core).
-                Workers spin between runs, ONNX Runtime's default. (With spinning off, at 2 threads the stages at
-                speed 0 took 1.5x the time of the stock graph, which spins, at batch 1:
-                `benchmarks/results/onnx_2threads.md`; each stage is a short run right after the previous one.)
+                Workers do not spin between runs: the stages run one after another, each session with its own
+                pool, and the spinning workers of the sessions that just ran took the cores from the next one (at 2
+                threads, 6 layer sessions took 34.7 ms spinning against 4.9 ms without, on the int8 demo model;
+                `benchmarks/results/onnx_2threads.md` is a full run with spinning on).
             session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
             config (*optional*): the FastBERT config, when not read from the folder.
@@ -222,6 +223,7 @@ class ORTFastBertForSequenceClassification:
                 if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                     raise ValueError(f"`threads` must be an integer >= 1, got {threads!r}.")
                 session_options.intra_op_num_threads = threads
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see `threads`
         sessions = {}
         for name in manifest["stages"]:
             path = folder / ONNX_FOLDER / name
