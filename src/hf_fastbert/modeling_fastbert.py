@@ -77,6 +77,18 @@ def first_confident_layer(uncertainties: torch.Tensor, speed: float) -> torch.Te
     return torch.where(confident.any(dim=1), first, num_layers)
 
 
+def stack_sample_outputs(outputs: list) -> "FastBertSequenceClassifierOutput":
+    """The outputs of samples run one by one -> one batch's output (the mean loss when they have one)."""
+    stacked = {
+        name: torch.cat([output[name] for output in outputs])
+        for name in ("logits", "exit_layers", "flops", "all_logits")
+        if outputs[0].get(name) is not None
+    }
+    if outputs[0].get("loss") is not None:
+        stacked["loss"] = torch.stack([output.loss for output in outputs]).mean()
+    return FastBertSequenceClassifierOutput(**stacked)
+
+
 def last_needed_columns(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) padding mask -> (B,) the 1-based last column each sample needs (0 for an all-zero mask)."""
     return ((mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
@@ -526,14 +538,7 @@ class FastBertModelMixin:
                     exit_rule=exit_rule,
                 )
             )
-        stacked = {
-            name: torch.cat([output[name] for output in outputs])
-            for name in ("logits", "exit_layers", "flops", "all_logits")
-            if outputs[0].get(name) is not None
-        }
-        if labels is not None:
-            stacked["loss"] = torch.stack([output.loss for output in outputs]).mean()
-        return FastBertSequenceClassifierOutput(**stacked)
+        return stack_sample_outputs(outputs)
 
     def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
         """

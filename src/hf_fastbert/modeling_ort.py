@@ -32,7 +32,7 @@ import torch
 
 from .configuration_fastbert import validate_speed
 from .exit_rules import check_exit_rule, exits_at_layer, select_exits
-from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, stack_sample_outputs
 from .onnx_export import (
     FORMAT_VERSION,
     MANIFEST,
@@ -245,12 +245,7 @@ class ORTFastBertForSequenceClassification:
             outputs.append(
                 self.forward(**sample, speed=speed, output_all_logits=output_all_logits, exit_rule=exit_rule)
             )
-        stacked = {
-            name: torch.cat([output[name] for output in outputs])
-            for name in ("logits", "exit_layers", "flops", "all_logits")
-            if outputs[0].get(name) is not None
-        }
-        return FastBertSequenceClassifierOutput(**stacked)
+        return stack_sample_outputs(outputs)
 
     # What the pipeline and the `Trainer`-free evaluation code read of a model.
     @property

@@ -176,9 +176,9 @@ def _fuse(model, padding_mask: bool = False):
     return fused
 
 
-def _attention_reads_padding_mask(model) -> int:
+def _attention_reads_padding_mask(model) -> None:
     """Rewire every `com.microsoft` Attention of `model` with an attention bias to `mask_index = int32(attention_mask)`
-    and drop the nodes that only built the bias. Returns the number of Attention nodes rewired."""
+    and drop the nodes that only built the bias."""
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -194,7 +194,7 @@ def _attention_reads_padding_mask(model) -> int:
         and node.inputs[3] is None
     ]
     if mask is None or not attention:
-        return 0
+        return
     cast = ir.node("Cast", [mask], {"to": ir.DataType.INT32}, name="attention_mask_index")
     cast.outputs[0].name = "attention_mask_index"
     graph.insert_before(attention[0], cast)
@@ -202,7 +202,6 @@ def _attention_reads_padding_mask(model) -> int:
         node.replace_input_with(3, cast.outputs[0])
         node.resize_inputs(5)  # the attention bias, gone
     RemoveUnusedNodesPass()(model)
-    return len(attention)
 
 
 def _split_student(model):
