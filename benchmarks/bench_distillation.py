@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from hf_fastbert.constants import DEFAULT_SPEEDS
 from hf_fastbert.data import prepare_dataset
 from hf_fastbert.demo_data import load_rotten_tomatoes, minilm_path
-from hf_fastbert.evaluation import DEFAULT_SPEEDS, metrics_at_speeds, predict_all_logits
+from hf_fastbert.evaluation import metrics_at_speeds, predict_all_logits
 from hf_fastbert.training import train_fastbert
 
 

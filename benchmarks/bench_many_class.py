@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from hf_fastbert.constants import DEFAULT_SPEEDS
 from hf_fastbert.data import prepare_dataset
 from hf_fastbert.demo_data import load_crowdflower_tweets, load_reuters, load_rotten_tomatoes, minilm_path
-from hf_fastbert.evaluation import DEFAULT_SPEEDS, metrics_at_speeds, predict_all_logits
-from hf_fastbert.trainer_fastbert import branch_kl
+from hf_fastbert.distillation import branch_kl
+from hf_fastbert.evaluation import metrics_at_speeds, predict_all_logits
 from hf_fastbert.training import train_fastbert
 
 

@@ -20,6 +20,7 @@ from hf_fastbert import (
     FastBertTrainingArguments,
     pipeline,
 )
+from hf_fastbert.backbones import max_input_length
 from hf_fastbert.modeling_fastbert import first_confident_layer
 
 
@@ -340,3 +341,16 @@ def test_paper_teacher_head_replaces_the_stock_one(family):
     assert engine.exit_layers.tolist() == full.exit_layers.tolist()
     speed_zero = run(model, input_ids, attention_mask, speed=0.0)
     torch.testing.assert_close(speed_zero.logits, full.all_logits[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_max_input_length_is_the_longest_input_the_model_runs(family):
+    model = family_model(family).eval()
+    longest = max_input_length(model.config)
+    assert longest == max_input_length(family_config(family, fastbert=False))  # a stock config says the same
+    if family in ("roberta", "xlm-roberta"):
+        assert longest == model.config.max_position_embeddings - 2  # positions start after the padding index
+    input_ids = torch.randint(5, VOCAB_SIZE, (2, int(longest)))
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), speed=0.0)
+    assert output.logits.shape == (2, model.config.num_labels)

@@ -220,12 +220,12 @@ def test_push_publishes_weights_config_code_tokenizer_and_card(hub, pushed):
         "modeling_fastbert.py",
         "configuration_fastbert.py",
         "flops.py",
-        "modelcard.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "README.md",
     } <= files.keys()
     assert not any(name.endswith((".bin", ".pkl")) for name in files)
+    assert not {"modelcard.py", "quantization.py", "plotting.py"} & files.keys()  # the plugin's, not the model's
     config = json.loads(files["config.json"])
     assert config["model_type"] == "fastbert"
     assert config["speed"] == 0.3

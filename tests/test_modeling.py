@@ -1,7 +1,9 @@
+import ast
 import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from transformers import (
     BertModel,
 )
 
+import hf_fastbert
 from hf_fastbert import FastBertConfig, FastBertForSequenceClassification, bert_flops, fastbert_flops
 from hf_fastbert.modeling_fastbert import first_confident_layer, normalized_entropy
 
@@ -160,9 +163,34 @@ def test_save_and_reload_with_auto_classes(tmp_path):
     assert_same_predictions(got, expected)  # same weights, other tensors: equal within rounding, not bit for bit
 
 
+# What a checkpoint carries as remote code: the model files, which import only each other (single-dot imports).
+MODEL_FILES = {
+    "backbones.py",
+    "configuration_fastbert.py",
+    "constants.py",
+    "exit_rules.py",
+    "flops.py",
+    "modeling_fastbert.py",
+}
+
+
+def test_model_files_import_only_each_other_and_no_plugin_module():
+    package = Path(hf_fastbert.__file__).parent
+    for name in sorted(MODEL_FILES):
+        tree = ast.parse((package / name).read_text(encoding="utf-8"))
+        guarded = {id(node) for parent in ast.walk(tree) if isinstance(parent, ast.Try) for node in ast.walk(parent)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in MODEL_FILES, (name, node.module)
+            elif isinstance(node, ast.ImportFrom | ast.Import) and id(node) not in guarded:
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
+                assert not any(module.split(".")[0] == "hf_fastbert" for module in modules), (name, modules)
+
+
 def test_remote_code_loads_without_the_plugin(tmp_path):
     model = tiny_model(speed=0.5)
     model.save_pretrained(tmp_path)
+    assert {path.name for path in tmp_path.glob("*.py")} == MODEL_FILES  # nothing the model does not need to run
     input_ids, attention_mask = random_batch()
     expected = run(model, input_ids, attention_mask)
     script = f"""

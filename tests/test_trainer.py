@@ -33,8 +33,8 @@ from hf_fastbert import (
     train_fastbert,
 )
 from hf_fastbert.data import prepare_dataset
+from hf_fastbert.distillation import branch_kl
 from hf_fastbert.evaluation import metrics_at_speeds
-from hf_fastbert.trainer_fastbert import branch_kl
 
 
 POSITIVE, NEGATIVE, FILLER = ["good", "great", "fine"], ["bad", "awful", "poor"], ["movie", "plot", "the", "was"]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from hf_fastbert.constants import DEFAULT_SPEEDS
 from hf_fastbert.data import load_raw_datasets
-from hf_fastbert.evaluation import DEFAULT_SPEEDS
 from hf_fastbert.training import train_fastbert
 
 

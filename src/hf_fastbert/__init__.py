@@ -42,7 +42,7 @@ _LAZY_NAMES = {
     "FastBertDistillationTrainer": "trainer_fastbert",
     "FastBertMetrics": "evaluation",
     "FastBertTrainingArguments": "training_args_fastbert",
-    "distillation_loss": "trainer_fastbert",
+    "distillation_loss": "distillation",
     "evaluate_speeds": "evaluation",
     "train_fastbert": "training",
     "write_model_card": "modelcard",

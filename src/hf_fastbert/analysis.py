@@ -22,22 +22,19 @@ import contextlib
 import copy
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .configuration_fastbert import EXIT_RULES
+from .constants import CALIBRATION_SPEEDS, DEFAULT_SPEEDS, EXIT_RULES
 from .evaluation import metrics_at_speeds, predict_all_logits, student_gaps
 from .exit_rules import calibrate_thresholds, check_exit_rule, fit_exit_heads, normalized_entropy, oracle_exits
+from .files import atomic_path, check_writable_folder
 from .flops import fastbert_flops, stock_flops
 
 
-SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9
-CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99
-RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
 SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png", "students.csv")
 CALIBRATED_RULES = ("thresholds", "learned")  # rules fitted on validation data (`model.calibrate_exit_rules`)
 
@@ -306,7 +303,7 @@ def _check_calibrated(config, rule):
 
 
 def sweep_logits(
-    all_logits, seq_lengths, labels, config, speeds=SWEEP_SPEEDS, exit_rules=None, luha_bins=None, cross_fit=False
+    all_logits, seq_lengths, labels, config, speeds=DEFAULT_SPEEDS, exit_rules=None, luha_bins=None, cross_fit=False
 ):
     """
     [`sweep`] from a full-depth pass already made (`predict_all_logits`): the same [`Sweep`], no model needed. With
@@ -332,7 +329,7 @@ def sweep_logits(
     return Sweep(by_rule[rules[0]], by_rule, oracle, summary, luha, int(all_logits.shape[0]), students)
 
 
-def sweep(model, dataset, speeds=SWEEP_SPEEDS, *, exit_rules=None, batch_size=32, luha_bins=None, progress=False):
+def sweep(model, dataset, speeds=DEFAULT_SPEEDS, *, exit_rules=None, batch_size=32, luha_bins=None, progress=False):
     """
     Every speed's accuracy, mean exit layer and FLOPs speed-up under each exit rule, from ONE full-depth pass, with
     the oracle bound beside them and optionally the LUHA view.
@@ -544,19 +541,6 @@ def add_wall_time(results, model, batches, exit_rule=None):
 # ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to `path`; renamed to `path` when the block succeeds (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_rows(rows, path, source=None):
     """
     Write result rows to `path` as CSV or JSON, chosen by the suffix (.csv / .json). With `source` (a dict: model,
@@ -625,17 +609,6 @@ def describe_source(source):
     return f"{source['samples']:,} samples of {source['data']}"
 
 
-def check_writable_folder(folder, context):
-    """Raise unless `folder` exists as a writable folder or can be created (its nearest existing parent is one)."""
-    existing = Path(os.path.abspath(Path(folder).expanduser()))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{context}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{context}: the folder {existing} is not writable")
-
-
 def check_sweep_dir(output_dir, source, overwrite=False, card=False):
     """Raise unless `output_dir` may take this sweep: no sweep files there, or a sweep of the same model and data."""
     output_dir = Path(output_dir)
@@ -697,10 +670,7 @@ def write_sweep(results, luha, output_dir, title=None, source=None, oracle=None,
 
 
 __all__ = [
-    "CALIBRATION_SPEEDS",
     "Calibration",
-    "RESULT_COLUMNS",
-    "SWEEP_SPEEDS",
     "Sweep",
     "add_wall_time",
     "calibrate",

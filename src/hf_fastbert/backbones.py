@@ -14,6 +14,8 @@ A family is added by subclassing `Backbone` and registering it in `BACKBONES` (w
 `configuration_fastbert.py` and `modeling_fastbert.py`).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
@@ -291,8 +293,26 @@ def get_backbone(config) -> Backbone:
     return BACKBONES[config.backbone_model_type]
 
 
+def _family(config) -> str | None:
+    """The family of a stock or a FastBERT config."""
+    return getattr(config, "backbone_model_type", None) or getattr(config, "model_type", None)
+
+
+def max_input_length(config) -> float:
+    """
+    The longest input (in tokens, special ones included) to run the models of `config` (a stock or a FastBERT config)
+    on: [`Backbone.max_length`] where position embeddings set it (it knows RoBERTa's offset of 2); for relative or
+    rotary positions, the length the model was configured for (`max_position_embeddings`); `math.inf` without either.
+    """
+    family = _family(config)
+    longest = BACKBONES[family].max_length(config) if family in BACKBONES else None
+    if longest is None:
+        longest = getattr(config, "max_position_embeddings", None)
+    return math.inf if longest is None else longest
+
+
 def takes_token_type_ids(config) -> bool:
     """Whether the models of `config`'s family (a stock or a FastBERT config) take `token_type_ids`: a tokenizer
     borrowed from BERT makes them for DistilBERT and ModernBERT too, which must leave them out."""
-    family = getattr(config, "backbone_model_type", None) or getattr(config, "model_type", None)
+    family = _family(config)
     return family not in BACKBONES or "token_type_ids" in BACKBONES[family].embedding_inputs

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from .analysis import (
-    check_writable_folder,
     describe_source,
     format_table,
     read_results_file,
@@ -34,19 +33,27 @@ from .analysis import (
     write_rows,
     write_sweep,
 )
-from .configuration_fastbert import EXIT_RULES, is_fastbert_model_type, validate_speed
+from .backbones import max_input_length
+from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .constants import (
+    CALIBRATION_SPEEDS,
+    DEFAULT_SPEEDS,
+    EVALUATE_SPEEDS,
+    EXIT_RULES,
+    PROG,
+    RESULT_COLUMNS,
+    RESULTS_FILENAME,
+    STUDENT_COLUMNS,
+    SUMMARY_COLUMNS,
+    SWEEP_FILENAME,
+)
+from .files import atomic_path, check_writable_folder
+from .loading import load_fastbert, load_fastbert_weights, load_model_config
 
 
 logger = logging.getLogger(__name__)
 
-PROG = "hf-fastbert"
 BACKENDS = ("torch", "onnx")
-SWEEP_SPEEDS = [round(0.1 * i, 1) for i in range(10)]  # 0.0 .. 0.9 (= hf_fastbert.analysis.SWEEP_SPEEDS)
-CALIBRATION_SPEEDS = [round(0.01 * i, 2) for i in range(100)]  # 0.00 .. 0.99 (= analysis.CALIBRATION_SPEEDS)
-EVALUATE_SPEEDS = [0.0, 0.1, 0.3, 0.5, 0.8]
-RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
-SUMMARY_COLUMNS = ("exit_rule", "speed", "accuracy", "flops_speedup", "oracle_fraction")
-STUDENT_COLUMNS = ("layer", "accuracy", "agreement", "kl")
 CONVERGENCE_STAGES = {"finetune": "fine-tuning", "distill": "self-distillation"}
 # The offline demo, sized for 2 CPU cores: 3 x 72 fine-tuning steps (1.4-2.3 s each at batch 32, length 64), then
 # self-distillation until the students' held-out KL stops improving (cheaper steps). Fewer fine-tuning epochs leave
@@ -307,7 +314,9 @@ def build_parser():
     )
     train.add_argument("--batch-size", type=_positive_int, default=32, help="Training and evaluation batch size.")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
-    train.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="Speeds of the final sweep.")
+    train.add_argument(
+        "--speeds", type=_speed, nargs="+", default=list(DEFAULT_SPEEDS), help="Speeds of the final sweep."
+    )
     train.add_argument(
         "--max-accuracy-drop",
         type=_non_negative_float,
@@ -327,7 +336,9 @@ def build_parser():
         formatter_class=_HelpFormatter,
     )
     _add_model_argument(evaluate)
-    evaluate.add_argument("--speeds", type=_speed, nargs="+", default=EVALUATE_SPEEDS, help="Speeds to evaluate.")
+    evaluate.add_argument(
+        "--speeds", type=_speed, nargs="+", default=list(EVALUATE_SPEEDS), help="Speeds to evaluate."
+    )
     evaluate.add_argument("--output", help="Also write the results to this .csv or .json file.")
     evaluate.add_argument("--no-timing", action="store_true", help="Skip the wall-time measurement.")
     _add_exit_rule_arguments(evaluate)
@@ -346,7 +357,7 @@ def build_parser():
         formatter_class=_HelpFormatter,
     )
     _add_model_argument(sweep)
-    sweep.add_argument("--speeds", type=_speed, nargs="+", default=SWEEP_SPEEDS, help="The grid of speeds.")
+    sweep.add_argument("--speeds", type=_speed, nargs="+", default=list(DEFAULT_SPEEDS), help="The grid of speeds.")
     sweep.add_argument(
         "--output-dir",
         help="Where the files go (default: <model>/sweep for a local model). A sweep of other data or another model "
@@ -387,7 +398,7 @@ def build_parser():
         "--speeds",
         type=_speed,
         nargs="+",
-        default=CALIBRATION_SPEEDS,
+        default=list(CALIBRATION_SPEEDS),
         help="Candidate speeds; 0 is always added (default: 0, 0.01, ..., 0.99).",
     )
     calibrate.add_argument(
@@ -600,131 +611,9 @@ def check_results_file(path):
     check_writable_folder(path.parent, f"cannot write results to {path}")
 
 
-def model_source(name_or_path):
-    """
-    A local model folder (its path) or a Hub repo id, told apart without the network: a name that cannot be a repo id,
-    or whose first part is a local folder (`outputs/fastbrt`), is a mistyped folder.
-    """
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name_or_path} holds no config.json: it is not a saved model folder")
-        return str(path)
-    first_part = Path(name_or_path.split("/")[0]).expanduser()
-    local = path.is_absolute() or name_or_path.startswith((".", "~")) or ("/" in name_or_path and first_part.is_dir())
-    try:
-        validate_repo_id(name_or_path)
-    except ValueError:
-        local = True
-    if local:
-        raise FileNotFoundError(f"no such model folder: {name_or_path}")
-    return name_or_path
-
-
-def load_model_config(name_or_path):
-    """`(source, config)` of a model folder or Hub id, with a one-line error naming what is wrong."""
-    from transformers import AutoConfig
-
-    source = model_source(name_or_path)
-    try:
-        return source, AutoConfig.from_pretrained(source)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if Path(source).is_dir():
-            raise OSError(f"cannot load the model in {name_or_path}: {reason}") from error
-        raise OSError(
-            f"no folder {name_or_path} here, and no Hub model of that name could be loaded: {reason}"
-        ) from error
-
-
-class _HeldRecords(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-def _load_fastbert_weights(source, name_or_path, config):
-    """The model, or a one-line error when its weights do not fit its config.json (e.g. an edited id2label)."""
-    from .modeling_fastbert import FastBertForSequenceClassification
-
-    # The loading report is held back: on a size mismatch the error below says it in one line.
-    load_logger = logging.getLogger("transformers.modeling_utils")
-    held, propagate = _HeldRecords(), load_logger.propagate
-    load_logger.addHandler(held)
-    load_logger.propagate = False
-    try:
-        model, info = FastBertForSequenceClassification.from_pretrained(
-            source, ignore_mismatched_sizes=True, output_loading_info=True
-        )
-    finally:
-        load_logger.removeHandler(held)
-        load_logger.propagate = propagate
-    mismatched = info.get("mismatched_keys") or []
-    if mismatched:
-        key, saved, expected = min(mismatched, key=lambda item: item[0])
-        raise ValueError(
-            f"the weights in {name_or_path} do not fit its config.json: {key} is {list(saved)} in the weights but "
-            f"{list(expected)} for the config ({config.num_labels} labels in id2label) - was config.json edited?"
-        )
-    # A FastBERT checkpoint's weights are all the model's: left-over ones mean config.json lost layers or students.
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    if unexpected:
-        raise ValueError(
-            f"the weights in {name_or_path} hold {len(unexpected)} tensors its config.json has no place for (e.g. "
-            f"{unexpected[0]}; the config says {config.num_hidden_layers} layers) - was config.json edited?"
-        )
-    for record in held.records:
-        load_logger.handle(record)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------
-
-
-def load_fastbert(name_or_path, int8=False, backend="torch"):
-    """
-    Load a FastBERT model (eval mode, int8 linear layers with `int8`) and its tokenizer; a clear error otherwise. With
-    `backend="onnx"`, its ONNX Runtime stages ([`ORTFastBertForSequenceClassification`]); `int8` then requires an int8
-    export.
-    """
-    from transformers import AutoTokenizer
-
-    if backend == "onnx":
-        from .modeling_ort import ORTFastBertForSequenceClassification
-
-        model = ORTFastBertForSequenceClassification.from_pretrained(name_or_path)
-        if int8 and not model.manifest["int8"]:
-            raise ValueError(
-                f"--int8 with --backend onnx needs an int8 export, and {name_or_path}/onnx is float32: run "
-                f"`{PROG} export {name_or_path} --int8`"
-            )
-        return model, AutoTokenizer.from_pretrained(model.name_or_path)
-    if int8:  # before anything loads
-        from .quantization import check_int8_supported
-
-        check_int8_supported()
-    source, config = load_model_config(name_or_path)
-    if not is_fastbert_model_type(config.model_type):
-        raise ValueError(
-            f"{name_or_path} is a {config.model_type!r} model, not FastBERT: make one with "
-            f"`{PROG} train --model {name_or_path}`"
-        )
-    model = _load_fastbert_weights(source, name_or_path, config).eval()
-    if int8:
-        from .quantization import quantize_int8
-
-        model = quantize_int8(model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer
 
 
 def _decode_utf8(data, source):
@@ -771,7 +660,7 @@ def predict_texts(model, tokenizer, texts, *, speed=None, pair_separator=None, b
     from .data import check_max_length
     from .prediction import classify_encodings, results_from_logits, tokenize
 
-    positions = model.config.max_position_embeddings
+    positions = max_input_length(model.config)
     if max_length is None:
         max_length = min(tokenizer.model_max_length, positions)
     check_max_length(tokenizer, max_length, pair=pair_separator is not None)
@@ -1022,7 +911,7 @@ def check_train_output(args):
 def run_train(args):
     from .convergence import describe_convergence
     from .evaluation import distillation_warning
-    from .training import describe_default_speed, staged_output_dir, train_fastbert
+    from .training import describe_default_speed, train_fastbert
 
     model_given = args.model is not None
     demo = resolve_train_defaults(args)
@@ -1041,44 +930,31 @@ def run_train(args):
         )
     raw, unlabeled = training_data(args)
     started = time.perf_counter()
-    # The model, its card and results, and the sweep land in --output-dir together, once all are written.
-    with staged_output_dir(args.output_dir) as work_dir:
-        output = train_fastbert(
-            args.model,
-            raw,
-            work_dir,
-            text_column=args.text_column,
-            text_pair_column=args.text_pair_column,
-            label_column=args.label_column,
-            eval_split=args.eval_split,
-            unlabeled_dataset=unlabeled,
-            max_length=args.max_length,
-            finetune_epochs=args.epochs,
-            finetune_learning_rate=args.learning_rate,
-            finetune_max_epochs=args.max_epochs,
-            distill_epochs=args.distill_epochs,
-            distill_learning_rate=args.distill_learning_rate,
-            distill_max_epochs=args.distill_max_epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            eval_speeds=sorted(set(args.speeds)),
-            max_accuracy_drop=args.max_accuracy_drop,
-            dataset_name=train_data_name(args),
-        )
-        if output.results is not None:
-            from .analysis import sweep_logits
-
-            all_logits, seq_lengths, labels = output.eval_logits  # the pass the results came from
-            speeds = sorted(set(args.speeds))
-            report = sweep_logits(all_logits, seq_lengths, labels, output.model.config, speeds, None, args.luha_bins)
-            model = str(Path(args.output_dir).expanduser().resolve())  # where the model will be
-            rule = output.model.config.exit_rule  # said in the rows, so that a later calibrate to another rule shows
-            source = {**results_source(model, output.results_data, output.results_samples), "exit_rule": rule}
-            results = [{"exit_rule": rule, **row} for row in output.results]
-            title = "FastBERT: accuracy against speed-up"
-            write_sweep(
-                results, report.luha, Path(work_dir) / "sweep", title, source, report.oracle, students=report.students
-            )
+    output = train_fastbert(
+        args.model,
+        raw,
+        args.output_dir,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        eval_split=args.eval_split,
+        unlabeled_dataset=unlabeled,
+        max_length=args.max_length,
+        finetune_epochs=args.epochs,
+        finetune_learning_rate=args.learning_rate,
+        finetune_max_epochs=args.max_epochs,
+        distill_epochs=args.distill_epochs,
+        distill_learning_rate=args.distill_learning_rate,
+        distill_max_epochs=args.distill_max_epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_speeds=sorted(set(args.speeds)),
+        max_accuracy_drop=args.max_accuracy_drop,
+        luha_bins=args.luha_bins,
+        overwrite_output_dir=args.overwrite_output_dir,
+        dataset_name=train_data_name(args),
+    )
+    report = output.sweep
     minutes = (time.perf_counter() - started) / 60
     print(f"Trained and self-distilled in {minutes:.1f} min; model saved to {args.output_dir}")
     for stage in ("finetune", "distill"):
@@ -1176,7 +1052,7 @@ def prepare_evaluation(args):
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
         label_names=label_names,
-        max_length=min(args.max_length, model.config.max_position_embeddings),
+        max_length=min(args.max_length, max_input_length(model.config)),
         split=args.split if args.dataset is None or not is_local_data(args.dataset) else Path(args.dataset).name,
         token_type_ids=takes_token_type_ids(model.config),
     )
@@ -1261,7 +1137,6 @@ def run_sweep(args):
 
 
 def run_calibrate(args):
-    import tempfile
 
     from .analysis import calibrate
 
@@ -1308,11 +1183,10 @@ def run_calibrate(args):
             print(f"saved {saved} as the ONNX Runtime default in {path}")
             return
         previous = save_dir / "config.json.previous"
-        with tempfile.TemporaryDirectory(dir=save_dir, prefix=".calibrate-") as work_dir:
-            model.config.save_pretrained(work_dir)
-            shutil.copy2(save_dir / "config.json", Path(work_dir) / previous.name)
-            os.replace(Path(work_dir) / previous.name, previous)  # the config before, kept whole
-            os.replace(Path(work_dir) / "config.json", save_dir / "config.json")
+        with atomic_path(previous) as temporary:  # the config before, kept whole
+            shutil.copy2(save_dir / "config.json", temporary)
+        with atomic_path(save_dir / "config.json") as temporary:
+            model.config.to_json_file(temporary, use_diff=True)  # as `save_pretrained` writes it
         print(f"saved {saved} as the default in {save_dir / 'config.json'} (the previous one: {previous})")
 
 
@@ -1326,7 +1200,6 @@ def card_results(model_dir, results_path=None, exit_rule=None):
         `None` or a dict with `results` (rows with the card's columns), `data` and `samples` (None when the file does
         not say) and `path`.
     """
-    from .training import RESULTS_FILENAME
 
     model_dir = Path(model_dir)
     if results_path is not None:
@@ -1337,7 +1210,7 @@ def card_results(model_dir, results_path=None, exit_rule=None):
                 f"x.json`), got {results_path}"
             )
     else:
-        candidates = [model_dir / "sweep" / "sweep.json", model_dir / RESULTS_FILENAME]
+        candidates = [model_dir / SWEEP_FILENAME, model_dir / RESULTS_FILENAME]
     for path in candidates:
         if path.is_file():
             rows, source = read_results_file(path)
@@ -1356,7 +1229,6 @@ def card_results(model_dir, results_path=None, exit_rule=None):
 
 def training_notes_of(model_dir):
     """The card's "Training" section that `train` recorded in `speed_results.json`, or None."""
-    from .training import RESULTS_FILENAME
 
     try:
         notes = json.loads((Path(model_dir) / RESULTS_FILENAME).read_text(encoding="utf-8")).get("training_notes")
@@ -1495,7 +1367,7 @@ def run_export(args):
         raise ValueError(f"{args.model} is not a local folder: give --output-dir for the exported model")
     output_dir = Path(args.output_dir or args.model).expanduser()
     in_place = local and output_dir.resolve() == Path(args.model).expanduser().resolve()
-    model = _load_fastbert_weights(source, args.model, config).eval()  # a clear error for weights that do not fit
+    model = load_fastbert_weights(source, args.model, config).eval()  # a clear error for weights that do not fit
     started = time.perf_counter()
     # In place, the folder's own weights are what the stages are tied to; elsewhere the model is saved there first.
     folder = export_onnx(

@@ -15,8 +15,8 @@ from transformers import (
     XLMRobertaConfig,
 )
 
+from .constants import EXIT_RULES
 
-EXIT_RULES = ("entropy", "patience", "thresholds", "learned")  # see exit_rules.py
 
 # "stock": the family's own classification head (BERT checkpoints of hf-fastbert 0.1 say "bert", the same thing);
 # "branch": a head of the students' architecture, as in the paper.

@@ -13,13 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration_fastbert import validate_speeds
+from .constants import DEFAULT_SPEEDS
+from .distillation import branch_kl
 from .exit_rules import check_exit_rule, select_exits
 from .flops import fastbert_flops, stock_flops
 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Students of the upper half of the layers that agree with the teacher on fewer samples than this failed to learn it.
 MIN_STUDENT_AGREEMENT = 0.9
 
@@ -214,8 +215,6 @@ def student_gaps(all_logits, labels=None) -> list[dict]:
         `list[dict]`, one per student (layers 1 .. L-1): `layer`, `agreement` (share of samples where it predicts
         the teacher's class), `kl` (mean KL(teacher || student) in nats) and `accuracy` (`None` without labels).
     """
-    from .trainer_fastbert import branch_kl
-
     all_logits = _as_tensor(all_logits).float()
     predictions = all_logits.argmax(dim=-1)  # (N, L)
     agreement = (predictions[:, :-1] == predictions[:, -1:]).double().mean(dim=0)  # (L-1,)
@@ -354,7 +353,6 @@ def evaluate_speeds(
 
 
 __all__ = [
-    "DEFAULT_SPEEDS",
     "MIN_STUDENT_AGREEMENT",
     "FastBertMetrics",
     "distillation_warning",

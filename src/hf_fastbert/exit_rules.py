@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .configuration_fastbert import EXIT_RULES
+from .constants import EXIT_RULES
 
 
 THRESHOLD_GRID = 21  # calibrated thresholds at required agreements 1, 0.95, ..., 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData
 
 from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .files import atomic_path
 from .plotting import plot_model_card
 
 
@@ -314,17 +315,6 @@ or `hf-fastbert predict {repo_id} "A gem." --backend onnx`.
 """
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never leaves a half-written file."""
-    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(Path(tmp_name))
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-
-
 def write_model_card(
     save_directory,
     model,
@@ -410,9 +400,11 @@ def write_model_card(
     directory.mkdir(parents=True, exist_ok=True)
     if plot:
         title = f"{(repo_id or directory.resolve().name).split('/')[-1]}: accuracy vs FLOPs speedup"
-        _write_atomically(directory / PLOT_FILENAME, lambda path: plot_model_card(rows, path, title))
+        with atomic_path(directory / PLOT_FILENAME) as path:
+            plot_model_card(rows, path, title)
     readme = directory / "README.md"
-    _write_atomically(readme, lambda path: path.write_text(text, encoding="utf-8"))
+    with atomic_path(readme) as path:
+        path.write_text(text, encoding="utf-8")
     return readme
 
 

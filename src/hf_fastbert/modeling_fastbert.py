@@ -127,6 +127,11 @@ class FastBertSequenceClassifierOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `model` holds dynamically quantized (int8) layers, whose `weight` is a method, not a parameter."""
+    return any(callable(getattr(module, "weight", None)) for module in model.modules())
+
+
 def _linear_parameters(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """
     A linear layer's float (weight, bias), also for a dynamically quantized one (`torch.ao` int8), whose frozen
@@ -356,8 +361,6 @@ class FastBertModelMixin:
     def is_inference_copy(self) -> bool:
         """Whether this model is an inference copy (`fold_students`, `quantize_int8`): it runs, but cannot be saved or
         trained, as a checkpoint holds neither folded students nor int8 weights."""
-        from .quantization import is_quantized
-
         return is_quantized(self) or any(isinstance(module, FoldedFastBertBranch) for module in self.modules())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -378,9 +381,14 @@ class FastBertModelMixin:
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """[`~PreTrainedModel.push_to_hub`] (same arguments), publishing the FastBERT model card (`modelcard.py`)."""
-        from .modelcard import push_model_to_hub
-
+        """
+        [`~PreTrainedModel.push_to_hub`] (same arguments), publishing the FastBERT model card
+        (`hf_fastbert.modelcard`). Loaded as remote code without the plugin installed: the stock push, without it.
+        """
+        try:  # not a relative import: the model card is the plugin's, and a checkpoint does not carry its code
+            from hf_fastbert.modelcard import push_model_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
         return push_model_to_hub(self, repo_id, **kwargs)
 
     def uncertainty(self, logits: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ Example:
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 
 from .configuration_fastbert import validate_speed
 from .exit_rules import check_exit_rule, exits_at_layer, select_exits
+from .files import atomic_path
 from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, stack_sample_outputs
 from .onnx_export import (
     FORMAT_VERSION,
@@ -159,9 +159,8 @@ class ORTFastBertForSequenceClassification:
         path = folder / ONNX_FOLDER / MANIFEST
         fields = ("exit_rule", "speed", "exit_thresholds", "exit_heads", "uncertainty_top_k")
         self.manifest["calibration"] = {name: getattr(self.config, name, None) for name in fields}
-        temporary = path.with_name(f".{path.name}.partial")
-        temporary.write_text(json.dumps(self.manifest, indent=2) + "\n")
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(self.manifest, indent=2) + "\n")
         return path
 
     @classmethod

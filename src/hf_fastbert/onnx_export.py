@@ -24,7 +24,6 @@ Layout, beside the model's `config.json` (Optimum's habit: ONNX files under `onn
 """
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .exit_rules import _unclamped_normalized_entropy
+from .files import sha256_file
 
 
 logger = logging.getLogger(__name__)
@@ -111,11 +111,7 @@ def weights_fingerprint(folder) -> str | None:
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def config_signature(config) -> dict:

@@ -7,7 +7,8 @@ import transformers
 from transformers import TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_fastbert import EXIT_RULES, is_fastbert_model_type, validate_speed
+from .configuration_fastbert import is_fastbert_model_type, validate_speed
+from .constants import EXIT_RULES
 
 
 TASK = "text-classification"

@@ -9,7 +9,6 @@ in input order.
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import takes_token_type_ids
+from .backbones import max_input_length, takes_token_type_ids
 
 
 logger = logging.getLogger(__name__)
@@ -457,7 +456,7 @@ def predict_file(
     state = _distributed_state()
     model = model.to(state.device).eval()
     if max_length is None:
-        max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", math.inf))
+        max_length = min(tokenizer.model_max_length, max_input_length(model.config))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = count_inputs(input_path, spec)  # every input checked before the first forward pass
     writer = PredictionWriter(output_path) if output_path is not None and state.is_main_process else None

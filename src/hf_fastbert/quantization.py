@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from .modeling_fastbert import FastBertBranch, FastBertModelMixin, FoldedFastBertBranch, fold_students
+from .modeling_fastbert import FastBertBranch, FastBertModelMixin, FoldedFastBertBranch, fold_students, is_quantized
 
 
 def check_int8_supported():
@@ -69,11 +69,6 @@ def quantize_int8(model: FastBertModelMixin, per_sample: bool = True) -> FastBer
         quantized = torch.ao.quantization.quantize_dynamic(quantized, names, dtype=torch.qint8)
     quantized.int8_per_sample = per_sample  # read by the forward pass (`_forward_each_sample`)
     return quantized
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `model` holds int8 dynamically quantized layers."""
-    return any(callable(getattr(module, "weight", None)) for module in model.modules())
 
 
 __all__ = ["check_int8_supported", "is_quantized", "quantize_int8"]

@@ -4,7 +4,6 @@ Shared by `examples/text-classification/run_fastbert.py` and the `hf-fastbert tr
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -20,11 +19,14 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
+from .analysis import Sweep, results_source, sweep_logits, write_sweep
 from .backbones import BACKBONES, takes_token_type_ids
 from .configuration_fastbert import fastbert_config_class, validate_speeds, validate_uncertainty_top_k
+from .constants import DEFAULT_SPEEDS, RESULTS_FILENAME, RUN_MANIFEST
 from .convergence import ConvergenceCallback, split_held_out
 from .data import check_columns, label_maps, label_names_from, prepare_dataset
-from .evaluation import DEFAULT_SPEEDS, FastBertMetrics, metrics_at_speeds, predict_all_logits
+from .evaluation import FastBertMetrics, metrics_at_speeds, predict_all_logits
+from .files import sha256_file
 from .modelcard import push_model_to_hub
 from .modeling_fastbert import FastBertForSequenceClassification
 from .trainer_fastbert import FastBertDistillationTrainer
@@ -41,10 +43,6 @@ from .training_args_fastbert import (
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILENAME = "speed_results.json"
-# Written last into every finished output folder: which files the run made. A folder holding it and nothing else is a
-# previous run that a new one may replace; a folder without it is never replaced unless asked.
-RUN_MANIFEST = "training_run.json"
 PARTIAL_SUFFIX = ".partial"
 
 # Stage 2 (fine-tuning) until the held-out loss stops improving; measured defaults (README, "Benchmark: many classes").
@@ -111,7 +109,7 @@ def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: st
                 f"pass {flag} to replace everything in it"
             )
         changed = sorted(
-            name for name, digest in digests.items() if (path / name).is_file() and _sha256(path / name) != digest
+            name for name, digest in digests.items() if (path / name).is_file() and sha256_file(path / name) != digest
         )
         if changed:  # `calibrate --save` wrote a new default speed, or a user edited the config
             raise ValueError(
@@ -123,14 +121,6 @@ def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: st
         raise ValueError(f"cannot write the output folder {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write the output folder {output_dir}: the folder {existing} is not writable")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _claim_partial_folder(holder: Path, output_dir) -> None:
@@ -213,7 +203,7 @@ def staged_output_dir(output_dir, *, main_process: bool | None = None):
             finetune.rmdir()
         files = sorted({*os.listdir(staging), RUN_MANIFEST})
         digests = {
-            name: _sha256(staging / name) for name in files if name != RUN_MANIFEST and (staging / name).is_file()
+            name: sha256_file(staging / name) for name in files if name != RUN_MANIFEST and (staging / name).is_file()
         }
         (staging / RUN_MANIFEST).write_text(json.dumps({"files": files, "sha256": digests}, indent=2) + "\n")
         _replace_folder(staging, final, holder / "previous")
@@ -241,6 +231,8 @@ class FastBertTrainingOutput:
             `reference_accuracy` (full depth) there, `flops_speedup` ([`calibrate_default_speed`]).
         eval_logits: the evaluation split's full-depth pass `(all_logits, seq_lengths, labels)`
             ([`hf_fastbert.evaluation.predict_all_logits`]), from which `results` were computed; `None` without one.
+        sweep: what that pass gives besides ([`hf_fastbert.analysis.Sweep`]: the oracle, the students against the
+            teacher, the LUHA rows), also written to `output_dir/sweep/`; `None` without an evaluation split.
     """
 
     model: Any
@@ -255,6 +247,7 @@ class FastBertTrainingOutput:
     convergence: dict = field(default_factory=dict)
     default_speed: dict | None = None
     eval_logits: tuple | None = None
+    sweep: Sweep | None = None
 
 
 def calibrate_default_speed(
@@ -396,6 +389,7 @@ def train_fastbert(
     seed: int = 42,
     eval_speeds=DEFAULT_SPEEDS,
     max_accuracy_drop: float | None = MAX_ACCURACY_DROP,
+    luha_bins: int | None = 10,
     overwrite_output_dir: bool = False,
     dataset_name: str | None = None,
     push_to_hub: bool = False,
@@ -476,6 +470,9 @@ def train_fastbert(
             reported test results are never the data the speed was chosen on. `None` keeps the checkpoint's speed (0
             for a stock checkpoint). Without distilled students or labelled calibration data the speed stays 0.
             `speed=0` per call (pipeline, model, CLI `--speed 0`) still runs every layer.
+        luha_bins (`int`, *optional*, defaults to 10): Uncertainty bins of the LUHA view in `output_dir/sweep/`
+            (`None`: no LUHA view). The sweep folder holds the evaluation split's tables and plots, from the same pass
+            as `results` ([`hf_fastbert.analysis.write_sweep`]).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Replace a non-empty `output_dir` that is not a previous run's output: everything in it is deleted once
             the new model is saved.
@@ -701,11 +698,13 @@ def train_fastbert(
                 convergence["distill"] = distiller.convergence
         model = distiller.accelerator.unwrap_model(distiller.model).eval()
 
-        results, eval_logits, default_speed = None, None, None
+        results, eval_logits, default_speed, report = None, None, None, None
         if eval_dataset is not None and distiller.is_world_process_zero():
+            # The one full-depth pass over the evaluation split: every speed, the oracle, the students, the plots.
             eval_logits = predict_all_logits(model, eval_dataset, batch_size=batch_size, progress=progress)
             all_logits, seq_lengths, labels = eval_logits
             results = metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
+            report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, None, luha_bins)
             distiller.speed_results = results
             distiller.speed_results_samples = len(eval_dataset)
             distiller.speed_results_data = f"{dataset_name or 'the data'} ({eval_split} split)"
@@ -751,6 +750,18 @@ def train_fastbert(
                     "results": results,
                 }
                 json.dump(summary, file, indent=2)
+            if report is not None:
+                rule = model.config.exit_rule  # said in the rows: a later calibrate to another rule shows
+                source = results_source(os.path.abspath(output_dir), distiller.speed_results_data, len(eval_dataset))
+                write_sweep(
+                    [{"exit_rule": rule, **row} for row in results],
+                    report.luha,
+                    Path(work_dir) / "sweep",
+                    "FastBERT: accuracy against speed-up",
+                    {**source, "exit_rule": rule},
+                    report.oracle,
+                    students=report.students,
+                )
             distiller.create_model_card(finetuned_from=base_model)
     if push_to_hub and distiller.is_world_process_zero():
         try:
@@ -785,12 +796,11 @@ def train_fastbert(
         convergence=convergence,
         default_speed=default_speed,
         eval_logits=eval_logits,
+        sweep=report,
     )
 
 
 __all__ = [
-    "RESULTS_FILENAME",
-    "RUN_MANIFEST",
     "MAX_ACCURACY_DROP",
     "FastBertTrainingOutput",
     "calibrate_default_speed",

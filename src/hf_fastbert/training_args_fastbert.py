@@ -7,15 +7,13 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from .configuration_fastbert import validate_speeds
-
-
-# Measured defaults of self-distillation (README, "Benchmark: many classes"): the students are small, freshly
-# initialised heads; the paper's 2e-4 (sized for its BERT-base setting) left them far from the teacher on 20 classes.
-DISTILL_LEARNING_RATE = 1e-3
-DISTILL_MAX_EPOCHS = 10.0  # the budget when distilling until convergence
-DISTILL_PATIENCE = 2
-DISTILL_MIN_IMPROVEMENT = 0.01  # relative decrease of the held-out KL that counts as progress
-HELD_OUT_FRACTION = 0.1
+from .constants import (
+    DISTILL_LEARNING_RATE,
+    DISTILL_MAX_EPOCHS,
+    DISTILL_MIN_IMPROVEMENT,
+    DISTILL_PATIENCE,
+    HELD_OUT_FRACTION,
+)
 
 
 def validate_temperature(temperature, name="distillation_temperature"):
