@@ -76,10 +76,10 @@ def full_pass(model, tokenizer, split):
 
 def offline_analysis(model_dir, work_dir, drop):
     from hf_fastbert.analysis import calibrate_speed
-    from hf_fastbert.cli import load_fastbert
     from hf_fastbert.constants import CALIBRATION_SPEEDS
     from hf_fastbert.demo_data import load_rotten_tomatoes
     from hf_fastbert.evaluation import metrics_at_speeds
+    from hf_fastbert.loading import load_fastbert
 
     model, tokenizer = load_fastbert(model_dir)
     splits = load_rotten_tomatoes()

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from hf_fastbert import FastBertConfig, FastBertForSequenceClassification
-from hf_fastbert.cli import main, read_texts
+from hf_fastbert.cli import build_parser, main, read_texts
 
 
 WORDS = "a an the good great fine bad awful dull movie film plot acting was is not very fun boring".split()
@@ -354,17 +354,17 @@ def test_train_defaults_demo_and_user_data():
 
     demo = build_parser().parse_args(["train"])
     assert resolve_train_defaults(demo) is True
-    assert demo.model == minilm_path() and demo.epochs == DEMO_TRAINING["epochs"]
+    assert demo.model == minilm_path() and demo.finetune_epochs == DEMO_TRAINING["finetune_epochs"]
     assert demo.max_train_samples == DEMO_TRAINING["max_train_samples"]
     user = build_parser().parse_args(["train", "--model", "bert-base-uncased", "--dataset", "rotten_tomatoes"])
     assert resolve_train_defaults(user) is False
     # User data: both stages until held-out convergence, learning rate by model size (train_fastbert's defaults).
-    assert user.model == "bert-base-uncased" and user.epochs is None and user.distill_epochs is None
-    assert user.learning_rate is None and user.max_length == USER_TRAINING["max_length"]
+    assert user.model == "bert-base-uncased" and user.finetune_epochs is None and user.distill_epochs is None
+    assert user.finetune_learning_rate is None and user.max_length == USER_TRAINING["max_length"]
     assert user.max_train_samples is None
     explicit = build_parser().parse_args(["train", "--epochs", "0", "--max-length", "32"])
     resolve_train_defaults(explicit)
-    assert explicit.epochs == 0 and explicit.max_length == 32  # given values win over the demo's
+    assert explicit.finetune_epochs == 0 and explicit.max_length == 32  # given values win over the demo's
 
 
 def test_calibrate_refuses_a_nan_accuracy_drop(capsys):
@@ -391,3 +391,33 @@ def test_card_results_follow_the_models_exit_rule(tmp_path):
     (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(sweep))
     with pytest.raises(ValueError, match="measured with the exit rule entropy, but the model now uses 'patience'"):
         card_results(tmp_path, exit_rule="patience")
+
+
+def test_train_options_are_the_training_configs_fields_declared_once():
+    import dataclasses
+
+    from hf_fastbert.training import FastBertTrainingConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {option for action in train._actions for option in action.option_strings}
+    for field in dataclasses.fields(FastBertTrainingConfig):
+        assert f"--{field.name.replace('_', '-')}" in options, field.name  # one field, one option: nothing to sync
+    args = build_parser().parse_args(["train", "--epochs", "2", "--speeds", "0.5", "0", "--uncertainty-top-k", "none"])
+    config = args.parse(args)
+    assert (config.finetune_epochs, config.eval_speeds, config.uncertainty_top_k) == (2.0, [0.0, 0.5], None)
+    assert config.max_length == 64  # the demo's default, filled in before the config is made
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--held-out-fraction", "1"], "--held-out-fraction must be a number in (0, 1)"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--uncertainty-top-k", "1"], "--uncertainty-top-k must be"),
+        (["--hub-model-id", "a/b/c"], "Cannot push to 'a/b/c'"),
+        (["--max-train-samples", "0"], "--max-train-samples must be a positive integer"),
+    ],
+)
+def test_train_options_are_checked_before_anything_loads(option, message, capsys):
+    assert main(["train", *option]) == 2
+    assert message in capsys.readouterr().err

@@ -32,6 +32,7 @@ from hf_fastbert import (
     distillation_loss,
     train_fastbert,
 )
+from hf_fastbert.constants import DEFAULT_SPEEDS
 from hf_fastbert.data import prepare_dataset
 from hf_fastbert.distillation import branch_kl
 from hf_fastbert.evaluation import metrics_at_speeds
@@ -734,3 +735,18 @@ def test_default_finetune_learning_rate_follows_the_model_size():
 
     assert default_finetune_learning_rate(BertConfig(hidden_size=384)) == 1e-4
     assert default_finetune_learning_rate(BertConfig(hidden_size=768)) == 2e-5
+
+
+def test_train_fastbert_takes_a_config_or_its_fields_and_names_an_unknown_option(tmp_path, base_checkpoint):
+    from hf_fastbert.training import FastBertTrainingConfig
+
+    raw = DatasetDict(train=sentiment_texts(16))
+    with pytest.raises(TypeError, match=r"unknown options \['epochs'\].*FastBertTrainingConfig"):
+        train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), epochs=1)
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        FastBertTrainingConfig(finetune_epochs=-1)
+    config = FastBertTrainingConfig(max_length=32, batch_size=8, finetune_epochs=1, distill_epochs=0, progress=False)
+    output = train_fastbert(base_checkpoint, raw, str(tmp_path / "out"), config, eval_speeds=[0.0])
+    assert output.results is None and output.model.config.num_labels == 2
+    assert config.finetune_epochs == 1 and config.eval_speeds == list(DEFAULT_SPEEDS)  # keywords do not change it
+    assert not (tmp_path / "out" / "sweep").exists()  # no evaluation split: no sweep

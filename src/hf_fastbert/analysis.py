@@ -505,12 +505,15 @@ def calibrate_logits(
 
 def timing_batches(dataset, tokenizer, batch_size):
     """The inputs as padded batches (no labels: labels make the model run every layer for the loss)."""
-    from transformers import DataCollatorWithPadding
+    from .prediction import collate
 
     columns = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in dataset.column_names]
-    rows = dataset.select_columns(columns)
-    collator = DataCollatorWithPadding(tokenizer)
-    return [collator(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+    rows = dataset.select_columns(columns).to_list()
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [
+        collate(rows[start : start + batch_size], pad_token_id, tokenizer.padding_side)
+        for start in range(0, len(rows), batch_size)
+    ]
 
 
 def measure_wall_time(model, batches, speed, exit_rule=None):

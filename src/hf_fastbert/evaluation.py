@@ -17,6 +17,7 @@ from .constants import DEFAULT_SPEEDS
 from .distillation import branch_kl
 from .exit_rules import check_exit_rule, select_exits
 from .flops import fastbert_flops, stock_flops
+from .prediction import collate
 
 
 logger = logging.getLogger(__name__)
@@ -261,18 +262,6 @@ def distillation_warning(gaps: Sequence[dict], min_agreement: float = MIN_STUDEN
     )
 
 
-def _pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `input_ids` (with `pad_token_id`), `attention_mask` and `token_type_ids` (with 0)."""
-    batch = {}
-    for key, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            rows = [torch.as_tensor(feature[key], dtype=torch.long) for feature in features]
-            batch[key] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
-    if "attention_mask" not in batch:
-        batch["attention_mask"] = (batch["input_ids"] != pad_token_id).long()
-    return batch
-
-
 @torch.no_grad()
 def predict_all_logits(model, dataset, batch_size: int = 32, progress: bool = False):
     """
@@ -305,7 +294,7 @@ def predict_all_logits(model, dataset, batch_size: int = 32, progress: bool = Fa
     for start in tqdm(range(0, num_samples, batch_size), desc="Evaluating", disable=not progress):
         rows = dataset[start : start + batch_size]
         features = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
-        batch = _pad_batch(features, pad_token_id)
+        batch = collate(features, pad_token_id)  # the padding of every path
         label_key = "labels" if "labels" in rows else "label" if "label" in rows else None
         if label_key is not None:
             labels.append(torch.as_tensor(rows[label_key], dtype=torch.long))

@@ -3,13 +3,11 @@
 Shared by `examples/text-classification/run_fastbert.py` and the `hf-fastbert train` command.
 """
 
-import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,43 +17,32 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
-from .analysis import Sweep, results_source, sweep_logits, write_sweep
-from .backbones import BACKBONES, takes_token_type_ids
-from .configuration_fastbert import fastbert_config_class, validate_speeds, validate_uncertainty_top_k
-from .constants import DEFAULT_SPEEDS, RESULTS_FILENAME, RUN_MANIFEST
-from .convergence import ConvergenceCallback, split_held_out
-from .data import check_columns, label_maps, label_names_from, prepare_dataset
-from .evaluation import FastBertMetrics, metrics_at_speeds, predict_all_logits
-from .files import sha256_file
-from .modelcard import push_model_to_hub
-from .modeling_fastbert import FastBertForSequenceClassification
-from .trainer_fastbert import FastBertDistillationTrainer
-from .training_args_fastbert import (
-    DISTILL_LEARNING_RATE,
-    DISTILL_MAX_EPOCHS,
+from ..analysis import Sweep, results_source, sweep_logits, write_sweep
+from ..backbones import BACKBONES, takes_token_type_ids
+from ..configuration_fastbert import fastbert_config_class
+from ..constants import MAX_ACCURACY_DROP, RESULTS_FILENAME
+from ..convergence import ConvergenceCallback, split_held_out
+from ..data import check_columns, label_maps, label_names_from, prepare_dataset
+from ..evaluation import FastBertMetrics, metrics_at_speeds, predict_all_logits
+from ..modelcard import push_model_to_hub
+from ..modeling_fastbert import FastBertForSequenceClassification
+from ..trainer_fastbert import FastBertDistillationTrainer
+from ..training_args_fastbert import (
     DISTILL_MIN_IMPROVEMENT,
-    DISTILL_PATIENCE,
-    HELD_OUT_FRACTION,
     FastBertTrainingArguments,
     validate_temperature,
 )
+from .config import FastBertTrainingConfig
+from .output_dir import check_output_dir, staged_output_dir
 
 
 logger = logging.getLogger(__name__)
 
-PARTIAL_SUFFIX = ".partial"
-
-# Stage 2 (fine-tuning) until the held-out loss stops improving; measured defaults (README, "Benchmark: many classes").
-FINETUNE_MAX_EPOCHS = 10.0
-FINETUNE_PATIENCE = 1
 # Fine-tuning learning rate by model size: 1e-4 measured for small models (6-layer MiniLM: 74.2% where the paper's 2e-5
 # reached 53.5% on a 20-class task); the paper's 2e-5 for base-sized ones (hidden size >= 768; not measured here).
 SMALL_MODEL_LEARNING_RATE = 1e-4
 BASE_MODEL_LEARNING_RATE = 2e-5
 BASE_HIDDEN_SIZE = 768
-# The default speed a trained model is saved with: the largest one whose accuracy on the calibration data stays within
-# half an accuracy point of full depth (see `train_fastbert(max_accuracy_drop=...)`).
-MAX_ACCURACY_DROP = 0.005
 
 
 def default_finetune_learning_rate(config) -> float:
@@ -63,151 +50,6 @@ def default_finetune_learning_rate(config) -> float:
     BERT-base (hidden size < 768), the paper's 2e-5 otherwise."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or BASE_HIDDEN_SIZE
     return SMALL_MODEL_LEARNING_RATE if hidden < BASE_HIDDEN_SIZE else BASE_MODEL_LEARNING_RATE
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: str = "overwrite_output_dir=True"):
-    """
-    Raise unless a training run may write `output_dir`: a folder that does not exist yet, an empty one, or the output
-    of a previous run holding nothing else (its `training_run.json` lists every file it made). Anything else (user
-    files, another tool's output, a run's folder with files added since) is replaced only with `overwrite_output_dir`.
-    The folder must be creatable and writable, and must not contain the current folder.
-
-    Args:
-        flag (`str`, *optional*): How the error message names the overwrite option (the CLI's
-            `--overwrite-output-dir`).
-    """
-    path = Path(os.path.abspath(output_dir))
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"the output folder {output_dir} is a file")
-    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise ValueError(f"the output folder {output_dir} contains the current folder: a run cannot replace it")
-    if path.is_dir() and any(path.iterdir()) and not overwrite_output_dir:
-        made, digests = None, {}
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            manifest = json.loads((path / RUN_MANIFEST).read_text())
-            made, digests = set(manifest["files"]), dict(manifest.get("sha256") or {})
-        if made is None:
-            raise ValueError(
-                f"the output folder {output_dir} is not empty and is not a previous training run's output: pick "
-                f"another folder, or pass {flag} to replace everything in it"
-            )
-        others = sorted(set(os.listdir(path)) - made)
-        if others:
-            raise ValueError(
-                f"the output folder {output_dir} holds files the previous training run did not write "
-                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): move them, pick another folder, or "
-                f"pass {flag} to replace everything in it"
-            )
-        changed = sorted(
-            name for name, digest in digests.items() if (path / name).is_file() and sha256_file(path / name) != digest
-        )
-        if changed:  # `calibrate --save` wrote a new default speed, or a user edited the config
-            raise ValueError(
-                f"the output folder {output_dir} holds files changed since the previous training run wrote them "
-                f"({', '.join(changed[:5])}): pick another folder, or pass {flag} to replace everything in it"
-            )
-    existing = _nearest_existing(path.parent)
-    if not existing.is_dir():
-        raise ValueError(f"cannot write the output folder {output_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write the output folder {output_dir}: the folder {existing} is not writable")
-
-
-def _claim_partial_folder(holder: Path, output_dir) -> None:
-    """Make `holder` (the main process). A leftover of an interrupted run is deleted, unless it holds checkpoints or
-    a live run on this machine is using it."""
-    owner_file = holder / "owner.json"
-    if holder.exists():
-        owner = {}
-        with contextlib.suppress(OSError, ValueError):
-            owner = json.loads(owner_file.read_text())
-        pid = owner.get("pid") if isinstance(owner, dict) else None
-        if isinstance(pid, int) and pid != os.getpid():
-            if owner.get("host") != socket.gethostname():
-                raise ValueError(
-                    f"{holder} belongs to a training run on {owner.get('host')} writing {output_dir}: wait for it, or "
-                    "delete that folder if no run is writing it"
-                )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 0)
-                raise ValueError(f"another training run (process {pid}) is writing {output_dir}: wait for it")
-        if any(path.is_dir() for path in holder.rglob("checkpoint-*")):
-            raise ValueError(
-                f"an interrupted run left checkpoints in {holder}: resume from them or delete that folder first"
-            )
-        shutil.rmtree(holder)  # an interrupted run's leftovers: nothing in it was finished
-    holder.mkdir(parents=True, exist_ok=True)
-    owner_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-
-
-def _replace_folder(source: Path, target: Path, trash: Path) -> None:
-    """Move `source` to `target`, replacing it: two renames, `target` missing only in between."""
-    if target.exists():
-        os.rename(target, trash)
-    try:
-        os.rename(source, target)
-    except OSError:
-        if trash.exists():
-            os.rename(trash, target)
-        raise
-
-
-@contextlib.contextmanager
-def staged_output_dir(output_dir, *, main_process: bool | None = None):
-    """
-    Context manager for writing a run's output folder all at once: yields an empty folder with the same name inside
-    `.<name>.partial/` next to `output_dir`; when the block ends without error, that folder replaces `output_dir`
-    (whose previous content is deleted) with `training_run.json` listing its files. Until then `output_dir` keeps
-    its previous content, so an interrupted run never leaves a half-written model there. On an error the partial
-    folder is deleted, unless it holds Trainer checkpoints (`checkpoint-*`), which are kept for resuming. A partial
-    folder left by a killed run is deleted by the next run. Check `output_dir` first with [`check_output_dir`].
-
-    With several processes (DDP) every process gets the same folder; only the main one creates and publishes it.
-    """
-    main_process = _is_main_process() if main_process is None else main_process
-    final = Path(os.path.abspath(output_dir))
-    holder = final.parent / f".{final.name}{PARTIAL_SUFFIX}"
-    staging = holder / final.name
-    existing = _nearest_existing(final.parent)
-    if main_process:
-        _claim_partial_folder(holder, output_dir)
-        staging.mkdir(exist_ok=True)
-    try:
-        yield str(staging)
-    except BaseException:
-        if main_process:
-            checkpoints = [path for path in staging.rglob("checkpoint-*") if path.is_dir()]
-            if checkpoints:
-                logger.warning("The run did not finish; its checkpoints are kept in %s", staging)
-            else:
-                shutil.rmtree(holder, ignore_errors=True)
-                for folder in [final.parent, *final.parent.parents]:  # the parents this run created, if empty
-                    if folder == existing or not folder.is_relative_to(existing):
-                        break
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-        raise
-    if main_process:
-        finetune = staging / "_finetune"
-        if finetune.is_dir() and not any(finetune.iterdir()):  # stage 2 saved no checkpoint: nothing to keep
-            finetune.rmdir()
-        files = sorted({*os.listdir(staging), RUN_MANIFEST})
-        digests = {
-            name: sha256_file(staging / name) for name in files if name != RUN_MANIFEST and (staging / name).is_file()
-        }
-        (staging / RUN_MANIFEST).write_text(json.dumps({"files": files, "sha256": digests}, indent=2) + "\n")
-        _replace_folder(staging, final, holder / "previous")
-        shutil.rmtree(holder)
 
 
 @dataclass
@@ -262,7 +104,7 @@ def calibrate_default_speed(
         `dict` with `exit_rule`, `speed`, `max_accuracy_drop`, `data` ("1,000 samples of <data>"), `samples`,
         `accuracy`, `reference_accuracy` and `flops_speedup` (the last three on the same data).
     """
-    from .analysis import calibrate_logits
+    from ..analysis import calibrate_logits
 
     choice = calibrate_logits(
         model, all_logits, seq_lengths, labels, max_accuracy_drop=max_accuracy_drop, exit_rules=model.config.exit_rule
@@ -317,7 +159,7 @@ def _stage_args(args_class, output_dir, epochs, learning_rate, common: dict, ove
 
 def training_notes(convergence, finetune_steps, finetune_learning_rate, distill_epochs, distill_learning_rate):
     """The model card's "Training" section: each stage's learning rate and how it stopped."""
-    from .convergence import describe_convergence
+    from ..convergence import describe_convergence
 
     notes = []
     if finetune_steps:
@@ -364,48 +206,21 @@ def train_fastbert(
     model_name_or_path: str,
     raw_datasets: DatasetDict,
     output_dir: str,
+    config: FastBertTrainingConfig | None = None,
     *,
-    text_column: str = "text",
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-    eval_split: str | None = "validation",
     unlabeled_dataset: Dataset | None = None,
-    distill_on_train: bool = True,
-    max_length: int = 128,
-    finetune_epochs: float | None = None,
-    finetune_learning_rate: float | None = None,
-    finetune_max_epochs: float = FINETUNE_MAX_EPOCHS,
-    finetune_patience: int = FINETUNE_PATIENCE,
-    distill_epochs: float | None = None,
-    distill_learning_rate: float = DISTILL_LEARNING_RATE,
-    distill_max_epochs: float = DISTILL_MAX_EPOCHS,
-    distill_patience: int = DISTILL_PATIENCE,
-    held_out_fraction: float = HELD_OUT_FRACTION,
-    uncertainty_top_k: int | str | None = "auto",
-    distillation_temperature: float = 1.0,
-    batch_size: int = 32,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.01,
-    seed: int = 42,
-    eval_speeds=DEFAULT_SPEEDS,
-    max_accuracy_drop: float | None = MAX_ACCURACY_DROP,
-    luha_bins: int | None = 10,
-    overwrite_output_dir: bool = False,
     dataset_name: str | None = None,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
     hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    progress: bool = True,
     training_args: dict | None = None,
     finetune_args: dict | None = None,
     distill_args: dict | None = None,
+    **options,
 ) -> FastBertTrainingOutput:
     """
     Train a FastBERT classifier from a BERT checkpoint: stage 2 fine-tunes backbone + teacher with the stock
     [`Trainer`] (teacher cross-entropy; the students are frozen), stage 3 self-distills the students with
-    [`FastBertDistillationTrainer`] (backbone and teacher frozen), then the model is evaluated at `eval_speeds` and
-    saved with its tokenizer, a model card and `speed_results.json`.
+    [`FastBertDistillationTrainer`] (backbone and teacher frozen), then the model is evaluated at `config.eval_speeds`
+    and saved with its tokenizer, a model card and `speed_results.json`.
 
     Every input is validated (columns, label sets, non-empty splits, speeds, the model's config, the output folder,
     the Hub repo id) before any tokenization or training starts. The run writes into a partial folder next to
@@ -422,102 +237,36 @@ def train_fastbert(
         output_dir (`str`):
             Where the final model goes (and stage 3's checkpoints, if saved; stage 2's go to `output_dir/_finetune`).
             It must not exist, be empty, or be a previous run's output holding nothing else (see
-            [`check_output_dir`]), unless `overwrite_output_dir`.
-        text_column, text_pair_column, label_column (`str`):
-            Columns of the raw splits; `text_pair_column` for sentence pairs.
-        eval_split (`str`, *optional*, defaults to `"validation"`):
-            The labelled split to evaluate on after training (skipped when missing or `None`).
+            [`check_output_dir`]), unless `config.overwrite_output_dir`.
+        config ([`FastBertTrainingConfig`], *optional*):
+            The options of the run (columns, length, both stages' epochs and learning rates, the final sweep, the
+            default speed, the output folder, the Hub); its defaults when not given.
         unlabeled_dataset (`datasets.Dataset`, *optional*):
             Extra unlabeled text (same text column(s)) for distillation.
-        distill_on_train (`bool`, *optional*, defaults to `True`):
-            Also distill on the training texts (labels dropped). Without `unlabeled_dataset` the training texts are
-            always used.
-        max_length (`int`, *optional*, defaults to 128): Truncation length in tokens.
-        finetune_epochs (`float`, *optional*):
-            Stage 2 (fine-tuning). `None` (the default): until the held-out loss has not improved for
-            `finetune_patience` evaluations (every epoch, and every 500 steps in long epochs), at most
-            `finetune_max_epochs` (10), keeping the best weights. A number: exactly that many epochs. 0 skips stage 2
-            (the checkpoint's backbone and teacher must then already be fine-tuned).
-        finetune_learning_rate (`float`, *optional*):
-            Default: 1e-4 for models smaller than BERT-base (hidden size < 768; measured), the paper's 2e-5 for
-            larger ones ([`default_finetune_learning_rate`]).
-        distill_epochs (`float`, *optional*):
-            Stage 3 (self-distillation). `None` (the default): until the students' held-out KL to the teacher has not
-            improved by 1% for `distill_patience` evaluations, at most `distill_max_epochs` (10), keeping the best
-            students. A number: exactly that many epochs. 0 skips stage 3.
-        distill_learning_rate (`float`, *optional*, defaults to 1e-3): The students' learning rate (measured; the
-            paper's 2e-4 was sized for BERT-base on large data).
-        held_out_fraction (`float`, *optional*, defaults to 0.1):
-            When a stage converges, this share of the training split (at most 2,000 samples) is held out, seeded:
-            stage 2 stops on its loss, stage 3 on the students' KL on its texts. The students never train on it
-            (stage 2 only with a fixed `finetune_epochs`), and the `eval_split` used for the final results is never
-            used to stop.
-        uncertainty_top_k (`int` or `"auto"`, *optional*, defaults to `"auto"`): The model's
-            `config.uncertainty_top_k`. `"auto"`: 2 (the entropy of the two most probable labels) when there are more
-            than two labels, else None (the paper's full entropy; identical for two). Measured with converged students
-            on 3, 8 and 52 classes (`benchmarks/bench_many_class.py`): top-2 reached within one accuracy point of full
-            depth 2.59x / 5.29x / 2.48x FLOPs speed-up (R52, R8, CrowdFlower) against the full entropy's 2.42x / 5.36x
-            / 2.38x, and degrades far more gently at high speeds (R52 at speed 0.9: 85.9% against 79.0%). A second R8
-            run went the other way (4.92x against 5.75x): with few labels the two are close, pass None to compare.
-        distillation_temperature (`float`, *optional*, defaults to 1.0): See [`FastBertTrainingArguments`].
-        batch_size, warmup_ratio, weight_decay, seed: Shared by both stages (per-device batch size).
-        eval_speeds (`Iterable[float]`, *optional*, defaults to 0.0 .. 0.9): Speeds of the final evaluation.
-        max_accuracy_drop (`float`, *optional*, defaults to 0.005):
-            The model is saved with a default speed (`config.speed`) that is fast out of the box: the largest speed of
-            its exit rule whose accuracy stays within this fraction (0.005: half a point) of full depth
-            ([`calibrate_default_speed`]). It is chosen on the `eval_split` (already evaluated: no extra pass) unless
-            that split is called `"test"`, in which case on the held-out slice of the training split, so that the
-            reported test results are never the data the speed was chosen on. `None` keeps the checkpoint's speed (0
-            for a stock checkpoint). Without distilled students or labelled calibration data the speed stays 0.
-            `speed=0` per call (pipeline, model, CLI `--speed 0`) still runs every layer.
-        luha_bins (`int`, *optional*, defaults to 10): Uncertainty bins of the LUHA view in `output_dir/sweep/`
-            (`None`: no LUHA view). The sweep folder holds the evaluation split's tables and plots, from the same pass
-            as `results` ([`hf_fastbert.analysis.write_sweep`]).
-        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Replace a non-empty `output_dir` that is not a previous run's output: everything in it is deleted once
-            the new model is saved.
         dataset_name (`str`, *optional*):
             What the data is called (e.g. `"rotten_tomatoes"`), so that the results and the model card say which
             data they were measured on: "1,000 samples of rotten_tomatoes (validation split)".
-        push_to_hub, hub_model_id, hub_token, hub_private_repo: Push the final model to the Hub repo `hub_model_id`
-            (default: the name of `output_dir`): exactly its weights, config, code, tokenizer, card and plot
-            ([`hf_fastbert.modelcard.push_model_to_hub`]), never `training_args.bin` or other files of the folder.
-        progress (`bool`, *optional*, defaults to `True`): Progress bars.
+        hub_token (`str`, *optional*): A Hub token for `push_to_hub` (default: the saved login or `HF_TOKEN`).
         training_args, finetune_args, distill_args (`dict`, *optional*):
             Extra [`TrainingArguments`] fields for both stages, stage 2 only, stage 3 only (e.g. `{"bf16": True}`,
-            `{"save_strategy": "epoch"}`). Not `push_to_hub`: use this function's `push_to_hub`.
+            `{"save_strategy": "epoch"}`). Not `push_to_hub`: use the config's `push_to_hub`.
+        **options:
+            Fields of [`FastBertTrainingConfig`] as keywords (`finetune_epochs=1, max_length=64`): they replace the
+            `config`'s. An unknown name is a `TypeError`.
 
     Returns:
         [`FastBertTrainingOutput`].
     """
-    speeds = validate_speeds(eval_speeds, name="eval_speeds")
-    if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 1:
-        raise ValueError(
-            f"`max_accuracy_drop` must be in [0, 1) (a fraction: 0.005 is half a point), got {max_accuracy_drop!r}."
-        )
+    config = _with_options(config, options)
     if "train" not in raw_datasets:
         raise ValueError(f"The dataset has no 'train' split; its splits are {list(raw_datasets)}.")
-    for name, epochs in (
-        ("finetune_epochs", finetune_epochs),
-        ("distill_epochs", distill_epochs),
-        ("finetune_max_epochs", finetune_max_epochs),
-        ("distill_max_epochs", distill_max_epochs),
-    ):
-        if epochs is not None and not epochs >= 0:
-            raise ValueError(f"`{name}` must be >= 0, got {epochs}.")
-    for name, patience in (("finetune_patience", finetune_patience), ("distill_patience", distill_patience)):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {patience!r}.")
-    if uncertainty_top_k != "auto":
-        validate_uncertainty_top_k(uncertainty_top_k, allowed=('"auto"', "None"))
-    if not 0 < held_out_fraction < 1:
-        raise ValueError(f"`held_out_fraction` must be in (0, 1), got {held_out_fraction!r}.")
-    finetune_converges, distill_converges = finetune_epochs is None, distill_epochs is None
-    finetune_epochs = finetune_max_epochs if finetune_converges else finetune_epochs
-    distill_epochs = distill_max_epochs if distill_converges else distill_epochs
-    text_columns = [text_column, text_pair_column]
-    check_columns(raw_datasets["train"], text_columns + [label_column], "train")
-    label_names = label_names_from(raw_datasets["train"], label_column)
+    speeds = config.eval_speeds
+    finetune_converges, distill_converges = config.finetune_epochs is None, config.distill_epochs is None
+    finetune_epochs = config.finetune_max_epochs if finetune_converges else config.finetune_epochs
+    distill_epochs = config.distill_max_epochs if distill_converges else config.distill_epochs
+    text_columns = [config.text_column, config.text_pair_column]
+    check_columns(raw_datasets["train"], text_columns + [config.label_column], "train")
+    label_names = label_names_from(raw_datasets["train"], config.label_column)
     if len(label_names) < 2:
         raise ValueError(f"The training labels must have at least 2 classes, got {label_names}.")
     if (finetune_converges and finetune_epochs > 0) or (distill_converges and distill_epochs > 0):
@@ -526,12 +275,16 @@ def train_fastbert(
                 "Training until convergence holds out part of the training split, which needs at least 2 samples: "
                 "give more data or fixed numbers of epochs."
             )
-    eval_raw = raw_datasets[eval_split] if eval_split is not None and eval_split in raw_datasets else None
+    eval_raw = (
+        raw_datasets[config.eval_split]
+        if config.eval_split is not None and config.eval_split in raw_datasets
+        else None
+    )
     if eval_raw is not None:
-        check_columns(eval_raw, text_columns + [label_column], eval_split)
+        check_columns(eval_raw, text_columns + [config.label_column], config.eval_split)
     if unlabeled_dataset is not None:
         check_columns(unlabeled_dataset, text_columns, "unlabeled")
-    validate_temperature(distillation_temperature)
+    validate_temperature(config.distillation_temperature)
     for name, extra in (
         ("training_args", training_args),
         ("finetune_args", finetune_args),
@@ -539,55 +292,58 @@ def train_fastbert(
     ):
         if (extra or {}).get("push_to_hub"):
             raise ValueError(
-                f"`{name}` cannot set push_to_hub (the stages' pushes upload whole training folders, "
+                f"`{name}` cannot set config.push_to_hub (the stages' pushes upload whole training folders, "
                 "training_args.bin included): use train_fastbert(push_to_hub=True)."
             )
     hub_repo_id = None
-    if push_to_hub:
-        hub_repo_id = hub_model_id or Path(os.path.abspath(output_dir)).name
+    if config.push_to_hub:
+        hub_repo_id = config.hub_model_id or Path(os.path.abspath(output_dir)).name
         try:
             validate_repo_id(hub_repo_id)
         except ValueError as error:
             raise ValueError(f"Cannot push to {hub_repo_id!r}: {error}") from None
-    check_output_dir(output_dir, overwrite_output_dir)
+    check_output_dir(output_dir, config.overwrite_output_dir)
 
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    config_class = fastbert_config_class(config.model_type)  # ValueError naming the supported families
-    longest = BACKBONES[config_class.backbone_model_type].max_length(config)
-    if longest is not None and max_length > longest:
+    checkpoint_config = AutoConfig.from_pretrained(model_name_or_path)
+    config_class = fastbert_config_class(checkpoint_config.model_type)  # ValueError naming the supported families
+    longest = BACKBONES[config_class.backbone_model_type].max_length(checkpoint_config)
+    if longest is not None and config.max_length > longest:
         raise ValueError(
-            f"`max_length` ({max_length}) exceeds the {longest} tokens the model's max_position_embeddings allow."
+            f"`max_length` ({config.max_length}) exceeds the {longest} tokens the model's max_position_embeddings "
+            "allow."
         )
-    label_names = _match_checkpoint_labels(config, label_names, reuse_teacher=finetune_epochs == 0)
-    if finetune_learning_rate is None:
-        finetune_learning_rate = default_finetune_learning_rate(config)
+    label_names = _match_checkpoint_labels(checkpoint_config, label_names, reuse_teacher=finetune_epochs == 0)
+    finetune_learning_rate = config.finetune_learning_rate or default_finetune_learning_rate(checkpoint_config)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
 
     def tokenize(dataset, split, labelled=True):
         return prepare_dataset(
             dataset,
             tokenizer,
-            text_column,
-            text_pair_column,
-            label_column if labelled else None,
+            config.text_column,
+            config.text_pair_column,
+            config.label_column if labelled else None,
             label_names,
-            max_length,
+            config.max_length,
             split,
-            token_type_ids=takes_token_type_ids(config),  # a BERT tokenizer on DistilBERT or ModernBERT
+            token_type_ids=takes_token_type_ids(checkpoint_config),  # a BERT tokenizer on DistilBERT or ModernBERT
         )
 
     train_dataset = tokenize(raw_datasets["train"], "train")
-    eval_dataset = tokenize(eval_raw, eval_split) if eval_raw is not None else None
+    eval_dataset = tokenize(eval_raw, config.eval_split) if eval_raw is not None else None
     held_out = None
     if (finetune_converges and finetune_epochs > 0) or (distill_converges and distill_epochs > 0):
         # Convergence is measured on a slice of the training split that neither stage trains on; never on the
         # evaluation split the results are reported on.
-        train_dataset, held_out = split_held_out(train_dataset, held_out_fraction, seed=seed)
-    distill_parts = [train_dataset.remove_columns("labels")] if distill_on_train or unlabeled_dataset is None else []
+        train_dataset, held_out = split_held_out(train_dataset, config.held_out_fraction, seed=config.seed)
+    distill_parts = (
+        [train_dataset.remove_columns("labels")] if config.distill_on_train or unlabeled_dataset is None else []
+    )
     if unlabeled_dataset is not None:
         distill_parts.append(tokenize(unlabeled_dataset, "unlabeled", labelled=False))
     distill_dataset = concatenate_datasets(distill_parts) if len(distill_parts) > 1 else distill_parts[0]
 
+    uncertainty_top_k = config.uncertainty_top_k
     if uncertainty_top_k == "auto":
         uncertainty_top_k = 2 if len(label_names) > 2 else None
     fastbert_config = config_class.from_pretrained(
@@ -600,12 +356,12 @@ def train_fastbert(
         model_name_or_path, config=fastbert_config, ignore_mismatched_sizes=True
     )
     common = dict(
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        warmup_steps=warmup_ratio,  # a value < 1 is a fraction of the training steps
-        weight_decay=weight_decay,
-        seed=seed,
-        disable_tqdm=not progress,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        warmup_steps=config.warmup_ratio,  # a value < 1 is a fraction of the training steps
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        disable_tqdm=not config.progress,
         dataloader_pin_memory=torch.accelerator.is_available(),  # without an accelerator pinning only warns
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
@@ -630,7 +386,11 @@ def train_fastbert(
                 common,
                 {
                     **(
-                        {"warmup_steps": _warmup_steps(common, warmup_ratio, len(train_dataset), finetune_epochs)}
+                        {
+                            "warmup_steps": _warmup_steps(
+                                common, config.warmup_ratio, len(train_dataset), finetune_epochs
+                            )
+                        }
                         if finetune_converges and "warmup_steps" not in (training_args or {})
                         else {}
                     ),
@@ -640,7 +400,7 @@ def train_fastbert(
             callbacks = []
             if finetune_converges:
                 finetune_convergence = ConvergenceCallback(
-                    "eval_loss", patience=finetune_patience, description="fine-tuning"
+                    "eval_loss", patience=config.finetune_patience, description="fine-tuning"
                 )
                 callbacks.append(finetune_convergence)
             # A fixed number of epochs needs no stopping data: fine-tuning then learns from every labelled sample,
@@ -668,15 +428,15 @@ def train_fastbert(
             FastBertTrainingArguments,
             work_dir,
             max(distill_epochs, 0),
-            distill_learning_rate,
+            config.distill_learning_rate,
             common,
             {
-                "distillation_temperature": distillation_temperature,
+                "distillation_temperature": config.distillation_temperature,
                 "eval_speeds": speeds,
-                "convergence_patience": distill_patience if distill_converges else None,
+                "convergence_patience": config.distill_patience if distill_converges else None,
                 "convergence_min_improvement": DISTILL_MIN_IMPROVEMENT,
                 **(
-                    {"warmup_steps": _warmup_steps(common, warmup_ratio, len(distill_dataset), distill_epochs)}
+                    {"warmup_steps": _warmup_steps(common, config.warmup_ratio, len(distill_dataset), distill_epochs)}
                     if distill_converges and "warmup_steps" not in (training_args or {})
                     else {}
                 ),
@@ -701,18 +461,26 @@ def train_fastbert(
         results, eval_logits, default_speed, report = None, None, None, None
         if eval_dataset is not None and distiller.is_world_process_zero():
             # The one full-depth pass over the evaluation split: every speed, the oracle, the students, the plots.
-            eval_logits = predict_all_logits(model, eval_dataset, batch_size=batch_size, progress=progress)
+            eval_logits = predict_all_logits(
+                model, eval_dataset, batch_size=config.batch_size, progress=config.progress
+            )
             all_logits, seq_lengths, labels = eval_logits
             results = metrics_at_speeds(all_logits, seq_lengths, model.config, speeds, labels=labels)
-            report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, None, luha_bins)
+            report = sweep_logits(all_logits, seq_lengths, labels, model.config, speeds, None, config.luha_bins)
             distiller.speed_results = results
             distiller.speed_results_samples = len(eval_dataset)
-            distiller.speed_results_data = f"{dataset_name or 'the data'} ({eval_split} split)"
-        if max_accuracy_drop is not None and model.config.branches_distilled and distiller.is_world_process_zero():
-            if eval_logits is not None and eval_split != "test":
+            distiller.speed_results_data = f"{dataset_name or 'the data'} ({config.eval_split} split)"
+        if (
+            config.max_accuracy_drop is not None
+            and model.config.branches_distilled
+            and distiller.is_world_process_zero()
+        ):
+            if eval_logits is not None and config.eval_split != "test":
                 calibration_logits, data = eval_logits, distiller.speed_results_data
             elif held_out is not None:
-                calibration_logits = predict_all_logits(model, held_out, batch_size=batch_size, progress=progress)
+                calibration_logits = predict_all_logits(
+                    model, held_out, batch_size=config.batch_size, progress=config.progress
+                )
                 data = f"the held-out slice of {dataset_name or 'the data'} (train split)"
             else:
                 calibration_logits = None
@@ -722,9 +490,9 @@ def train_fastbert(
                     model.config.speed,
                 )
             if calibration_logits is not None:
-                default_speed = calibrate_default_speed(model, *calibration_logits, data, max_accuracy_drop)
+                default_speed = calibrate_default_speed(model, *calibration_logits, data, config.max_accuracy_drop)
         distiller.training_notes = training_notes(
-            convergence, finetune_steps, finetune_learning_rate, distill_epochs, distill_learning_rate
+            convergence, finetune_steps, finetune_learning_rate, distill_epochs, config.distill_learning_rate
         )
         if default_speed is not None:
             distiller.training_notes = "\n".join(
@@ -740,7 +508,7 @@ def train_fastbert(
                     "finetune_steps": finetune_steps,
                     "distill_steps": distiller.state.global_step,
                     "finetune_learning_rate": finetune_learning_rate if finetune_steps else None,
-                    "distill_learning_rate": distill_learning_rate if distill_epochs > 0 else None,
+                    "distill_learning_rate": config.distill_learning_rate if distill_epochs > 0 else None,
                     "held_out_samples": len(held_out) if held_out is not None else 0,
                     "convergence": convergence,
                     "default_speed": default_speed,
@@ -763,14 +531,14 @@ def train_fastbert(
                     students=report.students,
                 )
             distiller.create_model_card(finetuned_from=base_model)
-    if push_to_hub and distiller.is_world_process_zero():
+    if config.push_to_hub and distiller.is_world_process_zero():
         try:
             push_model_to_hub(
                 model,
                 hub_repo_id,
                 commit_message="End of training",
                 token=hub_token,
-                private=hub_private_repo,
+                private=config.hub_private_repo,
                 tokenizer=tokenizer,
                 **distiller._card_arguments(finetuned_from=base_model),
             )
@@ -800,13 +568,12 @@ def train_fastbert(
     )
 
 
-__all__ = [
-    "MAX_ACCURACY_DROP",
-    "FastBertTrainingOutput",
-    "calibrate_default_speed",
-    "check_output_dir",
-    "default_finetune_learning_rate",
-    "describe_default_speed",
-    "staged_output_dir",
-    "train_fastbert",
-]
+def _with_options(config: FastBertTrainingConfig | None, options: dict) -> FastBertTrainingConfig:
+    """`config` (default: the defaults) with the options given as keywords; a `TypeError` naming an unknown one."""
+    unknown = sorted(set(options) - set(FastBertTrainingConfig.option_names()))
+    if unknown:
+        raise TypeError(
+            f"train_fastbert() got unknown options {unknown}: it takes the fields of FastBertTrainingConfig "
+            "(hf_fastbert.training.FastBertTrainingConfig) as keywords"
+        )
+    return dataclasses.replace(config or FastBertTrainingConfig(), **options)
