@@ -646,3 +646,18 @@ def test_tokenizing_a_request_does_not_block_the_event_loop(model_and_tokenizer,
         assert get(f"{url}/health")[0] == 200
         assert time.monotonic() - started < 2  # answered while the request is still being tokenized
         slow.join()
+
+
+def test_serve_options_are_the_serving_options_fields_declared_once(capsys):
+    import dataclasses
+
+    from hf_fastbert.cli import build_parser, main
+    from hf_fastbert.serving import ServingOptions
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    options = {option for action in serve._actions for option in action.option_strings}
+    for field in dataclasses.fields(ServingOptions):
+        assert f"--{field.name.replace('_', '-')}" in options, field.name
+    assert not {"--api-key", "--speed-curve-rows", "--model-id"} & options  # a key on the command line shows in ps
+    assert main(["serve", "some-model", "--max-queue-size", "4", "--max-client-batch-size", "8"]) == 2
+    assert "--max-queue-size must be at least --max-client-batch-size" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`hf-fastbert serve`: the HTTP server (TEI's /predict API), dynamic batching, load-adaptive speed."""
 
+import dataclasses
 import logging
 import os
 
@@ -7,6 +8,7 @@ from ..constants import (
     PROG,
 )
 from ..loading import load_fastbert, load_model_config
+from ..serving.config import ServingOptions
 from .common import (
     _add_backend_argument,
     _add_int8_argument,
@@ -14,9 +16,8 @@ from .common import (
     _HelpFormatter,
     _non_negative_float,
     _port,
-    _positive_float,
     _positive_int,
-    _speed,
+    dataclass_from_namespace,
     input_file,
 )
 
@@ -30,6 +31,7 @@ def register(commands):
     """Add the `serve` command to `commands` (the subcommands of `hf-fastbert`)."""
     serve = commands.add_parser(
         "serve",
+        dataclass_types=[ServingOptions],  # batching, limits and adaptive speed: the server's own settings
         help="Serve the model over HTTP (TEI's /predict API) with dynamic batching and load-adaptive speed.",
         description="An HTTP server (uvicorn) with text-embeddings-inference's POST /predict API plus a per-request "
         "`speed` and each input's exit layer, GET /health, GET /info and Prometheus GET /metrics. Concurrent "
@@ -42,49 +44,14 @@ def register(commands):
     _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server).")
     serve.add_argument("--port", type=_port, default=8080, help="Port to bind.")
-    serve.add_argument("--speed", type=_speed, help="Default speed (default: the model's config.speed).")
     _add_int8_argument(serve)
     _add_backend_argument(serve)
-    batching = serve.add_argument_group("batching and limits")
-    batching.add_argument("--max-batch-size", type=_positive_int, default=32, help="Inputs per forward pass.")
-    batching.add_argument(
-        "--max-wait-ms", type=_non_negative_float, default=5.0, help="How long an input waits for a batch to fill."
-    )
-    batching.add_argument(
-        "--max-queue-size", type=_positive_int, default=1024, help="Inputs allowed to wait; more answers 429."
-    )
-    batching.add_argument(
-        "--max-concurrent-requests", type=_positive_int, default=512, help="Requests in progress; more answers 429."
-    )
-    batching.add_argument(
-        "--max-client-batch-size", type=_positive_int, default=32, help="Inputs per request; more answers 413."
-    )
-    batching.add_argument(
-        "--max-input-length", type=_positive_int, help="Tokens per input (default: the model's limit)."
-    )
-    batching.add_argument(
-        "--auto-truncate", action="store_true", help="Truncate over-long inputs unless a request says otherwise."
-    )
-    batching.add_argument(
-        "--max-request-bytes",
-        type=_positive_int,
-        default=2_000_000,
-        help="Larger request bodies answer 413, refused from their Content-Length before they are read.",
-    )
     serve.add_argument(
         "--api-key-file",
         help="A file holding an API key: every route but /health then needs `Authorization: Bearer <key>` (or set "
         f"{API_KEY_ENV}; a key on the command line would show in `ps`).",
     )
     adaptive = serve.add_argument_group("load-adaptive speed")
-    adaptive.add_argument("--adaptive", action="store_true", help="Choose the speed from the load.")
-    adaptive.add_argument("--target-p95-ms", type=_positive_float, help="The p95 latency target (with --adaptive).")
-    adaptive.add_argument(
-        "--max-accuracy-drop",
-        type=_non_negative_float,
-        default=0.01,
-        help="Accuracy floor below full depth on the curve's data, as a fraction (0.01 = one point).",
-    )
     adaptive.add_argument(
         "--speed-curve",
         help="Speed/accuracy curve (.json rows with speed, accuracy, flops_speedup; default: "
@@ -101,7 +68,7 @@ def register(commands):
         default=30.0,
         help="Seconds in-flight requests get to finish at shutdown.",
     )
-    serve.set_defaults(run=run_serve)
+    serve.set_defaults(run=run_serve, parse=lambda args: dataclass_from_namespace(ServingOptions, args))
 
 
 def read_api_key(path=None) -> str | None:
@@ -129,19 +96,8 @@ def run_serve(args):
             )
         curve = load_speed_curve(path, exit_rule=getattr(load_model_config(args.model)[1], "exit_rule", None))
     config = ServingConfig(
-        speed=args.speed,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue_size=args.max_queue_size,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_client_batch_size=args.max_client_batch_size,
-        max_input_length=args.max_input_length,
-        auto_truncate=args.auto_truncate,
-        max_request_bytes=args.max_request_bytes,
+        **dataclasses.asdict(args.config),  # the ServingOptions parsed from the command line
         api_key=read_api_key(args.api_key_file),
-        adaptive=args.adaptive,
-        target_p95_ms=args.target_p95_ms,
-        max_accuracy_drop=args.max_accuracy_drop,
         speed_curve=curve,
         model_id=args.model,
     )

@@ -15,8 +15,9 @@ need neither Starlette nor uvicorn; `schemas` parses requests, `metrics` counts,
 the routes and the launcher.
 """
 
-from .app import SERVE_EXTRA_HINT, FastBertServer, ServingConfig, create_app, load_model, serve
+from .app import SERVE_EXTRA_HINT, FastBertServer, create_app, load_model, serve
 from .batcher import DynamicBatcher, EngineError, InputResult, Overloaded, ShuttingDown
+from .config import ServingConfig, ServingOptions
 from .metrics import ServingMetrics
 from .schemas import PredictRequest, RequestError, parse_inputs, parse_predict_request
 from .speed import AdaptiveSpeedController, find_speed_curve, load_speed_curve, speed_ladder
@@ -33,6 +34,7 @@ __all__ = [
     "PredictRequest",
     "RequestError",
     "ServingConfig",
+    "ServingOptions",
     "ServingMetrics",
     "ShuttingDown",
     "create_app",

@@ -7,11 +7,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones import max_input_length
-from ..configuration_fastbert import validate_speed
 from ..pipeline_fastbert import is_fastbert
 from ..prediction import classify_batch, tokenize
 from .batcher import (
@@ -21,6 +19,7 @@ from .batcher import (
     Overloaded,
     ShuttingDown,
 )
+from .config import ServingConfig
 from .metrics import (
     ServingMetrics,
 )
@@ -38,77 +37,6 @@ from .speed import (
 logger = logging.getLogger(__name__)
 
 SERVE_EXTRA_HINT = 'the server needs the serve extra: pip install "hf-fastbert[serve]"'
-
-
-@dataclass
-class ServingConfig:
-    r"""
-    Settings of the FastBERT server.
-
-    Args:
-        speed (`float`, *optional*):
-            Speed for requests that do not give one; defaults to the model's `config.speed`. In adaptive mode, the
-            speed served without load (the ladder's first rung).
-        max_batch_size (`int`, *optional*, defaults to 32): Inputs per forward pass.
-        max_wait_ms (`float`, *optional*, defaults to 5.0): How long the first input of a batch waits for others.
-        max_queue_size (`int`, *optional*, defaults to 1024): Inputs allowed to wait; more answers 429.
-        max_concurrent_requests (`int`, *optional*, defaults to 512): Requests in progress; more answers 429.
-        max_client_batch_size (`int`, *optional*, defaults to 32): Inputs per request; more answers 413.
-        max_input_length (`int`, *optional*): Tokens per input; defaults to the tokenizer's and the model's limit.
-            Longer inputs answer 413 unless the request (or `auto_truncate`) asks for truncation.
-        auto_truncate (`bool`, *optional*, defaults to `False`): Truncate when a request does not say.
-        max_request_bytes (`int`, *optional*, defaults to 2,000,000): Larger bodies answer 413, before they are read
-            (from `Content-Length`) or as soon as the bytes read pass the limit (a body without one).
-        api_key (`str`, *optional*): When set, every route but `/health` answers 401 unless the request carries
-            `Authorization: Bearer <api_key>` (TEI's `--api-key`).
-        adaptive (`bool`, *optional*, defaults to `False`): Choose the speed from the load (needs `speed_curve` and
-            `target_p95_ms`).
-        target_p95_ms (`float`, *optional*): Adaptive mode's p95 latency target, in milliseconds.
-        max_accuracy_drop (`float`, *optional*, defaults to 0.01): Adaptive mode's accuracy floor, as a fraction
-            below full depth on the curve's data (0.01 = one point).
-        speed_curve (`list[dict]`, *optional*): The speed/accuracy curve (see [`load_speed_curve`]).
-        model_id (`str`, *optional*): The name `/info` reports.
-    """
-
-    speed: float | None = None
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    max_queue_size: int = 1024
-    max_concurrent_requests: int = 512
-    max_client_batch_size: int = 32
-    max_input_length: int | None = None
-    auto_truncate: bool = False
-    max_request_bytes: int = 2_000_000
-    api_key: str | None = field(default=None, repr=False)
-    adaptive: bool = False
-    target_p95_ms: float | None = None
-    max_accuracy_drop: float = 0.01
-    speed_curve: list[dict] | None = field(default=None, repr=False)
-    model_id: str | None = None
-
-    def __post_init__(self):
-        if self.speed is not None:
-            validate_speed(self.speed)
-        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
-            raise ValueError("api_key must be a non-empty string (or None for no authentication).")
-        names = ("max_batch_size", "max_queue_size", "max_concurrent_requests", "max_client_batch_size")
-        for name in names + ("max_request_bytes",):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.max_input_length is not None and self.max_input_length < 2:
-            raise ValueError(f"max_input_length must be >= 2, got {self.max_input_length}.")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}.")
-        if self.max_queue_size < self.max_client_batch_size:
-            raise ValueError("max_queue_size must be at least max_client_batch_size, or big requests never fit.")
-        if self.adaptive:
-            if self.speed_curve is None:
-                raise ValueError("adaptive mode needs a speed curve (hf-fastbert sweep's sweep.json).")
-            if self.target_p95_ms is None or not self.target_p95_ms > 0:
-                raise ValueError(f"adaptive mode needs target_p95_ms > 0, got {self.target_p95_ms}.")
-            if not self.max_accuracy_drop >= 0:
-                raise ValueError(f"max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}.")
 
 
 class FastBertServer:
