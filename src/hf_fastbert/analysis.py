@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from .constants import CALIBRATION_SPEEDS, DEFAULT_SPEEDS, EXIT_RULES
+from .constants import CALIBRATION_SPEEDS, DEFAULT_SPEEDS, EXIT_RULES, RESULT_COLUMNS
 from .evaluation import metrics_at_speeds, predict_all_logits, student_gaps
 from .exit_rules import calibrate_thresholds, check_exit_rule, fit_exit_heads, normalized_entropy, oracle_exits
 from .files import atomic_path, check_writable_folder
 from .flops import fastbert_flops, stock_flops
 
 
+SWEEP_SPEEDS = DEFAULT_SPEEDS  # the name of hf-fastbert 0.x for the one speed grid (constants.py)
 SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "luha.csv", "luha.png", "students.csv")
 CALIBRATED_RULES = ("thresholds", "learned")  # rules fitted on validation data (`model.calibrate_exit_rules`)
 
@@ -673,6 +674,9 @@ def write_sweep(results, luha, output_dir, title=None, source=None, oracle=None,
 
 
 __all__ = [
+    "CALIBRATION_SPEEDS",
+    "RESULT_COLUMNS",
+    "SWEEP_SPEEDS",
     "Calibration",
     "Sweep",
     "add_wall_time",

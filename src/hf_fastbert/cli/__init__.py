@@ -21,11 +21,9 @@ import argparse
 import logging
 import sys
 
-from transformers import HfArgumentParser
-
 from ..constants import PROG
 from . import calibrate, evaluate, export, predict, push, serve, sweep, train
-from .common import _HelpFormatter
+from .common import CommandParser, _HelpFormatter
 from .predict import read_texts
 from .push import card_results
 from .train import DEMO_TRAINING, USER_TRAINING, resolve_train_defaults
@@ -46,8 +44,8 @@ def build_parser():
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="Show tracebacks instead of one-line errors.")
-    # HfArgumentParser: a command can declare its options as dataclasses (`train`: FastBertTrainingConfig).
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=HfArgumentParser)
+    # A command can declare its options as dataclasses (`train`: FastBertTrainingConfig), as HfArgumentParser does.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in COMMAND_MODULES:
         module.register(commands)
     return parser
@@ -68,9 +66,14 @@ def main(argv=None) -> int:
     if parse is not None:
         try:
             args.config = parse(args)
-        except ValueError as error:
+        except ValueError as error:  # a bad value: a usage error
             print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except (ImportError, OSError) as error:  # the demo's model package missing, say
+            if args.debug:
+                raise
+            print(f"{PROG} {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = args.run
     try:

@@ -5,6 +5,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
 from ..analysis import (
     format_table,
 )
@@ -270,3 +272,19 @@ def dataclass_from_namespace(dtype, args):
             names = [f"--{option.name.replace('_', '-')}", *option.metadata.get("aliases", [])]
             message = message.replace(f"`{option.name}`", "/".join(names))
         raise ValueError(message) from None
+
+
+class CommandParser(HfArgumentParser):
+    """
+    The parser of one `hf-fastbert` command: `HfArgumentParser`, whose options come from dataclass fields, except that
+    a `bool` option off by default is a plain flag (`--auto-truncate`), as argparse's `store_true` makes it: it takes
+    no value, so `serve --auto-truncate MODEL` leaves MODEL to the positional argument.
+    """
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if field.type is bool and field.default is False:
+            options = [f"--{field.name}", f"--{field.name.replace('_', '-')}"]
+            parser.add_argument(*dict.fromkeys(options), action="store_true", help=field.metadata.get("help"))
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..configuration_fastbert import validate_speed
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServingOptions:
     r"""
     The server's batching, limits and adaptive-speed settings.
@@ -79,10 +79,10 @@ class ServingOptions:
             raise ValueError(f"`max_accuracy_drop` must be >= 0, got {self.max_accuracy_drop}.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServingConfig(ServingOptions):
     r"""
-    Settings of the FastBERT server: the [`ServingOptions`], and
+    Settings of the FastBERT server (keywords only): the [`ServingOptions`], and
 
     Args:
         api_key (`str`, *optional*): When set, every route but `/health` answers 401 unless the request carries

@@ -9,6 +9,7 @@ sweeps the speeds and saves the model, with every option declared once in [`Fast
 
 import importlib
 
+from ..constants import MAX_ACCURACY_DROP, RESULTS_FILENAME, RUN_MANIFEST
 from .config import FastBertTrainingConfig
 from .output_dir import PARTIAL_SUFFIX, check_output_dir, staged_output_dir
 
@@ -36,7 +37,10 @@ def __dir__():
 
 
 __all__ = [
+    "MAX_ACCURACY_DROP",
     "PARTIAL_SUFFIX",
+    "RESULTS_FILENAME",
+    "RUN_MANIFEST",
     "FastBertTrainingConfig",
     "FastBertTrainingOutput",
     "calibrate_default_speed",

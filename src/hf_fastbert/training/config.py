@@ -7,6 +7,7 @@ Torch-free: the command line builds its parser from this module without loading 
 
 import math
 from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 
 from ..configuration_fastbert import validate_speeds, validate_uncertainty_top_k
 from ..constants import (
@@ -24,14 +25,14 @@ from ..constants import (
 def _positive_integer(name, value, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def _number(name, value, low=0.0, high=math.inf, *, low_open=False, high_open=False, allow_none=False, hint=""):
     if value is None and allow_none:
         return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    ok = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         if high == math.inf:
@@ -217,13 +218,13 @@ class FastBertTrainingConfig:
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be a column name, got {getattr(self, name)!r}.")
-        if self.max_length is None or isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
-            raise ValueError(f"`max_length` must be an integer >= 2, got {self.max_length!r}.")
-        if self.max_length < 2:
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, Integral) or self.max_length < 2:
             raise ValueError(f"`max_length` must be an integer >= 2, got {self.max_length!r}.")
         for name in ("finetune_epochs", "distill_epochs"):
             _number(name, getattr(self, name), allow_none=True)
-        for name in ("finetune_max_epochs", "distill_max_epochs", "distill_learning_rate", "distillation_temperature"):
+        for name in ("finetune_max_epochs", "distill_max_epochs"):  # 0: the converging stage is skipped
+            _number(name, getattr(self, name))
+        for name in ("distill_learning_rate", "distillation_temperature"):
             _number(name, getattr(self, name), low_open=True)
         _number("finetune_learning_rate", self.finetune_learning_rate, low_open=True, allow_none=True)
         if not math.isfinite(self.distillation_temperature):
@@ -231,7 +232,7 @@ class FastBertTrainingConfig:
         for name in ("finetune_patience", "distill_patience", "batch_size"):
             _positive_integer(name, getattr(self, name))
         _positive_integer("luha_bins", self.luha_bins, allow_none=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         _number("held_out_fraction", self.held_out_fraction, 0, 1, low_open=True, high_open=True)
         _number("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
@@ -247,7 +248,7 @@ class FastBertTrainingConfig:
         )
         self.uncertainty_top_k = _top_k(self.uncertainty_top_k)
         self.eval_speeds = sorted(set(validate_speeds(self.eval_speeds, name="eval_speeds")))
-        if self.hub_model_id is not None:
+        if self.push_to_hub and self.hub_model_id is not None:
             from huggingface_hub.utils import validate_repo_id
 
             try:

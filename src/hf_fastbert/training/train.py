@@ -292,7 +292,7 @@ def train_fastbert(
     ):
         if (extra or {}).get("push_to_hub"):
             raise ValueError(
-                f"`{name}` cannot set config.push_to_hub (the stages' pushes upload whole training folders, "
+                f"`{name}` cannot set push_to_hub (the stages' pushes upload whole training folders, "
                 "training_args.bin included): use train_fastbert(push_to_hub=True)."
             )
     hub_repo_id = None
@@ -520,7 +520,9 @@ def train_fastbert(
                 json.dump(summary, file, indent=2)
             if report is not None:
                 rule = model.config.exit_rule  # said in the rows: a later calibrate to another rule shows
-                source = results_source(os.path.abspath(output_dir), distiller.speed_results_data, len(eval_dataset))
+                source = results_source(
+                    str(Path(output_dir).expanduser().resolve()), distiller.speed_results_data, len(eval_dataset)
+                )
                 write_sweep(
                     [{"exit_rule": rule, **row} for row in results],
                     report.luha,
