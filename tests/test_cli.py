@@ -414,7 +414,7 @@ def test_train_options_are_the_training_configs_fields_declared_once():
         (["--held-out-fraction", "1"], "--held-out-fraction must be a number in (0, 1)"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--uncertainty-top-k", "1"], "--uncertainty-top-k must be"),
-        (["--hub-model-id", "a/b/c"], "Cannot push to 'a/b/c'"),
+        (["--push-to-hub", "--hub-model-id", "a/b/c"], "Cannot push to 'a/b/c'"),
         (["--max-train-samples", "0"], "--max-train-samples must be a positive integer"),
     ],
 )
