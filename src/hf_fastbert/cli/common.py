@@ -2,7 +2,9 @@
 
 import argparse
 import dataclasses
+import json
 import logging
+import sys
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -280,6 +282,48 @@ class CommandParser(HfArgumentParser):
     a `bool` option off by default is a plain flag (`--auto-truncate`), as argparse's `store_true` makes it: it takes
     no value, so `serve --auto-truncate MODEL` leaves MODEL to the positional argument.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.dataclass_types:
+            self.add_argument(
+                "--config",
+                dest="config_file",  # read before parsing (`parse_known_args`); `args.config` is the parsed one
+                metavar="FILE",
+                help="A .yaml or .json file of these options, by their names (max_length: 64, eval_speeds: [0, 0.5]); "
+                "options given on the command line win.",
+            )
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        path = next((value for option, value in zip(args[:-1], args[1:], strict=True) if option == "--config"), None)
+        path = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), path)
+        if path is not None and self.dataclass_types:
+            self.set_defaults(**self._read_config(path))  # defaults: what the command line gives wins
+        return super().parse_known_args(args, namespace)
+
+    def _read_config(self, path) -> dict:
+        """The options of a `--config` file; a usage error naming the file and the problem."""
+        import yaml
+
+        file = Path(path).expanduser()
+        if not file.is_file():
+            self.error(f"--config {path}: no such file")
+        try:
+            text = file.read_text(encoding="utf-8")
+            values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as error:
+            self.error(f"--config {path} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}")
+        if not isinstance(values, dict):
+            self.error(f"--config {path} must hold a mapping of option names to values")
+        names = {option.name for dtype in self.dataclass_types for option in dataclasses.fields(dtype)}
+        values = {str(key).replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            self.error(
+                f"--config {path}: unknown options {', '.join(unknown)} (the options are {', '.join(sorted(names))})"
+            )
+        return values
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
