@@ -74,8 +74,42 @@ def fit_heads(pooled, num_layers):
     return heads
 
 
+def fit_mlp_heads(pooled, num_layers, epochs=300, seed=0):
+    """
+    Per layer k < L: a two-layer MLP (H -> 4H -> H, GELU) with a linear shortcut, trained by gradient (Adam, full
+    batch) on 1 - cosine to the final embedding: a non-linear head on the same pooled states, to see how much of the
+    gap to the final embedding a better head on pooled states closes.
+    """
+    torch.manual_seed(seed)
+    target = torch.nn.functional.normalize(torch.as_tensor(pooled[:, num_layers]).float(), dim=-1)
+    heads = []
+    for layer in range(1, num_layers):
+        x = torch.as_tensor(pooled[:, layer]).float()
+        size = x.shape[1]
+        mlp = torch.nn.Sequential(torch.nn.Linear(size, 4 * size), torch.nn.GELU(), torch.nn.Linear(4 * size, size))
+        shortcut = torch.nn.Linear(size, size)
+        parameters = [*mlp.parameters(), *shortcut.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            out = torch.nn.functional.normalize(mlp(x) + shortcut(x), dim=-1)
+            loss = 1 - (out * target).sum(-1).mean()
+            loss.backward()
+            optimizer.step()
+        heads.append(lambda h, mlp=mlp, shortcut=shortcut: (mlp(h) + shortcut(h)).detach())
+    return heads
+
+
 def head_embeddings(pooled, heads, num_layers):
     """(N, L, H) normalized embeddings per layer: heads for layers 1 .. L-1, the stock embedding at L."""
+    if callable(heads[0]):  # MLP heads
+        with torch.no_grad():
+            out = [
+                normalize(head(torch.as_tensor(pooled[:, k + 1]).float()).double().numpy())
+                for k, head in enumerate(heads)
+            ]
+        out.append(normalize(pooled[:, num_layers]))
+        return np.stack(out, axis=1)
     out = [
         normalize(np.concatenate([pooled[:, k + 1], np.ones((len(pooled), 1))], axis=1) @ w)
         for k, w in enumerate(heads)
@@ -98,13 +132,15 @@ def first_layer(leave):
     return leave.argmax(axis=1) + 1
 
 
-def flops_per_sample(config, lengths, exit_layers, heads_run):
-    """FLOPs of the backbone up to each sample's exit layer, plus `heads_run` linear heads (H x H) each."""
+def flops_per_sample(config, lengths, exit_layers, heads_run, head="linear"):
+    """FLOPs of the backbone up to each sample's exit layer, plus `heads_run` heads (linear: H x H; MLP: 9 H x H)."""
     backbone = BACKBONES["bert"]
     n = torch.as_tensor(lengths).long()
     per_layer = backbone.layer_flops(config, n).double().numpy()
     fixed = backbone.fixed_flops(config, n).double().numpy()
-    return fixed + exit_layers * per_layer + heads_run * 2 * config.hidden_size * (config.hidden_size + 1)
+    size = config.hidden_size
+    head_flops = 2 * size * (size + 1) if head == "linear" else 2 * (4 * size * size * 2 + size * size)
+    return fixed + exit_layers * per_layer + heads_run * head_flops
 
 
 def quality(queries, full_queries, corpus, labels):
@@ -130,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=["r8", "tweets"], default="r8")
     parser.add_argument("--fit-samples", type=int, default=2000, help="training texts the heads are fitted on")
     parser.add_argument("--eval-samples", type=int, default=2000, help="held-out texts: queries and corpus")
+    parser.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the per-layer heads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -148,7 +185,7 @@ def main(argv=None):
     fit_pooled, _ = pooled_states(model, tokenizer, fit["text"], max_length)
     pooled, lengths = pooled_states(model, tokenizer, evaluation["text"], max_length)
     labels = np.asarray(evaluation["label"])
-    heads = fit_heads(fit_pooled, num_layers)
+    heads = fit_heads(fit_pooled, num_layers) if args.head == "linear" else fit_mlp_heads(fit_pooled, num_layers)
     embeddings = head_embeddings(pooled, heads, num_layers)  # (N, L, H)
     full = embeddings[:, -1]
     full_flops = flops_per_sample(config, lengths, np.full(len(lengths), num_layers), 0).mean()
@@ -156,7 +193,7 @@ def main(argv=None):
     rows = []
 
     def add(method, setting, queries, exit_layers, heads_run):
-        flops = flops_per_sample(config, lengths, exit_layers, heads_run).mean()
+        flops = flops_per_sample(config, lengths, exit_layers, heads_run, args.head).mean()
         rows.append(
             {"method": method, "setting": setting, "flops_speedup": float(full_flops / flops),
              "mean_exit_layer": float(np.mean(exit_layers)), **quality(queries, full, full, labels)}
@@ -190,10 +227,15 @@ def main(argv=None):
             queries = embeddings[np.arange(len(exits)), exits - 1]
             add(name, f"t={threshold:g}", queries, exits, np.minimum(exits, num_layers - 1))
 
-    name = {"r8": "embeddings_r8", "tweets": "embeddings_tweets"}[args.dataset]
+    variant = ("_mlp" if args.head == "mlp" else "") + (f"_fit{args.fit_samples}" if args.fit_samples != 2000 else "")
+    name = f"embeddings_{args.dataset}{variant}"
     command = f"python benchmarks/bench_embeddings.py --dataset {args.dataset}"
+    command += (" --head mlp" if args.head == "mlp" else "") + (
+        f" --fit-samples {args.fit_samples}" if args.fit_samples != 2000 else ""
+    )
     header = (
-        f"all-MiniLM-L6-v2 (mean pooling + normalization), {args.dataset}: heads fitted on {len(fit)} training texts, "
+        f"all-MiniLM-L6-v2 (mean pooling + normalization), {args.dataset}: {args.head} heads fitted on {len(fit)} "
+        "training texts, "
         f"{len(evaluation)} test texts as queries and corpus (full-depth index), max length {max_length}. "
         f"Full depth: precision@10 {rows[0]['precision@10']:.4f}. {time.time() - started:.0f} s. Command: `{command}`"
     )
