@@ -100,6 +100,69 @@ def fit_mlp_heads(pooled, num_layers, epochs=300, seed=0):
     return heads
 
 
+def token_states(model, tokenizer, texts, max_length, batch_size=64):
+    """(N, L - 1, T, H) float16 states of layers 1 .. L-1 padded to `max_length`, and (N, T) masks."""
+    states, masks = [], []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size], truncation=True, max_length=max_length, padding="max_length",
+            return_tensors="pt",
+        )  # fmt: skip
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[1:-1]  # L - 1 of (B, T, H)
+        states.append(torch.stack(hidden, dim=1).half())
+        masks.append(batch["attention_mask"])
+    return torch.cat(states), torch.cat(masks)
+
+
+class AttentionHead(torch.nn.Module):
+    """Attention pooling over every token (learned queries, keys folded into them) plus the mean, to H."""
+
+    def __init__(self, size, heads=4):
+        super().__init__()
+        self.scores = torch.nn.Linear(size, heads)  # one folded query per attention head
+        self.output = torch.nn.Linear(heads * size + size, size)
+
+    def forward(self, x, mask):  # (B, T, H), (B, T) -> (B, H)
+        scores = self.scores(x).masked_fill(mask[:, :, None] == 0, float("-inf")).softmax(dim=1)  # (B, T, heads)
+        pooled = torch.einsum("bth,btd->bhd", scores, x).flatten(1)  # (B, heads * H)
+        mean = (x * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.output(torch.cat([pooled, mean], dim=1))
+
+    @staticmethod
+    def flops(size, lengths, heads=4):
+        return 2 * lengths * size * heads * 2 + 2 * (heads * size + size) * size
+
+
+def fit_attention_heads(states, masks, final, epochs=8, batch_size=128, seed=0):
+    """Per layer 1 .. L-1: an `AttentionHead` trained by gradient (AdamW) on 1 - cosine to the final embedding."""
+    torch.manual_seed(seed)
+    target = torch.nn.functional.normalize(torch.as_tensor(final).float(), dim=-1)
+    heads = []
+    for layer in range(states.shape[1]):
+        head = AttentionHead(states.shape[-1])
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+        for _ in range(epochs):
+            for index in torch.randperm(len(states)).split(batch_size):
+                optimizer.zero_grad()
+                out = torch.nn.functional.normalize(head(states[index, layer].float(), masks[index]), dim=-1)
+                (1 - (out * target[index]).sum(-1).mean()).backward()
+                optimizer.step()
+        heads.append(head.eval())
+    return heads
+
+
+def attention_embeddings(heads, states, masks, pooled, num_layers):
+    """(N, L, H) normalized embeddings: the attention heads for layers 1 .. L-1, the stock embedding at L."""
+    out = []
+    with torch.no_grad():
+        for layer, head in enumerate(heads):
+            rows = [head(states[i : i + 256, layer].float(), masks[i : i + 256]) for i in range(0, len(states), 256)]
+            out.append(normalize(torch.cat(rows).double().numpy()))
+    out.append(normalize(pooled[:, num_layers]))
+    return np.stack(out, axis=1)
+
+
 def head_embeddings(pooled, heads, num_layers):
     """(N, L, H) normalized embeddings per layer: heads for layers 1 .. L-1, the stock embedding at L."""
     if callable(heads[0]):  # MLP heads
@@ -139,7 +202,11 @@ def flops_per_sample(config, lengths, exit_layers, heads_run, head="linear"):
     per_layer = backbone.layer_flops(config, n).double().numpy()
     fixed = backbone.fixed_flops(config, n).double().numpy()
     size = config.hidden_size
-    head_flops = 2 * size * (size + 1) if head == "linear" else 2 * (4 * size * size * 2 + size * size)
+    head_flops = {
+        "linear": 2 * size * (size + 1),
+        "mlp": 2 * (4 * size * size * 2 + size * size),
+        "attention": AttentionHead.flops(size, lengths),
+    }[head]
     return fixed + exit_layers * per_layer + heads_run * head_flops
 
 
@@ -166,7 +233,7 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=["r8", "tweets"], default="r8")
     parser.add_argument("--fit-samples", type=int, default=2000, help="training texts the heads are fitted on")
     parser.add_argument("--eval-samples", type=int, default=2000, help="held-out texts: queries and corpus")
-    parser.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the per-layer heads")
+    parser.add_argument("--head", choices=["linear", "mlp", "attention"], default="linear", help="the per-layer heads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -185,8 +252,16 @@ def main(argv=None):
     fit_pooled, _ = pooled_states(model, tokenizer, fit["text"], max_length)
     pooled, lengths = pooled_states(model, tokenizer, evaluation["text"], max_length)
     labels = np.asarray(evaluation["label"])
-    heads = fit_heads(fit_pooled, num_layers) if args.head == "linear" else fit_mlp_heads(fit_pooled, num_layers)
-    embeddings = head_embeddings(pooled, heads, num_layers)  # (N, L, H)
+    if args.head == "attention":
+        fit_states, fit_masks = token_states(model, tokenizer, fit["text"], max_length)
+        states, masks = token_states(model, tokenizer, evaluation["text"], max_length)
+        heads = fit_attention_heads(fit_states, fit_masks, fit_pooled[:, num_layers])
+        embeddings = attention_embeddings(heads, states, masks, pooled, num_layers)  # (N, L, H)
+        fit_embeddings = attention_embeddings(heads, fit_states, fit_masks, fit_pooled, num_layers)
+    else:
+        heads = fit_heads(fit_pooled, num_layers) if args.head == "linear" else fit_mlp_heads(fit_pooled, num_layers)
+        embeddings = head_embeddings(pooled, heads, num_layers)  # (N, L, H)
+        fit_embeddings = head_embeddings(fit_pooled, heads, num_layers)
     full = embeddings[:, -1]
     full_flops = flops_per_sample(config, lengths, np.full(len(lengths), num_layers), 0).mean()
 
@@ -208,7 +283,6 @@ def main(argv=None):
     consecutive = consecutive_cosines(embeddings)
     # "learned": per layer, a linear fit of the cosine to the final embedding from the consecutive cosine (on the
     # fitting texts' own head embeddings, so that nothing of the evaluation texts is used).
-    fit_embeddings = head_embeddings(fit_pooled, heads, num_layers)
     fit_consecutive = consecutive_cosines(fit_embeddings)
     fit_to_final = (fit_embeddings * fit_embeddings[:, -1:]).sum(-1)  # (N, L)
     predicted = np.zeros_like(consecutive)
@@ -227,10 +301,12 @@ def main(argv=None):
             queries = embeddings[np.arange(len(exits)), exits - 1]
             add(name, f"t={threshold:g}", queries, exits, np.minimum(exits, num_layers - 1))
 
-    variant = ("_mlp" if args.head == "mlp" else "") + (f"_fit{args.fit_samples}" if args.fit_samples != 2000 else "")
+    variant = ("" if args.head == "linear" else f"_{args.head}") + (
+        f"_fit{args.fit_samples}" if args.fit_samples != 2000 else ""
+    )
     name = f"embeddings_{args.dataset}{variant}"
     command = f"python benchmarks/bench_embeddings.py --dataset {args.dataset}"
-    command += (" --head mlp" if args.head == "mlp" else "") + (
+    command += ("" if args.head == "linear" else f" --head {args.head}") + (
         f" --fit-samples {args.fit_samples}" if args.fit_samples != 2000 else ""
     )
     header = (
