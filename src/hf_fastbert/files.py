@@ -28,11 +28,17 @@ def atomic_path(path):
         temporary.unlink(missing_ok=True)
 
 
+def nearest_existing(path) -> Path:
+    """`path` (absolute) or its nearest parent that exists: where a folder that does not exist yet would be made."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_folder(folder, context):
     """Raise unless `folder` exists as a writable folder or can be created (its nearest existing parent is one)."""
-    existing = Path(os.path.abspath(Path(folder).expanduser()))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise NotADirectoryError(f"{context}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -48,4 +54,4 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_path", "check_writable_folder", "sha256_file"]
+__all__ = ["atomic_path", "check_writable_folder", "nearest_existing", "sha256_file"]

@@ -1,6 +1,5 @@
 """Training arguments of FastBERT's self-distillation stage."""
 
-import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -14,17 +13,7 @@ from .constants import (
     DISTILL_PATIENCE,
     HELD_OUT_FRACTION,
 )
-
-
-def validate_temperature(temperature, name="distillation_temperature"):
-    """Raise a `ValueError` naming `name` unless `temperature` is a finite positive number."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(f"`{name}` must be a finite positive number, got {temperature!r}.")
+from .training.config import validate_temperature
 
 
 @dataclass

@@ -42,6 +42,17 @@ def _number(name, value, low=0.0, high=math.inf, *, low_open=False, high_open=Fa
         raise ValueError(f"`{name}` must be a number {bounds}{hint}, got {value!r}.")
 
 
+def validate_temperature(temperature, name="distillation_temperature"):
+    """Raise a `ValueError` naming `name` unless `temperature` is a finite positive number."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"`{name}` must be a finite positive number, got {temperature!r}.")
+
+
 @dataclass
 class FastBertTrainingConfig:
     r"""
@@ -224,11 +235,9 @@ class FastBertTrainingConfig:
             _number(name, getattr(self, name), allow_none=True)
         for name in ("finetune_max_epochs", "distill_max_epochs"):  # 0: the converging stage is skipped
             _number(name, getattr(self, name))
-        for name in ("distill_learning_rate", "distillation_temperature"):
-            _number(name, getattr(self, name), low_open=True)
+        _number("distill_learning_rate", self.distill_learning_rate, low_open=True)
         _number("finetune_learning_rate", self.finetune_learning_rate, low_open=True, allow_none=True)
-        if not math.isfinite(self.distillation_temperature):
-            raise ValueError(f"`distillation_temperature` must be finite, got {self.distillation_temperature!r}.")
+        validate_temperature(self.distillation_temperature)
         for name in ("finetune_patience", "distill_patience", "batch_size"):
             _positive_integer(name, getattr(self, name))
         _positive_integer("luha_bins", self.luha_bins, allow_none=True)
@@ -278,4 +287,4 @@ def _top_k(value):
     return value
 
 
-__all__ = ["FastBertTrainingConfig"]
+__all__ = ["FastBertTrainingConfig", "validate_temperature"]

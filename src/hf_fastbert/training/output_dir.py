@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from ..constants import RUN_MANIFEST
-from ..files import sha256_file
+from ..files import nearest_existing, sha256_file
 
 
 logger = logging.getLogger(__name__)
@@ -22,12 +22,6 @@ PARTIAL_SUFFIX = ".partial"
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: str = "overwrite_output_dir=True"):
@@ -71,7 +65,7 @@ def check_output_dir(output_dir, overwrite_output_dir: bool = False, *, flag: st
                 f"the output folder {output_dir} holds files changed since the previous training run wrote them "
                 f"({', '.join(changed[:5])}): pick another folder, or pass {flag} to replace everything in it"
             )
-    existing = _nearest_existing(path.parent)
+    existing = nearest_existing(path.parent)
     if not existing.is_dir():
         raise ValueError(f"cannot write the output folder {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -133,7 +127,7 @@ def staged_output_dir(output_dir, *, main_process: bool | None = None):
     final = Path(os.path.abspath(output_dir))
     holder = final.parent / f".{final.name}{PARTIAL_SUFFIX}"
     staging = holder / final.name
-    existing = _nearest_existing(final.parent)
+    existing = nearest_existing(final.parent)
     if main_process:
         _claim_partial_folder(holder, output_dir)
         staging.mkdir(exist_ok=True)

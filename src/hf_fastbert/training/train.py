@@ -30,7 +30,6 @@ from ..trainer_fastbert import FastBertDistillationTrainer
 from ..training_args_fastbert import (
     DISTILL_MIN_IMPROVEMENT,
     FastBertTrainingArguments,
-    validate_temperature,
 )
 from .config import FastBertTrainingConfig
 from .output_dir import check_output_dir, staged_output_dir
@@ -284,7 +283,6 @@ def train_fastbert(
         check_columns(eval_raw, text_columns + [config.label_column], config.eval_split)
     if unlabeled_dataset is not None:
         check_columns(unlabeled_dataset, text_columns, "unlabeled")
-    validate_temperature(config.distillation_temperature)
     for name, extra in (
         ("training_args", training_args),
         ("finetune_args", finetune_args),
