@@ -283,7 +283,97 @@ def check_cpp_compiler():
         )
 
 
-class FastBertModelMixin:
+class EarlyExitEngineMixin:
+    """
+    The early-exit engine, for every family and every kind of head: the classifier
+    ([`FastBertModelMixin`]) and the sentence embedder ([`hf_fastbert.modeling_fastbert_embedding`]) run their layers
+    through [`run_with_exits`] and differ only in the head after each layer, the exit decision and the last layer's
+    output. The model provides `config` and `backbone` (its family's `backbones.Backbone`).
+    """
+
+    def run_with_exits(self, inputs, mask, width, head=None, leaves=None, finish=None, collect=False):
+        """
+        Run the layers with batched per-sample early exit. After each layer but the last, `head` computes its output
+        for the samples still running and `leaves` says which of them stop there; they leave the batch (the states,
+        the mask, the positions, the exit rule's state and the map back to the caller's batch shrink, trailing padding
+        columns that no remaining sample needs are cut, the layers' masks and positions are prepared again) and the
+        loop ends once no sample remains. Samples that never leave take `finish` of the last layer.
+
+        Args:
+            inputs: input_ids or inputs_embeds, and the family's `embedding_inputs`.
+            mask: (B, T) padding mask.
+            width: the size D of one sample's output.
+            head: `head(index, hidden, head_mask) -> (b, D)` after the 0-based layer `index` (1 .. L - 1); None runs
+                no head (full depth). `head_mask` is None when no sample is padded and `collect` is off.
+            leaves: `leaves(index, outputs, state) -> (exits, state)`: (b,) bool and what the rule carries to the
+                next layer (None, or a tuple of (b, ...) tensors); None: no sample leaves.
+            finish: `finish(hidden, mask) -> (b, D)`, the last layer's output.
+            collect: also return every head's output.
+
+        Returns:
+            `(outputs, exit_layers, final, all_outputs)`: (B, D) output each sample left with, (B,) 1-based exit
+            layers, the (b, D) `finish` of the samples that reached the last layer (None when none did), and with
+            `collect` the (B, L, D) outputs of every head then `finish` (else None).
+        """
+        backbone, num_layers = self.backbone, self.config.num_hidden_layers
+        hidden = backbone.embed(self, inputs, mask)  # (B, T, H)
+        embeddings = hidden  # DeBERTa's convolution after the first layer reads them
+        batch_size = hidden.shape[0]
+        positions = inputs.get("position_ids")  # (B or 1, T) or None
+        rows = torch.arange(batch_size, device=hidden.device)  # (b,) caller's index of each remaining sample
+        outputs = hidden.new_empty(batch_size, width)  # (B, D)
+        exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=hidden.device)  # (B,)
+        head_outputs, final = [], None
+        rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
+        state = backbone.prepare(self, hidden, mask, positions)
+        last_columns = last_needed_columns(mask)  # (b,): trailing columns no staying sample needs are cut
+        # Exiting without padding (a batch of one, say), the heads skip their masking: one host sync per forward.
+        head_mask = mask if collect or not bool(mask.all()) else None
+        for index in range(num_layers):
+            hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
+            if index == num_layers - 1:
+                final = finish(hidden, mask)  # (b, D)
+                if leaves is None:  # every sample is here, in order
+                    outputs = final
+                else:
+                    outputs[rows] = final.to(outputs.dtype)
+                break
+            if head is None:
+                continue
+            values = head(index, hidden, head_mask)  # (b, D)
+            if collect:
+                head_outputs.append(values)
+            if leaves is None:
+                continue
+            exits, rule_state = leaves(index, values, rule_state)  # (b,)
+            # The layer's one host sync: who leaves (-1), and the last column each sample that stays needs.
+            needed_columns = torch.where(exits, -1, last_columns).tolist()
+            num_exits = needed_columns.count(-1)
+            if num_exits == 0:
+                continue
+            if num_exits == len(needed_columns):  # all leave
+                outputs[rows] = values.to(outputs.dtype)
+                exit_layers[rows] = index + 1
+                break
+            order = torch.argsort(exits.to(torch.int8), descending=True, stable=True)  # leavers first, in order
+            leave, stay = order[:num_exits], order[num_exits:]
+            outputs[rows[leave]] = values[leave].to(outputs.dtype)
+            exit_layers[rows[leave]] = index + 1
+            used_columns = max(needed_columns) or mask.shape[1]  # all-zero masks staying: keep every column
+            rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
+            head_mask = None if head_mask is None else mask
+            last_columns = last_columns[stay]
+            if rule_state is not None:
+                rule_state = tuple(value[stay] for value in rule_state)
+            if positions is not None:
+                positions = positions[stay] if positions.shape[0] > 1 else positions
+                positions = positions[:, :used_columns]
+            state = backbone.prepare(self, hidden, mask, positions)
+        all_outputs = torch.stack(head_outputs + [final], dim=1) if collect else None  # (B, L, D)
+        return outputs, exit_layers, final, all_outputs
+
+
+class FastBertModelMixin(EarlyExitEngineMixin):
     r"""
     FastBERT's adaptive inference (Liu et al., ACL 2020) for a stock `<Family>ForSequenceClassification`: the family's
     model class is `class FastBert<Family>ForSequenceClassification(FastBertModelMixin,
@@ -595,74 +685,31 @@ class FastBertModelMixin:
 
     def _forward_layers(self, inputs, mask, speed, full_depth, students, exit_rule):
         """
-        The engine, for every family. With `full_depth`, every sample runs every layer and every classifier
-        (training, `output_all_logits`, labels at a speed); the exit rule then picks from `all_logits`, and `students`
-        says whether the students run at all. Otherwise
-        batched per-sample early exit: after each layer the samples whose student is confident leave the batch (the
-        states, the mask, the positions and the map back to the caller's batch shrink, trailing padding columns that
-        no remaining sample needs are cut, the layers' masks and positions are prepared again) and the loop ends once
-        no sample remains. Returns the output and the (B, C) teacher logits (None for samples that exited early).
+        The classifier on the engine ([`EarlyExitEngineMixin.run_with_exits`]). With `full_depth`, every sample runs
+        every layer and every classifier (training, `output_all_logits`, labels at a speed); the exit rule then picks
+        from `all_logits`, and `students` says whether the students run at all. Otherwise batched per-sample early
+        exit, each sample leaving at the first student that `exits_at_layer` lets out. Returns the output and the
+        (b, C) teacher logits (None when every sample exited early).
         """
-        backbone, num_layers = self.backbone, self.config.num_hidden_layers
-        exits_at_speed = not self.training and speed > 0
-        hidden = backbone.embed(self, inputs, mask)  # (B, T, H)
-        embeddings = hidden  # DeBERTa's convolution after the first layer reads them
-        batch_size = hidden.shape[0]
-        positions = inputs.get("position_ids")  # (B or 1, T) or None
-        rows = torch.arange(batch_size, device=hidden.device)  # (b,) caller's index of each remaining sample
-        logits = hidden.new_empty(batch_size, self.num_labels)  # (B, C)
-        exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=hidden.device)  # (B,)
-        student_logits = []
-        rule_state = None  # what the exit rule carries from layer to layer, per remaining sample
-        state = backbone.prepare(self, hidden, mask, positions)
-        last_columns = last_needed_columns(mask)  # (b,): trailing columns no staying sample needs are cut
-        # Exiting without padding (a batch of one, say), the students skip their masking: one host sync per forward.
-        student_mask = mask if full_depth or not bool(mask.all()) else None
-        for index in range(num_layers):
-            hidden = backbone.run_layer(self, index, hidden, state, mask, embeddings)  # (b, t, H)
-            if index == num_layers - 1:
-                teacher_logits = self.teacher_logits(hidden, mask)  # (b, C)
-                logits[rows] = teacher_logits.to(logits.dtype)
-                break
-            if not students:
-                continue
-            branch_logits = self.branches[index](backbone.student_input(self, hidden), student_mask)  # (b, C)
-            if full_depth:
-                student_logits.append(branch_logits)
-                continue
-            exits, rule_state = exits_at_layer(self.config, speed, index, branch_logits, rule_state, exit_rule)  # (b,)
-            # The layer's one host sync: who leaves (-1), and the last column each sample that stays needs.
-            needed_columns = torch.where(exits, -1, last_columns).tolist()
-            num_exits = needed_columns.count(-1)
-            if num_exits == 0:
-                continue
-            if num_exits == len(needed_columns):  # all leave
-                logits[rows] = branch_logits.to(logits.dtype)
-                exit_layers[rows] = index + 1
-                teacher_logits = None
-                break
-            order = torch.argsort(exits.to(torch.int8), descending=True, stable=True)  # leavers first, in order
-            leave, stay = order[:num_exits], order[num_exits:]
-            logits[rows[leave]] = branch_logits[leave].to(logits.dtype)
-            exit_layers[rows[leave]] = index + 1
-            used_columns = max(needed_columns) or mask.shape[1]  # all-zero masks staying: keep every column
-            rows, hidden, mask = rows[stay], hidden[stay, :used_columns], mask[stay, :used_columns]
-            student_mask = None if student_mask is None else mask
-            last_columns = last_columns[stay]
-            if rule_state is not None:
-                rule_state = tuple(value[stay] for value in rule_state)
-            if positions is not None:
-                positions = positions[stay] if positions.shape[0] > 1 else positions
-                positions = positions[:, :used_columns]
-            state = backbone.prepare(self, hidden, mask, positions)
 
-        if not full_depth:
+        def student(index, hidden, student_mask):
+            return self.branches[index](self.backbone.student_input(self, hidden), student_mask)  # (b, C)
+
+        def leaves(index, logits, state):
+            return exits_at_layer(self.config, speed, index, logits, state, exit_rule)
+
+        logits, exit_layers, teacher_logits, all_logits = self.run_with_exits(
+            inputs,
+            mask,
+            self.num_labels,
+            student if students else None,
+            None if full_depth else leaves,
+            self.teacher_logits,
+            collect=full_depth and students,
+        )
+        if not full_depth or not students:
             return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers), teacher_logits
-        if not students:
-            return FastBertSequenceClassifierOutput(logits=teacher_logits, exit_layers=exit_layers), teacher_logits
-        all_logits = torch.stack(student_logits + [teacher_logits], dim=1)  # (B, L, C)
-        logits = teacher_logits
-        if exits_at_speed:
+        if not self.training and speed > 0:
             logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)  # (B, C), (B,)
         output = FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers, all_logits=all_logits)
         return output, teacher_logits
@@ -877,6 +924,7 @@ def fastbert_model_class(pretrained_model_name_or_path, **kwargs):
 
 
 __all__ = [
+    "EarlyExitEngineMixin",
     "FASTBERT_BASE_MODELS",
     "FASTBERT_MODELS",
     "FastBertAlbertModel",
