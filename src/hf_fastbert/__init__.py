@@ -33,6 +33,11 @@ from .modeling_fastbert import (
     fold_students,
     normalized_entropy,
 )
+from .modeling_fastbert_embedding import (
+    FASTBERT_EMBEDDING_MODELS,
+    FastBertEmbeddingOutput,
+    FastBertForSentenceEmbedding,
+)
 from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, register_text_classification_pipeline
 
 
@@ -75,6 +80,9 @@ register_text_classification_pipeline()
 __all__ = [
     "ConvergenceCallback",
     "FASTBERT_CONFIGS",
+    "FASTBERT_EMBEDDING_MODELS",
+    "FastBertEmbeddingOutput",
+    "FastBertForSentenceEmbedding",
     "FASTBERT_MODELS",
     "FastBertAlbertConfig",
     "FastBertAlbertForSequenceClassification",

@@ -15,7 +15,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from .constants import EXIT_RULES
+from .constants import EXIT_RULES, POOLING_MODES
 
 
 # "stock": the family's own classification head (BERT checkpoints of hf-fastbert 0.1 say "bert", the same thing);
@@ -110,6 +110,19 @@ class FastBertConfigMixin:
             The `"thresholds"` rule's calibration table (`model.calibrate_exit_rules`).
         exit_heads (`list`, *optional*):
             The `"learned"` rule's per-layer weights (`model.calibrate_exit_rules`).
+        embedding_pooling (`str`, *optional*, defaults to `"mean"`):
+            Sentence embedding models ([`FastBertForSentenceEmbedding`]) only: how the last layer's token states
+            become the embedding, as sentence-transformers' `Pooling` does it: `"mean"` (over real tokens), `"cls"`
+            (the first token) or `"max"`. Read from a sentence-transformers folder's `1_Pooling/config.json` when
+            there is one.
+        normalize_embeddings (`bool`, *optional*, defaults to `True`):
+            Sentence embedding models only: scale every embedding to unit length (sentence-transformers' `Normalize`
+            module).
+        embedding_head_queries (`int`, *optional*, defaults to 4):
+            Sentence embedding models only: learned attention queries of each layer's embedding head.
+        embedding_heads_distilled (`bool`, *optional*, defaults to `False`):
+            Sentence embedding models only: set once the embedding heads have been self-distilled
+            ([`FastBertEmbeddingTrainer`]); until then early exits are meaningless.
     """
 
     # The model type of the stock checkpoints of this family ("bert", "roberta", ...); set by each family's class.
@@ -124,6 +137,10 @@ class FastBertConfigMixin:
     exit_rule: str = "entropy"
     exit_thresholds: list | None = None
     exit_heads: list | None = None
+    embedding_pooling: str = "mean"
+    normalize_embeddings: bool = True
+    embedding_head_queries: int = 4
+    embedding_heads_distilled: bool = False
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -148,7 +165,7 @@ class FastBertConfigMixin:
     def validate_fastbert(self):
         """Raise a `ValueError` naming the first invalid FastBERT setting."""
         self.speed = validate_speed(self.speed)  # a float, also from a Fraction or a numpy number (JSON-safe)
-        for name in ("branch_hidden_size", "branch_num_attention_heads"):
+        for name in ("branch_hidden_size", "branch_num_attention_heads", "embedding_head_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -158,8 +175,11 @@ class FastBertConfigMixin:
                 f"`branch_num_attention_heads` ({self.branch_num_attention_heads})."
             )
         validate_uncertainty_top_k(self.uncertainty_top_k)
-        if not isinstance(self.branches_distilled, bool):
-            raise ValueError(f"`branches_distilled` must be a bool, got {self.branches_distilled!r}.")
+        for name in ("branches_distilled", "normalize_embeddings", "embedding_heads_distilled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.embedding_pooling not in POOLING_MODES:
+            raise ValueError(f"`embedding_pooling` must be one of {POOLING_MODES}, got {self.embedding_pooling!r}.")
         if self.exit_rule not in EXIT_RULES:
             raise ValueError(f"`exit_rule` must be one of {EXIT_RULES}, got {self.exit_rule!r}.")
         if self.teacher_head not in TEACHER_HEADS:

@@ -6,6 +6,8 @@ importing it costs nothing, and a checkpoint carries it as remote code with the 
 PROG = "hf-fastbert"  # the command line
 
 EXIT_RULES = ("entropy", "patience", "thresholds", "learned")  # see exit_rules.py
+# Sentence embedding models: how the last layer's token states become the embedding (sentence-transformers' names).
+POOLING_MODES = ("mean", "cls", "max")
 
 # The grid of speeds that training reports and `sweep` measures, and the finer one that calibration searches.
 DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

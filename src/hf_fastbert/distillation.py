@@ -1,4 +1,5 @@
-"""FastBERT's self-distillation loss: KL(teacher || student) per student, shared by the trainer and the metrics."""
+"""FastBERT's self-distillation losses, shared by the trainers and the metrics: KL(teacher || student) per student for
+classifiers, 1 - cosine to the final embedding per head for sentence embedding models."""
 
 import torch
 import torch.nn.functional as F
@@ -57,4 +58,24 @@ def distillation_loss(
     return per_branch_kl.sum(), per_branch_kl
 
 
-__all__ = ["branch_kl", "distillation_loss"]
+def embedding_distillation_loss(all_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Self-distillation of the embedding heads: 1 - cosine of each head's embedding to the final one, averaged over the
+    batch, summed over the heads.
+
+    Args:
+        all_embeddings: (B, L, D) embeddings of the heads (layers 1 .. L-1), then the model's own (final) embedding,
+            treated as a constant (detached).
+
+    Returns:
+        `(loss, per_head_distance)`: the scalar loss and the (L-1,) batch-mean 1 - cosine of each head.
+    """
+    if all_embeddings.ndim != 3 or all_embeddings.shape[1] < 2:
+        raise ValueError(f"Expected all_embeddings (B, L >= 2, D), got {tuple(all_embeddings.shape)}.")
+    heads, final = all_embeddings[:, :-1].float(), all_embeddings[:, -1:].detach().float()
+    distance = 1.0 - F.cosine_similarity(heads, final, dim=-1)  # (B, L-1)
+    per_head = distance.mean(dim=0)
+    return per_head.sum(), per_head
+
+
+__all__ = ["branch_kl", "distillation_loss", "embedding_distillation_loss"]

@@ -70,5 +70,28 @@ def stock_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
     return backbone.fixed_flops(config, n) + config.num_hidden_layers * backbone.layer_flops(config, n) + head
 
 
+def embedding_head_flops(config, seq_lengths: torch.Tensor) -> torch.Tensor:
+    """
+    FLOPs of one sentence-embedding head ([`FastBertEmbeddingHead`]): per learned query a score and a weighted sum
+    per token, then the output projection of the pooled vectors and the mean. (B,) -> (B,) int64.
+    """
+    n, h, q = seq_lengths.long(), config.hidden_size, config.embedding_head_queries
+    return 2 * n * h * q * 2 + 2 * (q + 1) * h * h
+
+
+def embedding_flops(config, seq_lengths: torch.Tensor, exit_layers: torch.Tensor, heads_ran: bool = True):
+    """
+    FLOPs that a FastBERT sentence embedding model spent on each sample: the layers it ran and, when the heads ran,
+    one head per layer before its exit (none after the last layer: pooling costs no matrix multiply). Arguments and
+    result as [`fastbert_flops`].
+    """
+    backbone, n = get_backbone(config), seq_lengths.long()
+    exit_layers = exit_layers.long()
+    flops = backbone.fixed_flops(config, n) + exit_layers * backbone.layer_flops(config, n)
+    if heads_ran:
+        flops = flops + exit_layers.clamp(max=config.num_hidden_layers - 1) * embedding_head_flops(config, n)
+    return flops
+
+
 # hf-fastbert 0.1 name, from when BERT was the only family.
 bert_flops = stock_flops

@@ -288,8 +288,52 @@ class EarlyExitEngineMixin:
     The early-exit engine, for every family and every kind of head: the classifier
     ([`FastBertModelMixin`]) and the sentence embedder ([`hf_fastbert.modeling_fastbert_embedding`]) run their layers
     through [`run_with_exits`] and differ only in the head after each layer, the exit decision and the last layer's
-    output. The model provides `config` and `backbone` (its family's `backbones.Backbone`).
+    output. The model provides `config`, `backbone` (its family's `backbones.Backbone`) and `exit_flops(seq_lengths,
+    exit_layers, heads_ran)`, the FLOPs of a sample of each length exiting at each layer.
     """
+
+    def check_inputs(self, input_ids, inputs_embeds, token_type_ids=None, position_ids=None) -> dict:
+        """
+        The inputs for `backbone.embed`: exactly one of `input_ids` and `inputs_embeds`, no longer than the position
+        embeddings allow, and only the extra inputs (`token_type_ids`, `position_ids`) the family takes; a
+        `ValueError` naming the problem otherwise.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        max_length = self.backbone.max_length(self.config)
+        if max_length is not None and seq_length > max_length:
+            raise ValueError(
+                f"The input has {seq_length} tokens but this {self.config.backbone_model_type} model accepts at most "
+                f"{max_length} (max_position_embeddings): truncate it (tokenizer(..., truncation=True))."
+            )
+        inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+        for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if name in self.backbone.embedding_inputs:
+                inputs[name] = value
+            elif value is not None:
+                raise ValueError(f"{self.config.backbone_model_type} models take no `{name}`; leave it out.")
+        return inputs
+
+    def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
+        """
+        `exit_flops` of each sample, read from a table of every (length, exit layer) pair: two kernels instead of
+        a few dozen, which a batch of one pays for. The table is built once per device, `branches_ran` and a size
+        covering `seq_length`.
+        """
+        table = self._flops_table(exit_layers.device, branches_ran, seq_length)  # (size, L)
+        return table[seq_lengths.long(), exit_layers.long() - 1]  # (B,)
+
+    def _flops_table(self, device, branches_ran, seq_length) -> torch.Tensor:
+        """(size, L) `exit_flops` of every length 0 .. size - 1 (size > seq_length) and exit layer, kept."""
+        tables = self.__dict__.setdefault("_flops_tables", {})
+        key = (device, bool(branches_ran))
+        if key not in tables or tables[key].shape[0] <= seq_length:
+            size = 2 ** max(7, math.ceil(math.log2(seq_length + 1)))  # lengths 0 .. size - 1
+            lengths = torch.arange(size, device=device)[:, None]  # (size, 1)
+            layers = torch.arange(1, self.config.num_hidden_layers + 1, device=device)[None, :]  # (1, L)
+            tables[key] = self.exit_flops(lengths, layers, branches_ran)  # (size, L)
+        return tables[key]
 
     def run_with_exits(self, inputs, mask, width, head=None, leaves=None, finish=None, collect=False):
         """
@@ -481,6 +525,10 @@ class FastBertModelMixin(EarlyExitEngineMixin):
             return super().push_to_hub(repo_id, **kwargs)
         return push_model_to_hub(self, repo_id, **kwargs)
 
+    def exit_flops(self, seq_lengths, exit_layers, branches_ran):
+        """[`fastbert_flops`] of this model: what a sample of each length spent, exiting at each layer."""
+        return fastbert_flops(self.config, seq_lengths, exit_layers, branches_ran)
+
     def uncertainty(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., num_labels) logits -> (...) uncertainty in [0, 1], as configured (`config.uncertainty_top_k`)."""
         return normalized_entropy(logits, self.config.uncertainty_top_k)
@@ -564,21 +612,8 @@ class FastBertModelMixin(EarlyExitEngineMixin):
         """
         speed = validate_speed(self.config.speed if speed is None else speed)
         exit_rule = check_exit_rule(self.config, exit_rule)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        inputs = self.check_inputs(input_ids, inputs_embeds, token_type_ids, position_ids)
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        max_length = self.backbone.max_length(self.config)
-        if max_length is not None and seq_length > max_length:
-            raise ValueError(
-                f"The input has {seq_length} tokens but this {self.config.backbone_model_type} model accepts at most "
-                f"{max_length} (max_position_embeddings): truncate it (tokenizer(..., truncation=True))."
-            )
-        inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
-        for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-            if name in self.backbone.embedding_inputs:
-                inputs[name] = value
-            elif value is not None:
-                raise ValueError(f"{self.config.backbone_model_type} models take no `{name}`; leave it out.")
         if labels is not None:
             self._check_labels(labels)
         if attention_mask is None:
@@ -637,26 +672,6 @@ class FastBertModelMixin(EarlyExitEngineMixin):
                 )
             )
         return stack_sample_outputs(outputs)
-
-    def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
-        """
-        `fastbert_flops` of each sample, read from a table of every (length, exit layer) pair: two kernels instead of
-        a few dozen, which a batch of one pays for. The table is built once per device, `branches_ran` and a size
-        covering `seq_length`.
-        """
-        table = self._flops_table(exit_layers.device, branches_ran, seq_length)  # (size, L)
-        return table[seq_lengths.long(), exit_layers.long() - 1]  # (B,)
-
-    def _flops_table(self, device, branches_ran, seq_length) -> torch.Tensor:
-        """(size, L) `fastbert_flops` of every length 0 .. size - 1 (size > seq_length) and exit layer, kept."""
-        tables = self.__dict__.setdefault("_flops_tables", {})
-        key = (device, bool(branches_ran))
-        if key not in tables or tables[key].shape[0] <= seq_length:
-            size = 2 ** max(7, math.ceil(math.log2(seq_length + 1)))  # lengths 0 .. size - 1
-            lengths = torch.arange(size, device=device)[:, None]  # (size, 1)
-            layers = torch.arange(1, self.config.num_hidden_layers + 1, device=device)[None, :]  # (1, L)
-            tables[key] = fastbert_flops(self.config, lengths, layers, branches_ran)  # (size, L)
-        return tables[key]
 
     def _check_labels(self, labels: torch.Tensor):
         if labels.is_floating_point():
