@@ -45,10 +45,12 @@ from .pipeline_fastbert import FastBertTextClassificationPipeline, pipeline, reg
 _LAZY_NAMES = {
     "ConvergenceCallback": "convergence",
     "FastBertDistillationTrainer": "trainer_fastbert",
+    "FastBertEmbeddingTrainer": "trainer_fastbert_embedding",
     "FastBertMetrics": "evaluation",
     "FastBertTrainingArguments": "training_args_fastbert",
     "distillation_loss": "distillation",
     "evaluate_speeds": "evaluation",
+    "train_embedding_heads": "training",
     "train_fastbert": "training",
     "write_model_card": "modelcard",
 }
@@ -95,6 +97,7 @@ __all__ = [
     "FastBertElectraConfig",
     "FastBertElectraForSequenceClassification",
     "FastBertDistillationTrainer",
+    "FastBertEmbeddingTrainer",
     "FastBertForSequenceClassification",
     "FastBertMetrics",
     "FastBertModelMixin",
@@ -116,6 +119,7 @@ __all__ = [
     "normalized_entropy",
     "pipeline",
     "stock_flops",
+    "train_embedding_heads",
     "train_fastbert",
     "write_model_card",
 ]

@@ -19,8 +19,13 @@ RESULT_COLUMNS = ("speed", "accuracy", "mean_exit_layer", "flops_speedup")
 SUMMARY_COLUMNS = ("exit_rule", "speed", "accuracy", "flops_speedup", "oracle_fraction")
 STUDENT_COLUMNS = ("layer", "accuracy", "agreement", "kl")
 
+# Sentence embedding models: the speeds that training reports (the consecutive-layer cosine moves in thousandths).
+EMBEDDING_SPEEDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+EMBEDDING_COLUMNS = ("speed", "cosine", "overlap", "precision", "mean_exit_layer", "flops_speedup")
+
 # Files in a trained model's folder.
 RESULTS_FILENAME = "speed_results.json"  # the final sweep of `train`: speeds, students, notes
+EMBEDDING_RESULTS_FILENAME = "embedding_results.json"  # `train-embedding`'s quality per speed
 SWEEP_FILENAME = "sweep/sweep.json"  # `hf-fastbert sweep MODEL`'s default output
 # Written last into every finished `train` output: its files and their SHA-256. A folder holding these files and
 # nothing else is a previous run that a new one may replace; a folder without it is never replaced unless asked.

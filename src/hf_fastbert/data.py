@@ -41,6 +41,28 @@ def file_builder(files: str | Sequence[str]) -> str:
     return builders.pop()
 
 
+def read_texts_file(path, text_column: str = "text") -> list[str]:
+    """
+    The texts of a local file: a `.txt` file holds one text per line (blank lines skipped); a `.csv`/`.tsv`,
+    `.json`/`.jsonl` or `.parquet` file holds them in `text_column`. A `ValueError` naming the file and the problem.
+    """
+    if str(path).lower().endswith(".txt"):
+        if not os.path.isfile(path):
+            raise ValueError(f"Data file not found: {str(path)!r}.")
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"Cannot read {path}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
+        texts = [line.strip() for line in lines if line.strip()]
+    else:
+        dataset = load_raw_datasets(data_files={"data": str(path)})["data"]
+        check_columns(dataset, [text_column], split=str(path))
+        texts = [text for text in dataset[text_column] if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no text.")
+    return texts
+
+
 def load_raw_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -295,4 +317,5 @@ __all__ = [
     "label_names_from",
     "load_raw_datasets",
     "prepare_dataset",
+    "read_texts_file",
 ]

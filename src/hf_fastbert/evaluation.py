@@ -16,7 +16,8 @@ from .configuration_fastbert import validate_speeds
 from .constants import DEFAULT_SPEEDS
 from .distillation import branch_kl
 from .exit_rules import check_exit_rule, select_exits
-from .flops import fastbert_flops, stock_flops
+from .flops import embedding_flops, fastbert_flops, stock_flops
+from .modeling_fastbert_embedding import select_embedding_exits
 from .prediction import collate
 
 
@@ -28,6 +29,72 @@ MIN_STUDENT_AGREEMENT = 0.9
 
 def _as_tensor(values) -> torch.Tensor:
     return values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+
+
+def embedding_quality(queries, corpus, labels=None, neighbours: int = 10) -> dict:
+    """
+    How well (N, D) `queries` stand in for the (N, D) `corpus` embeddings of the same texts (full depth) in a search
+    of the corpus, each text's own entry excluded: `cosine` (mean cosine of each query to its own corpus embedding),
+    `overlap` (share of the `neighbours` nearest corpus entries that the corpus embedding also finds) and, with (N,)
+    `labels`, `precision` (share of them with the text's label; else `None`).
+    """
+    queries = torch.nn.functional.normalize(torch.as_tensor(np.asarray(queries)).float(), dim=-1)
+    corpus = torch.nn.functional.normalize(torch.as_tensor(np.asarray(corpus)).float(), dim=-1)
+    k = min(neighbours, len(corpus) - 1)
+
+    def nearest(vectors):
+        similarities = vectors @ corpus.T  # (N, N)
+        similarities.fill_diagonal_(-float("inf"))
+        return similarities.topk(k, dim=1).indices  # (N, k)
+
+    found, reference = nearest(queries), nearest(corpus)
+    labels = None if labels is None else torch.as_tensor(np.asarray(labels))
+    return {
+        "cosine": float((queries * corpus).sum(dim=1).mean()),
+        "overlap": float((found[:, :, None] == reference[:, None, :]).any(dim=2).float().mean()) if k else 1.0,
+        "precision": None if labels is None or not k else float((labels[found] == labels[:, None]).float().mean()),
+    }
+
+
+def embedding_metrics_at_speeds(
+    all_embeddings, seq_lengths, config, speeds: Iterable[float], labels=None, neighbours: int = 10
+) -> list[dict]:
+    """
+    Quality and cost of a sentence embedding model at each speed, from one full-depth pass over a set of texts that
+    serve as queries and as the corpus (indexed at full depth, as an existing index is).
+
+    Args:
+        all_embeddings (`(N, L, D)`): every head's embedding, then the final one (`output_all_embeddings=True`).
+        seq_lengths (`(N,)`): real token counts.
+        config: the model's config.
+        speeds: speeds in [0, 1].
+        labels (`(N,)`, *optional*): classes, for same-class precision (used only here).
+        neighbours (`int`, defaults to 10): the k of overlap@k and precision@k.
+
+    Returns:
+        `list[dict]`, one per speed: `speed`, `cosine` (mean cosine of each query's embedding to its full-depth
+        one), `overlap` (share of the k nearest neighbours in the corpus, the query itself excluded, that full depth
+        also finds), `precision` (share of them with the query's label; `None` without labels), `mean_exit_layer` and
+        `flops_speedup` (full-depth FLOPs over the FLOPs spent, summed over the texts).
+    """
+    all_embeddings = torch.as_tensor(np.asarray(all_embeddings)).float()
+    seq_lengths = torch.as_tensor(np.asarray(seq_lengths)).long()
+    corpus = all_embeddings[:, -1]
+    num_layers = all_embeddings.shape[1]
+    full_flops = embedding_flops(config, seq_lengths, torch.full_like(seq_lengths, num_layers), heads_ran=False)
+    rows = []
+    for speed in validate_speeds(list(speeds)):
+        embeddings, exit_layers = select_embedding_exits(all_embeddings, speed)
+        flops = embedding_flops(config, seq_lengths, exit_layers, heads_ran=speed > 0)
+        rows.append(
+            {
+                "speed": speed,
+                **embedding_quality(embeddings, corpus, labels, neighbours),
+                "mean_exit_layer": float(exit_layers.float().mean()),
+                "flops_speedup": float(full_flops.sum() / flops.sum()),
+            }
+        )
+    return rows
 
 
 def metrics_at_speeds(
@@ -345,6 +412,8 @@ __all__ = [
     "MIN_STUDENT_AGREEMENT",
     "FastBertMetrics",
     "distillation_warning",
+    "embedding_metrics_at_speeds",
+    "embedding_quality",
     "evaluate_speeds",
     "flatten_speed_metrics",
     "metrics_at_speeds",

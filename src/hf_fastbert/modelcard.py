@@ -485,4 +485,114 @@ def push_model_to_hub(
         )
 
 
-__all__ = ["push_model_to_hub", "render_model_card", "write_model_card"]
+def render_embedding_model_card(
+    model, *, repo_id: str, results=None, results_data: str | None = None, training: str | None = None, base_model=None
+) -> str:
+    """
+    The text of a FastBERT sentence embedding model card (README.md): Hub metadata, settings, usage with
+    sentence-transformers and with Transformers at a chosen speed, and the quality table (rows of
+    [`embedding_metrics_at_speeds`]: speed, cosine to full depth, overlap@10, mean exit layer, FLOPs speed-up).
+    """
+    config = model.config
+    base_models = _as_name_list(base_model, "base_model")
+    distilled = config.embedding_heads_distilled is True
+    tags = ["fastbert", "early-exit", "hf-fastbert", "sentence-transformers", "sentence-similarity"]
+    metadata = ModelCardData(
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=tags + ([] if distilled else [NOT_DISTILLED_TAG]),
+        base_model=base_models[0] if base_models and len(base_models) == 1 else base_models,
+    )
+    family = BACKBONE_NAMES.get(config.backbone_model_type, config.backbone_model_type)
+    parts = [
+        f"---\n{metadata.to_yaml()}\n---\n",
+        f"# {repo_id.split('/')[-1]}\n",
+        f"A sentence embedding model with [FastBERT]({PAPER_URL})'s early exit, made with the `hf-fastbert` plugin: a "
+        f"frozen {family} encoder with a small embedding head after each layer but the last, self-distilled to the "
+        "model's own final embedding. Each text leaves at the first layer whose embedding has stopped moving "
+        "(cosine to the previous layer's above `1 - speed`). At `speed=0` the output is exactly the stock embedding, "
+        "so vectors already indexed stay valid.\n",
+    ]
+    if not distilled:
+        parts.append(
+            "> **Not distilled.** The embedding heads were never distilled (`embedding_heads_distilled` is false): "
+            "only `speed=0` (the stock embedding) is available.\n"
+        )
+    parts.append(
+        "\n".join(
+            [
+                f"- Backbone: {family} (`{config.backbone_model_type}`), {config.num_hidden_layers} layers",
+                f"- Embedding: {config.hidden_size} dimensions, `{config.embedding_pooling}` pooling"
+                + (", normalized" if config.normalize_embeddings else ""),
+                f"- Default speed: `{config.speed:g}`",
+                f"- Heads distilled: {'yes' if distilled else '**no**'}",
+            ]
+        )
+        + "\n"
+    )
+    parts.append(
+        f"""## Usage
+
+```bash
+pip install "hf-fastbert[embeddings]"
+```
+
+```python
+from sentence_transformers import SentenceTransformer
+
+# trust_remote_code=True lets sentence-transformers import the installed hf_fastbert module (the folder holds no code)
+model = SentenceTransformer("{repo_id}", trust_remote_code=True)
+embeddings = model.encode(["A query", "A document"], speed=0.05)  # speed=0: the stock embedding
+```
+
+With Transformers:
+
+```python
+from transformers import AutoTokenizer
+from hf_fastbert import FastBertForSentenceEmbedding
+
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = FastBertForSentenceEmbedding.from_pretrained("{repo_id}").eval()
+output = model(**tokenizer(["A query"], return_tensors="pt"), speed=0.05)
+output.embeddings, output.exit_layers, output.flops
+```
+"""
+    )
+    if training:
+        parts.append(f"## Training\n\n{training.strip()}\n")
+    if results:
+        lines = [
+            "## Quality and speed\n",
+            f"Measured on {results_data or 'data that was not recorded'}, each text a query against all of them "
+            "indexed at full depth: mean cosine to the full-depth embedding, share of the 10 nearest neighbours that "
+            "full depth also finds, mean exit layer and FLOPs speed-up over the stock model.\n",
+            "| speed | cosine to full depth | overlap@10 | mean exit layer | FLOPs speed-up |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in results:
+            lines.append(
+                f"| {row['speed']:g} | {row['cosine']:.4f} | {row['overlap']:.3f} | {row['mean_exit_layer']:.2f} | "
+                f"{row['flops_speedup']:.2f}x |"
+            )
+        parts.append("\n".join(lines) + "\n")
+    parts.append(f"## Citation\n\n{_CITATION}\n")
+    return "\n".join(parts)
+
+
+def write_embedding_model_card(save_directory, model, *, repo_id: str | None = None, **card) -> Path:
+    """Write the card of [`render_embedding_model_card`] as README.md into `save_directory`; returns its path."""
+    directory = Path(save_directory)
+    text = render_embedding_model_card(model, repo_id=repo_id or directory.resolve().name, **card)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "README.md") as path:
+        path.write_text(text, encoding="utf-8")
+    return directory / "README.md"
+
+
+__all__ = [
+    "push_model_to_hub",
+    "render_embedding_model_card",
+    "render_model_card",
+    "write_embedding_model_card",
+    "write_model_card",
+]

@@ -143,8 +143,9 @@ class FastBertEmbeddingHead(nn.Module):
 
 def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -> dict:
     """
-    The pooling and normalization a sentence-transformers folder declares (`1_Pooling/config.json`, `modules.json`)
-    as FastBERT config values (`embedding_pooling`, `normalize_embeddings`); `{}` when it has none. A pooling mode
+    The pooling and normalization a stock sentence-transformers folder declares (`modules.json` and its `Pooling`
+    module's `config.json`) as FastBERT config values (`embedding_pooling`, `normalize_embeddings`); `{}` without a
+    `Pooling` module. A pooling mode
     FastBERT does not implement raises a `ValueError` naming it.
     """
     import json
@@ -155,12 +156,12 @@ def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -
         )
         return None if path is None else json.loads(open(path, encoding="utf-8").read())
 
-    modules = read("modules.json")
-    if not modules:
+    modules = read("modules.json") or []
+    pooling_paths = [module["path"] for module in modules if module["type"].endswith("Pooling")]
+    if not pooling_paths:  # not the stock layout (FastBERT's own folders pool inside the model)
         return {}
     values = {"normalize_embeddings": any(module["type"].endswith("Normalize") for module in modules)}
-    pooling_paths = [module["path"] for module in modules if module["type"].endswith("Pooling")]
-    pooling = read(f"{pooling_paths[0]}/config.json") if pooling_paths else None
+    pooling = read(f"{pooling_paths[0]}/config.json")
     if pooling:
         modes = [key for key, value in pooling.items() if key.startswith("pooling_mode_") and value is True]
         mode = pooling.get("pooling_mode") or (modes[0] if len(modes) == 1 else modes)

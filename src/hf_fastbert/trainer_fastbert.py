@@ -31,14 +31,40 @@ logger = logging.getLogger(__name__)
 UNTRAINED_TEACHER_ENTROPY = 0.9
 
 
-def _hold_out(dataset, fraction: float, seed: int):
-    """`(train, held_out)`: a seeded slice of a `datasets.Dataset` or a sized torch dataset."""
-    if hasattr(dataset, "select"):
-        return split_held_out(dataset, fraction, seed=seed)
-    from torch.utils.data import Subset
+def converge_on_held_out(args, trainer_kwargs: dict, description: str) -> ConvergenceCallback | None:
+    """
+    Set up a distillation trainer to train until its held-out loss converges, as `args` ask (their
+    `convergence_patience`, `convergence_min_improvement` and `held_out_fraction`, or the defaults with plain
+    `TrainingArguments`): without an `eval_dataset`, a seeded slice of `train_dataset` is held out (`trainer_kwargs`
+    are the Trainer's keyword arguments, updated in place). Returns the [`ConvergenceCallback`] added to the
+    callbacks, or `None` for a fixed number of epochs (`convergence_patience=None`) or without data to hold out.
+    """
+    patience = getattr(args, "convergence_patience", DISTILL_PATIENCE) if args is not None else DISTILL_PATIENCE
+    if patience is None:
+        return None
+    if trainer_kwargs.get("eval_dataset") is None and trainer_kwargs.get("train_dataset") is not None:
+        fraction = (getattr(args, "held_out_fraction", None) if args is not None else None) or HELD_OUT_FRACTION
+        dataset, seed = trainer_kwargs["train_dataset"], getattr(args, "seed", 42)
+        if hasattr(dataset, "select"):
+            train, held_out = split_held_out(dataset, fraction, seed=seed)
+            trainer_kwargs["train_dataset"], trainer_kwargs["eval_dataset"] = train, held_out
+        else:  # a sized torch dataset
+            from torch.utils.data import Subset
 
-    train_indices, held_out_indices = split_held_out(range(len(dataset)), fraction, seed=seed)
-    return Subset(dataset, train_indices), Subset(dataset, held_out_indices)
+            train_indices, held_out_indices = split_held_out(range(len(dataset)), fraction, seed=seed)
+            trainer_kwargs["train_dataset"] = Subset(dataset, train_indices)
+            trainer_kwargs["eval_dataset"] = Subset(dataset, held_out_indices)
+    if trainer_kwargs.get("eval_dataset") is None:
+        return None
+    improvement = getattr(args, "convergence_min_improvement", DISTILL_MIN_IMPROVEMENT)
+    callback = ConvergenceCallback(
+        "eval_loss",
+        patience=patience,
+        min_relative_improvement=improvement if args is not None else DISTILL_MIN_IMPROVEMENT,
+        description=description,
+    )
+    trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), callback]
+    return callback
 
 
 class _MarkDistilledAtLastStep(TrainerCallback):
@@ -137,23 +163,7 @@ class FastBertDistillationTrainer(Trainer):
             # Every trainable parameter (the students) gets a gradient: DDP need not search for unused ones. Read
             # when the Trainer builds its Accelerator, so it is set before.
             args.ddp_find_unused_parameters = False
-        self.convergence_callback = None
-        patience = getattr(args, "convergence_patience", DISTILL_PATIENCE) if args is not None else DISTILL_PATIENCE
-        if patience is not None:
-            if kwargs.get("eval_dataset") is None and kwargs.get("train_dataset") is not None:
-                fraction = getattr(args, "held_out_fraction", HELD_OUT_FRACTION) if args is not None else None
-                kwargs["train_dataset"], kwargs["eval_dataset"] = _hold_out(
-                    kwargs["train_dataset"], fraction or HELD_OUT_FRACTION, args.seed if args is not None else 42
-                )
-            if kwargs.get("eval_dataset") is not None:
-                improvement = getattr(args, "convergence_min_improvement", DISTILL_MIN_IMPROVEMENT)
-                self.convergence_callback = ConvergenceCallback(
-                    "eval_loss",
-                    patience=patience,
-                    min_relative_improvement=improvement if args is not None else DISTILL_MIN_IMPROVEMENT,
-                    description="self-distillation",
-                )
-                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.convergence_callback]
+        self.convergence_callback = converge_on_held_out(args, kwargs, "self-distillation")
         super().__init__(model, args, **kwargs)
         # The loss is a per-batch mean computed here, not by the model: the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False

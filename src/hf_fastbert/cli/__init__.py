@@ -3,6 +3,7 @@ The `hf-fastbert` command line (also `python -m hf_fastbert`): one module per co
 options) and a `run_<command>` function; `common` holds what they share.
 
     hf-fastbert train       fine-tune a BERT checkpoint, then self-distill its exits (no arguments: the offline demo)
+    hf-fastbert train-embedding   self-distill per-layer heads of a sentence embedding model, for early exit
     hf-fastbert evaluate    accuracy, mean exit layer, FLOPs speed-up and measured wall-time speed-up per speed
     hf-fastbert sweep       a grid of speeds -> table, CSV/JSON, accuracy-vs-speed-up plot and the LUHA view
     hf-fastbert calibrate   the largest speed within an accuracy drop, or the smallest reaching a FLOPs speed-up
@@ -22,7 +23,7 @@ import logging
 import sys
 
 from ..constants import PROG
-from . import calibrate, evaluate, export, predict, push, serve, sweep, train
+from . import calibrate, evaluate, export, predict, push, serve, sweep, train, train_embedding
 from .common import CommandParser, _HelpFormatter
 from .predict import read_texts
 from .push import card_results
@@ -30,7 +31,7 @@ from .train import DEMO_TRAINING, USER_TRAINING, resolve_train_defaults
 
 
 # In the order of `hf-fastbert --help`.
-COMMAND_MODULES = (train, evaluate, sweep, calibrate, export, predict, push, serve)
+COMMAND_MODULES = (train, train_embedding, evaluate, sweep, calibrate, export, predict, push, serve)
 
 
 def build_parser():
