@@ -182,3 +182,30 @@ def test_train_embedding_command(tokenizer, tmp_path, capsys):
 def test_card_of_undistilled_heads_says_so(tokenizer):
     card = render_embedding_model_card(tiny_embedder(tokenizer), repo_id="me/model")
     assert "Not distilled" in card and "fastbert-not-distilled" in card and 'SentenceTransformer("me/model"' in card
+
+
+def test_feature_extraction_pipeline_with_speed(tokenizer):
+    from transformers import pipeline as transformers_pipeline
+
+    from hf_fastbert import pipeline
+    from hf_fastbert.pipeline_fastbert import FastBertFeatureExtractionPipeline
+
+    model = tiny_embedder(tokenizer).eval()
+    model.config.embedding_heads_distilled = True
+    texts = random_texts(5, seed=3)
+    embed = transformers_pipeline("feature-extraction", model=model, tokenizer=tokenizer)
+    assert isinstance(embed, FastBertFeatureExtractionPipeline)
+    for speed in (0.0, 0.5):
+        got = torch.tensor([row[0] for row in embed(texts, speed=speed)])  # one (1, D) embedding per input
+        expected = torch.cat([encode(model, tokenizer, [text], speed=speed).embeddings for text in texts])
+        torch.testing.assert_close(got, expected, rtol=0, atol=LOGITS_ATOL)
+    assert isinstance(pipeline(model=model, tokenizer=tokenizer, speed=0.5), FastBertFeatureExtractionPipeline)
+    with pytest.raises(ValueError, match="speed"):
+        embed(texts, speed=1.5)
+    from transformers import BertModel
+
+    stock = transformers_pipeline("feature-extraction", model=BertModel(family_config("bert", fastbert=False)),
+                                  tokenizer=tokenizer)  # fmt: skip
+    assert len(stock("good movie")[0]) == 4  # per-token states, as stock: [CLS] good movie [SEP]
+    with pytest.raises(ValueError, match="sentence embedding models"):
+        stock("good movie", speed=0.5)

@@ -1,18 +1,20 @@
-"""The text-classification pipeline with FastBERT's `speed`, and `hf_fastbert.pipeline`."""
+"""The text-classification and feature-extraction pipelines with FastBERT's `speed`, and `hf_fastbert.pipeline`."""
 
 from typing import Any
 
 import torch
 import transformers
-from transformers import TextClassificationPipeline
+from transformers import FeatureExtractionPipeline, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_fastbert import is_fastbert_model_type, validate_speed
 from .constants import EXIT_RULES
+from .modeling_fastbert_embedding import FastBertEmbeddingMixin
 
 
 TASK = "text-classification"
 TASK_ALIASES = ("text-classification", "sentiment-analysis")
+EMBEDDING_TASK = "feature-extraction"
 
 
 def is_fastbert(model) -> bool:
@@ -103,10 +105,51 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
         return result
 
 
+class FastBertFeatureExtractionPipeline(FeatureExtractionPipeline):
+    r"""
+    [`FeatureExtractionPipeline`] that runs FastBERT sentence embedding models ([`FastBertForSentenceEmbedding`]) at
+    a chosen `speed`: each input gives its sentence embedding (a list of `hidden_size` floats, pooled and normalized
+    as the model's config says), as sentence-transformers' `encode` and TEI's `/embed` do, rather than per-token
+    states.
+
+    Once `hf_fastbert` is imported, `transformers.pipeline("feature-extraction", ...)` builds this class. For other
+    models it is exactly the stock pipeline, except that `speed` raises a `ValueError` instead of being dropped.
+
+    Args (at construction or per call, the call's value wins):
+        speed (`float`, *optional*): Early-exit threshold in [0, 1]; defaults to the model's `config.speed`.
+
+    Example:
+
+    ```python
+    >>> import hf_fastbert
+    >>> from transformers import pipeline
+
+    >>> embed = pipeline("feature-extraction", model=embedding_model, tokenizer=tokenizer, speed=0.05)
+    >>> embed(["A query", "A document"])  # [[[0.01, ...]], [[...]]]: one embedding per input
+    ```"""
+
+    def _sanitize_parameters(self, speed=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if speed is not None:
+            if not isinstance(self.model, FastBertEmbeddingMixin):
+                raise ValueError(
+                    f"`speed` is an option of FastBERT sentence embedding models, but this pipeline's model is "
+                    f"{type(self.model).__name__}."
+                )
+            forward_params["speed"] = validate_speed(speed)
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, speed=None):
+        if speed is not None:
+            model_inputs = {**model_inputs, "speed": speed}
+        return self.model(**model_inputs)
+
+
 def register_text_classification_pipeline() -> None:
     """
     Make `transformers.pipeline("text-classification")` and `"sentiment-analysis"` build
-    [`FastBertTextClassificationPipeline`]. `import hf_fastbert` calls it; it is idempotent.
+    [`FastBertTextClassificationPipeline`], and `"feature-extraction"` [`FastBertFeatureExtractionPipeline`].
+    `import hf_fastbert` calls it; it is idempotent.
 
     Only the registry entry's `impl` changes: its model classes, default model and type stay the stock ones. This is
     what `PIPELINE_REGISTRY.register_pipeline` would store, without its side effects: it logs an "Overwriting
@@ -114,8 +157,10 @@ def register_text_classification_pipeline() -> None:
     pipeline, so that `Pipeline.save_pretrained` would write `custom_pipelines["text-classification"]` and the pipeline
     code into saved repos, making everyone who loads them pass `trust_remote_code=True`.
     """
-    entry = PIPELINE_REGISTRY.supported_tasks[TASK]
-    PIPELINE_REGISTRY.supported_tasks[TASK] = {**entry, "impl": FastBertTextClassificationPipeline}
+    pipelines = {TASK: FastBertTextClassificationPipeline, EMBEDDING_TASK: FastBertFeatureExtractionPipeline}
+    for task, impl in pipelines.items():
+        entry = PIPELINE_REGISTRY.supported_tasks[task]
+        PIPELINE_REGISTRY.supported_tasks[task] = {**entry, "impl": impl}
 
 
 def pipeline(
@@ -144,15 +189,16 @@ def pipeline(
     """
     [`transformers.pipeline`] with FastBERT's `speed` and `exit_rule`: the same arguments, plus those two.
 
-    For "text-classification" (and "sentiment-analysis") it builds a [`FastBertTextClassificationPipeline`] whatever
-    the global pipeline registry holds, and for a FastBERT model instance the task defaults to "text-classification".
-    It changes no global state.
+    For "text-classification" (and "sentiment-analysis") it builds a [`FastBertTextClassificationPipeline`] and for
+    "feature-extraction" a [`FastBertFeatureExtractionPipeline`], whatever the global pipeline registry holds; for a
+    FastBERT model instance the task defaults to "text-classification" ("feature-extraction" for a sentence embedding
+    model). It changes no global state.
 
     Args:
         speed (`float`, *optional*):
             Default early-exit threshold in [0, 1] of the pipeline's calls (each call can override it); defaults to
-            the model's `config.speed`. Only for text classification with a FastBERT model: anything else raises a
-            `ValueError`.
+            the model's `config.speed`. Only for FastBERT models (text classification, or feature extraction with a
+            sentence embedding model): anything else raises a `ValueError`.
         exit_rule (`str`, *optional*):
             Default exit rule of the pipeline's calls (each call can override it); defaults to the model's
             `config.exit_rule`. Same restrictions as `speed`.
@@ -168,15 +214,20 @@ def pipeline(
     if speed is not None:
         validate_speed(speed)
         speed = float(speed)
-    if task is None and is_fastbert(model):
+    if task is None and isinstance(model, FastBertEmbeddingMixin):
+        task = EMBEDDING_TASK
+    elif task is None and is_fastbert(model):
         task = TASK
     if task in TASK_ALIASES and pipeline_class is None:
         pipeline_class = FastBertTextClassificationPipeline
+    if task == EMBEDDING_TASK and pipeline_class is None:
+        pipeline_class = FastBertFeatureExtractionPipeline
     for name, value in (("speed", speed), ("exit_rule", exit_rule)):
         if value is None:
             continue
-        if task not in TASK_ALIASES and not (task is None and isinstance(model, str)):
-            raise ValueError(f"`{name}` applies to the text-classification task of FastBERT models, not to {task!r}.")
+        tasks = TASK_ALIASES + ((EMBEDDING_TASK,) if name == "speed" else ())
+        if task not in tasks and not (task is None and isinstance(model, str)):
+            raise ValueError(f"`{name}` applies to the tasks {tasks} of FastBERT models, not to {task!r}.")
         kwargs[name] = value
     return transformers.pipeline(
         task=task,
@@ -201,6 +252,7 @@ def pipeline(
 
 
 __all__ = [
+    "FastBertFeatureExtractionPipeline",
     "FastBertTextClassificationPipeline",
     "is_fastbert",
     "pipeline",
