@@ -209,3 +209,36 @@ def test_feature_extraction_pipeline_with_speed(tokenizer):
     assert len(stock("good movie")[0]) == 4  # per-token states, as stock: [CLS] good movie [SEP]
     with pytest.raises(ValueError, match="sentence embedding models"):
         stock("good movie", speed=0.5)
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert", "deberta-v2", "albert"])
+def test_heads_on_cached_states_match_the_model(family):
+    from tiny_models import random_batch
+
+    from hf_fastbert.modeling_fastbert_embedding import FASTBERT_EMBEDDING_MODELS
+    from hf_fastbert.trainer_fastbert_embedding import (
+        EmbeddingHeadsOnStates,
+        cache_head_inputs,
+        collate_head_inputs,
+    )
+
+    torch.manual_seed(0)
+    config = family_config(family)
+    model = FASTBERT_EMBEDDING_MODELS[type(config)](config).eval()
+    input_ids, attention_mask = random_batch(batch_size=6)
+    entries = cache_head_inputs(model, [{"input_ids": input_ids, "attention_mask": attention_mask}])
+    assert [entry["states"].shape[1] for entry in entries] == attention_mask.sum(1).tolist()
+    batch = collate_head_inputs(entries)
+    with torch.no_grad():
+        cached = EmbeddingHeadsOnStates(model)(**batch, output_all_embeddings=True)
+        expected = model(input_ids, attention_mask, output_all_embeddings=True, return_loss=True)
+    # The cache holds float16 states: the heads' embeddings agree to its rounding; the targets exactly as computed.
+    torch.testing.assert_close(cached.all_embeddings, expected.all_embeddings, rtol=0, atol=5e-3)
+    torch.testing.assert_close(cached.loss, expected.loss, rtol=0, atol=5e-3)
+
+
+def test_training_without_the_cache(tokenizer, tmp_path):
+    output = train_embedding_heads(
+        tiny_embedder(tokenizer), tokenizer, random_texts(60), tmp_path / "out", max_epochs=1, cache_states=False
+    )
+    assert output.model.config.embedding_heads_distilled and output.convergence["steps"] > 0

@@ -217,7 +217,7 @@ def test_batcher_gathers_concurrent_inputs_and_answers_each_its_own():
         return results
 
     results = asyncio.run(scenario())
-    assert [[int(result.logits[0]) for result in request] for request in results] == [
+    assert [[int(result.output[0]) for result in request] for request in results] == [
         [0],
         [1],
         [2],

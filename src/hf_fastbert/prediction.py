@@ -62,14 +62,16 @@ def classify_batch(model, encodings: Sequence[dict], speed: float | None, pad_to
     One forward pass of the early-exit engine over `encodings` at `speed` (`None`: the model's `config.speed`).
 
     Returns:
-        `(logits, exit_layers)`: a `(B, C)` float32 CPU tensor and a `(B,)` int64 CPU tensor.
+        `(logits, exit_layers)`: a `(B, C)` float32 CPU tensor and a `(B,)` int64 CPU tensor; for a sentence
+        embedding model ([`FastBertForSentenceEmbedding`]), its `(B, D)` embeddings instead of logits.
     """
     device = model.device
     batch = collate(encodings, pad_token_id, padding_side)
     if "token_type_ids" in batch and not takes_token_type_ids(model.config):  # a BERT tokenizer on DistilBERT
         del batch["token_type_ids"]
     output = model(**{key: value.to(device) for key, value in batch.items()}, speed=speed)
-    return output.logits.float().cpu(), output.exit_layers.long().cpu()
+    values = output.get("logits", output.get("embeddings"))
+    return values.float().cpu(), output.exit_layers.long().cpu()
 
 
 def classify_encodings(

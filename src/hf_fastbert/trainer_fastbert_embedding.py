@@ -4,11 +4,65 @@ final embedding from unlabeled text."""
 import inspect
 
 import torch
+from torch import nn
 from transformers import Trainer
 
+from .distillation import embedding_distillation_loss
 from .modeling_fastbert import FastBertModelMixin
-from .modeling_fastbert_embedding import FastBertEmbeddingMixin
+from .modeling_fastbert_embedding import FastBertEmbeddingMixin, FastBertEmbeddingOutput
 from .trainer_fastbert import converge_on_held_out
+
+
+class EmbeddingHeadsOnStates(nn.Module):
+    """
+    The embedding heads of a [`FastBertForSentenceEmbedding`] (the same modules: training this trains the model's
+    heads), run on cached head inputs ([`FastBertEmbeddingMixin.head_inputs`]) instead of the frozen backbone, so that
+    an epoch costs the heads alone. [`FastBertEmbeddingTrainer`] trains it like the model; batches come from
+    [`collate_head_inputs`].
+    """
+
+    def __init__(self, model: FastBertEmbeddingMixin):
+        super().__init__()
+        self.embedding_heads = model.embedding_heads
+        self.config = model.config
+        self.normalize = model.config.normalize_embeddings
+
+    def forward(self, states, attention_mask, target, return_loss=True, output_all_embeddings=False):
+        """(B, L-1, T, H) cached states, (B, T) mask and (B, D) final embeddings -> the distillation loss."""
+        heads = self.embedding_heads
+        embeddings = [head(states[:, index].float(), attention_mask) for index, head in enumerate(heads)]
+        if self.normalize:
+            embeddings = [nn.functional.normalize(embedding, dim=-1) for embedding in embeddings]
+        all_embeddings = torch.stack(embeddings + [target.to(embeddings[0].dtype)], dim=1)  # (B, L, D)
+        loss = embedding_distillation_loss(all_embeddings)[0]
+        return FastBertEmbeddingOutput(loss=loss, all_embeddings=all_embeddings if output_all_embeddings else None)
+
+
+def cache_head_inputs(model: FastBertEmbeddingMixin, batches) -> list[dict]:
+    """
+    One entry per text of `batches` (tokenized, padded batches): its heads' inputs without padding, (L-1, t, H) in
+    float16, and its (D,) final embedding, for [`EmbeddingHeadsOnStates`].
+    """
+    entries = []
+    model.eval()
+    for batch in batches:
+        states, final = model.head_inputs(**{name: value.to(model.device) for name, value in batch.items()})
+        stacked = torch.stack(states, dim=1).half().cpu()  # (B, L-1, T, H)
+        for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            entries.append({"states": stacked[row, :, :length].clone(), "target": final[row].float().cpu()})
+    return entries
+
+
+def collate_head_inputs(entries: list[dict]) -> dict:
+    """Cached entries ([`cache_head_inputs`]) -> a batch padded to its longest text, with its attention mask."""
+    layers, _, size = entries[0]["states"].shape
+    length = max(entry["states"].shape[1] for entry in entries)
+    states = torch.zeros(len(entries), layers, length, size, dtype=entries[0]["states"].dtype)
+    mask = torch.zeros(len(entries), length, dtype=torch.long)
+    for row, entry in enumerate(entries):
+        states[row, :, : entry["states"].shape[1]] = entry["states"]
+        mask[row, : entry["states"].shape[1]] = 1
+    return {"states": states, "attention_mask": mask, "target": torch.stack([entry["target"] for entry in entries])}
 
 
 def check_embedding_model(model, who: str):
@@ -17,6 +71,8 @@ def check_embedding_model(model, who: str):
     classify: a text classifier, or an embedding model loaded from a classification checkpoint (its config's
     `architectures`), has a last layer trained for its labels, not an embedding to distill.
     """
+    if isinstance(model, EmbeddingHeadsOnStates):
+        return
     if isinstance(model, FastBertModelMixin):
         raise ValueError(
             f"{who} distills the heads of a sentence embedding model, but got a text classifier "
@@ -49,8 +105,9 @@ class FastBertEmbeddingTrainer(Trainer):
     - `model.config.embedding_heads_distilled` becomes `True` once `train()` completes.
 
     Args:
-        model ([`FastBertForSentenceEmbedding`]):
-            The embedding model. A classifier, or a model loaded from a classification checkpoint, raises a
+        model ([`FastBertForSentenceEmbedding`] or [`EmbeddingHeadsOnStates`]):
+            The embedding model, or its heads on cached states (`train_embedding_heads` does that). A classifier,
+            or a model loaded from a classification checkpoint, raises a
             `ValueError` ([`check_embedding_model`]).
         args, train_dataset, eval_dataset, processing_class, data_collator, callbacks, ...:
             As in [`Trainer`]. Datasets hold `input_ids` and `attention_mask` (and `token_type_ids`).
@@ -125,4 +182,10 @@ class FastBertEmbeddingTrainer(Trainer):
         return output
 
 
-__all__ = ["FastBertEmbeddingTrainer", "check_embedding_model"]
+__all__ = [
+    "EmbeddingHeadsOnStates",
+    "FastBertEmbeddingTrainer",
+    "cache_head_inputs",
+    "check_embedding_model",
+    "collate_head_inputs",
+]

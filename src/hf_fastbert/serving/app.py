@@ -9,7 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from ..backbones import max_input_length
+from ..modeling_fastbert_embedding import FastBertEmbeddingMixin
 from ..pipeline_fastbert import is_fastbert
 from ..prediction import classify_batch, tokenize
 from .batcher import (
@@ -26,6 +29,7 @@ from .metrics import (
 from .schemas import (
     PredictRequest,
     RequestError,
+    parse_embed_request,
     parse_predict_request,
 )
 from .speed import (
@@ -45,7 +49,8 @@ class FastBertServer:
 
     Args:
         model: A FastBERT model (e.g. `AutoModelForSequenceClassification.from_pretrained(path)` with `hf_fastbert`
-            imported); it is put in eval mode.
+            imported), answering `/predict`, or a FastBERT sentence embedding model
+            ([`FastBertForSentenceEmbedding`]), answering `/embed`; it is put in eval mode.
         tokenizer: Its tokenizer.
         config ([`ServingConfig`], *optional*): The settings.
         controller ([`AdaptiveSpeedController`], *optional*): In adaptive mode, use this controller instead of one
@@ -70,7 +75,9 @@ class FastBertServer:
                 f"max_input_length {config.max_input_length} exceeds the model's limit {int(min(limits))}."
             )
         self.num_layers = model_config.num_hidden_layers
-        self.labels = [str(model_config.id2label[index]) for index in range(model_config.num_labels)]
+        self.embeds = isinstance(model, FastBertEmbeddingMixin)  # /embed; else a classifier, /predict
+        labels = [] if self.embeds else range(model_config.num_labels)
+        self.labels = [str(model_config.id2label[index]) for index in labels]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.controller = controller
         if config.adaptive and controller is None:
@@ -118,9 +125,13 @@ class FastBertServer:
     def info(self) -> dict:
         config = self.config
         id2label = {str(index): label for index, label in enumerate(self.labels)}
+        if self.embeds:
+            model_type = {"embedding": {"pooling": self.model.config.embedding_pooling}}
+        else:
+            model_type = {"classifier": {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}}
         info = {
             "model_id": config.model_id or getattr(self.model.config, "_name_or_path", None) or "fastbert",
-            "model_type": {"classifier": {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}},
+            "model_type": model_type,
             "labels": self.labels,
             "num_layers": self.num_layers,
             "default_speed": self.default_speed,
@@ -145,13 +156,13 @@ class FastBertServer:
         info["version"] = __version__
         return info
 
-    def _parse_and_encode(self, payload: bytes) -> tuple[PredictRequest, list[dict]]:
+    def _parse_and_encode(self, payload: bytes, parse=parse_predict_request) -> tuple[PredictRequest, list[dict]]:
         try:
             body = json.loads(payload)
         except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a 5,000-digit number, nesting too deep
             reason = str(error) if isinstance(error, ValueError) else "nested too deeply"
             raise RequestError(400, "validation", f"the body is not valid JSON: {reason[:200]}") from None
-        request = parse_predict_request(body)
+        request = parse(body)
         if len(request.texts) > self.config.max_client_batch_size:
             raise RequestError(
                 413,
@@ -189,6 +200,30 @@ class FastBertServer:
         Answer a `/predict` body: `(TEI response, headers)`; raises [`RequestError`]. `started` is the request's
         arrival (`time.perf_counter()`), for the latency the adaptive controller observes.
         """
+        if self.embeds:
+            raise RequestError(424, "backend", "this server's model is a sentence embedding model: use /embed")
+        request, results, headers = await self._answer(payload, started, parse_predict_request)
+        predictions = []
+        for result in results:
+            scores = result.output if request.raw_scores else result.output.softmax(dim=-1)
+            entries = [
+                {"score": score, "label": label, "exit_layer": result.exit_layer, "speed": result.speed}
+                for score, label in zip(scores.tolist(), self.labels, strict=True)
+            ]
+            entries.sort(key=lambda entry: -entry["score"])
+            predictions.append(entries)
+        return (predictions[0] if request.single else predictions), headers
+
+    async def embed(self, payload: bytes, started: float | None = None) -> tuple[list, dict]:
+        """Answer an `/embed` body: `(TEI response: a list of embeddings, headers)`; raises [`RequestError`]."""
+        if not self.embeds:
+            raise RequestError(424, "backend", "this server's model is a classifier: use /predict")
+        request, results, headers = await self._answer(payload, started, parse_embed_request)
+        vectors = [F.normalize(result.output, dim=0) if request.normalize else result.output for result in results]
+        return [vector.tolist() for vector in vectors], headers
+
+    async def _answer(self, payload: bytes, started, parse) -> tuple:
+        """Parse, tokenize, batch and run a request: `(request, results, headers)`."""
         started = time.perf_counter() if started is None else started
         if len(payload) > self.config.max_request_bytes:
             raise RequestError(
@@ -198,7 +233,7 @@ class FastBertServer:
         # ran on the event loop: one worker thread does it (the tokenizer's only user, so its truncation side is
         # safe to set per request).
         loop = asyncio.get_running_loop()
-        request, encodings = await loop.run_in_executor(self._parser, self._parse_and_encode, payload)
+        request, encodings = await loop.run_in_executor(self._parser, self._parse_and_encode, payload, parse)
         try:
             futures = self.batcher.submit(encodings, request.speed)
         except Overloaded as error:
@@ -209,15 +244,6 @@ class FastBertServer:
             results: list[InputResult] = await asyncio.gather(*futures)
         except EngineError as error:
             raise RequestError(424, "backend", str(error)) from None
-        predictions = []
-        for result in results:
-            scores = result.logits if request.raw_scores else result.logits.softmax(dim=-1)
-            entries = [
-                {"score": score, "label": label, "exit_layer": result.exit_layer, "speed": result.speed}
-                for score, label in zip(scores.tolist(), self.labels, strict=True)
-            ]
-            entries.sort(key=lambda entry: -entry["score"])
-            predictions.append(entries)
         latency = time.perf_counter() - started
         if self.adaptive and request.speed is None:
             self.controller.observe(latency, results[-1].speed)
@@ -228,7 +254,7 @@ class FastBertServer:
             "x-fastbert-speed": ",".join(sorted({f"{result.speed:g}" for result in results})),
             "x-fastbert-exit-layers": ",".join(str(result.exit_layer) for result in results),
         }
-        return (predictions[0] if request.single else predictions), headers
+        return request, results, headers
 
 
 def _error_response(error: "RequestError"):
@@ -251,6 +277,11 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
           read), 422 (wrong shape or type, invalid speed, text that is not valid Unicode), 424 (the model failed),
           429 (queue full), 500 (a bug: still a JSON error, counted in the metrics), 503 (shutting down). Bodies
           are decoded and tokenized on a worker thread, never on the event loop.
+        - `POST /embed` (a sentence embedding model, [`FastBertForSentenceEmbedding`]): TEI's request, `{"inputs":
+          "text" or ["text", ...], "normalize": true, "truncate": false, "truncation_direction": "Right"}` plus an
+          optional `"speed"`; TEI's response, a list of embeddings (one per input, also for a single string), with
+          the exit layers and speeds in the `x-fastbert-exit-layers` and `x-fastbert-speed` headers. `/predict` on
+          an embedding model and `/embed` on a classifier answer 424.
         - `GET /health`: 200 `{"status": "ok"}`, 503 when shutting down.
         - `GET /info`: model, labels, layers, default and current speed, mode, limits (and the adaptive ladder).
         - `GET /metrics`: Prometheus text format.
@@ -309,6 +340,12 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
         return bytes(body)
 
     async def predict(request):
+        return await answer(request, server.predict)
+
+    async def embed(request):
+        return await answer(request, server.embed)
+
+    async def answer(request, method):
         started = time.perf_counter()
         if not authorized(request):
             return unauthorized(started)
@@ -323,7 +360,7 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
         server.in_flight += 1
         metrics.in_flight.set(server.in_flight)
         try:
-            body, headers = await server.predict(await read_body(request), started)
+            body, headers = await method(await read_body(request), started)
         except RequestError as error:
             return _finish(_error_response(error), error, started)
         except Exception as error:  # a bug or an input nobody foresaw: TEI's JSON error, counted, and logged
@@ -381,6 +418,7 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
         Route("/predict", predict, methods=["POST"]),
         Route("/", predict, methods=["POST"]),
         Route("/invocations", predict, methods=["POST"]),
+        Route("/embed", embed, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

@@ -29,9 +29,10 @@ class EngineError(Exception):
 
 @dataclass
 class InputResult:
-    """One input's answer: its exiting classifier's logits, exit layer, the speed it ran at, and timings (s)."""
+    """One input's answer: what the model gave it where it left (a classifier's logits, or a sentence embedding), its
+    exit layer, the speed it ran at, and timings (s)."""
 
-    logits: torch.Tensor  # (C,)
+    output: torch.Tensor  # (C,) logits or (D,) embedding
     exit_layer: int
     speed: float
     queue_time: float
@@ -60,7 +61,8 @@ class DynamicBatcher:
 
     Args:
         run_batch (`Callable[[list[dict], float], tuple[Tensor, Tensor]]`):
-            Runs in the worker thread: unpadded encodings and a speed -> `(logits (B, C), exit_layers (B,))`.
+            Runs in the worker thread: unpadded encodings and a speed -> `(outputs (B, ...), exit_layers (B,))`: the
+            model's logits or embeddings.
         max_batch_size (`int`, *optional*, defaults to 32): Inputs per batch.
         max_wait (`float`, *optional*, defaults to 0.005): Seconds a batch waits for more inputs.
         max_queue_size (`int`, *optional*, defaults to 1024): Inputs allowed to wait.
@@ -195,8 +197,8 @@ class DynamicBatcher:
                 continue
             finished = self._free_since = self.clock()
             exit_layers, queue_times = [], []
-            for group_speed, (logits, layers) in outputs.items():
-                for item, row, layer in zip(groups[group_speed], logits, layers.tolist(), strict=True):
+            for group_speed, (values, layers) in outputs.items():
+                for item, row, layer in zip(groups[group_speed], values, layers.tolist(), strict=True):
                     queue_times.append(started - item.enqueued)
                     exit_layers.append(layer)
                     if not item.future.done():

@@ -1,4 +1,4 @@
-"""Requests: TEI's `POST /predict` shapes, parsed and checked, with the errors the server answers."""
+"""Requests: TEI's `POST /predict` and `POST /embed` shapes, parsed and checked, with the errors the server answers."""
 
 import json
 from dataclasses import dataclass
@@ -26,6 +26,22 @@ class PredictRequest:
     truncate: bool | None = None
     truncation_direction: str = "right"
     speed: float | None = None
+
+
+@dataclass
+class EmbedRequest:
+    """A parsed `POST /embed` body (TEI's `EmbedRequest` plus FastBERT's `speed`)."""
+
+    texts: list[str]
+    single: bool
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: str = "right"
+    speed: float | None = None
+
+    @property
+    def pairs(self) -> list[None]:
+        return [None] * len(self.texts)
 
 
 BATCH_SHAPE_HINT = 'a batch is a list of lists: [["text 1"], ["text 2"], ["first text", "second text"]]'
@@ -81,11 +97,38 @@ def parse_predict_request(payload) -> PredictRequest:
         raise RequestError(422, "validation", 'the body has no `inputs` field: send {"inputs": "some text"}')
     inputs, single = parse_inputs(payload["inputs"])
     request = PredictRequest([text for text, _ in inputs], [pair for _, pair in inputs], single)
-    for name in ("raw_scores", "truncate"):
+    _parse_options(payload, request, ("raw_scores", "truncate"))
+    request.raw_scores = bool(payload.get("raw_scores") or False)
+    return request
+
+
+def parse_embed_request(payload) -> EmbedRequest:
+    """
+    Validate a decoded `POST /embed` JSON body: TEI's `inputs` (a string or a list of strings), `normalize` (default
+    true), `truncate`, `truncation_direction`, plus `speed`; raises [`RequestError`] naming the problem.
+    """
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise RequestError(422, "validation", 'the body must be a JSON object such as {"inputs": "some text"}')
+    inputs = payload["inputs"]
+    if isinstance(inputs, str):
+        request = EmbedRequest([_text(inputs, "`inputs`")], True)
+    elif isinstance(inputs, list) and all(isinstance(text, str) for text in inputs):
+        if not inputs:
+            raise RequestError(400, "empty", "`inputs` cannot be empty")
+        request = EmbedRequest([_text(text, f"`inputs[{index}]`") for index, text in enumerate(inputs)], False)
+    else:
+        raise RequestError(422, "validation", "`inputs` must be a string or a list of strings")
+    _parse_options(payload, request, ("normalize", "truncate"))
+    request.normalize = payload.get("normalize") is not False
+    return request
+
+
+def _parse_options(payload: dict, request, flags) -> None:
+    """The options both routes share: boolean `flags`, `truncate`, `truncation_direction` and `speed`."""
+    for name in flags:
         value = payload.get(name)
         if value is not None and not isinstance(value, bool):
             raise RequestError(422, "validation", f"`{name}` must be true or false, got {json.dumps(value)}")
-    request.raw_scores = bool(payload.get("raw_scores") or False)
     request.truncate = payload.get("truncate")
     direction = payload.get("truncation_direction", "right")
     if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
@@ -100,4 +143,3 @@ def parse_predict_request(payload) -> PredictRequest:
         except ValueError:
             raise RequestError(422, "validation", f"`speed` must be a number in [0, 1], got {speed}") from None
         request.speed = float(speed)
-    return request

@@ -18,7 +18,13 @@ from ..convergence import describe_convergence
 from ..data import check_max_length
 from ..evaluation import embedding_metrics_at_speeds
 from ..modeling_fastbert_embedding import FastBertEmbeddingMixin
-from ..trainer_fastbert_embedding import FastBertEmbeddingTrainer, check_embedding_model
+from ..trainer_fastbert_embedding import (
+    EmbeddingHeadsOnStates,
+    FastBertEmbeddingTrainer,
+    cache_head_inputs,
+    check_embedding_model,
+    collate_head_inputs,
+)
 from ..training_args_fastbert import FastBertTrainingArguments
 from .embedding_config import EmbeddingTrainingConfig
 from .output_dir import check_output_dir, staged_output_dir
@@ -27,6 +33,7 @@ from .output_dir import check_output_dir, staged_output_dir
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 128
+MAX_CACHE_BYTES = 8 * 2**30  # cached head inputs above this: the backbone runs every epoch instead
 
 
 @dataclass
@@ -65,6 +72,15 @@ def embed_all_layers(model, tokenizer, texts, max_length: int, batch_size: int =
             embeddings.append(model(**batch, output_all_embeddings=True).all_embeddings.float().cpu())
         lengths.append(batch["attention_mask"].sum(dim=1).cpu())
     return torch.cat(embeddings), torch.cat(lengths)
+
+
+def padded_batches(dataset, collator, batch_size: int):
+    """Padded batches of a tokenized `datasets.Dataset`, shortest texts first (the least padding)."""
+    if dataset is None:
+        return
+    order = sorted(range(len(dataset)), key=lambda index: len(dataset[index]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield collator([dataset[index] for index in order[start : start + batch_size]])
 
 
 def _takes(model, name: str) -> bool:
@@ -145,12 +161,30 @@ def train_embedding_heads(
 
             train_dataset, held_out_dataset = split_held_out(train_dataset, config.held_out_fraction, seed=config.seed)
             held_out = held_out_dataset["text"]
+        train_data = tokenized(train_dataset["text"])
+        eval_data = None if held_out is None else tokenized(held_out)
+        trainee, collator = model, DataCollatorWithPadding(tokenizer)
+        if config.cache_states:
+            datasets = [data for data in (train_data, eval_data) if data is not None]
+            tokens = sum(len(ids) for data in datasets for ids in data["input_ids"])
+            size = tokens * (model.config.num_hidden_layers - 1) * model.config.hidden_size * 2
+            if size > MAX_CACHE_BYTES:
+                logger.warning(
+                    "The cached layer states would take %.1f GiB (more than %.0f): the frozen backbone runs every "
+                    "epoch instead.", size / 2**30, MAX_CACHE_BYTES / 2**30
+                )  # fmt: skip
+            else:
+                logger.info("Caching the heads' inputs of %d texts (%.2f GiB)", len(train_data), size / 2**30)
+                batches = [padded_batches(data, collator, config.batch_size) for data in (train_data, eval_data)]
+                train_data = cache_head_inputs(model, batches[0])
+                eval_data = None if eval_data is None else cache_head_inputs(model, batches[1])
+                trainee, collator = EmbeddingHeadsOnStates(model), collate_head_inputs
         trainer = FastBertEmbeddingTrainer(
-            model=model,
+            model=trainee,
             args=args,
-            train_dataset=tokenized(train_dataset["text"]),
-            eval_dataset=None if held_out is None else tokenized(held_out),
-            data_collator=DataCollatorWithPadding(tokenizer),
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            data_collator=collator,
             processing_class=tokenizer,
         )
         trainer.train()

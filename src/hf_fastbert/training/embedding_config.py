@@ -34,6 +34,9 @@ class EmbeddingTrainingConfig:
             training texts (at most 2,000) is held out for convergence and for the quality report.
         speeds (`list[float]`): The speeds the quality report covers.
         seed (`int`, *optional*, defaults to 42).
+        cache_states (`bool`, *optional*, defaults to `True`): Run the frozen backbone once and train the heads on
+            its cached states (float16, in memory: texts x tokens x (layers - 1) x hidden size x 2 bytes), so that
+            every epoch after the first costs the heads alone. Above 8 GiB it runs the backbone every epoch instead.
         overwrite_output_dir (`bool`): Replace a non-empty output folder that is not a previous run's.
     """
 
@@ -57,6 +60,13 @@ class EmbeddingTrainingConfig:
         default_factory=lambda: list(EMBEDDING_SPEEDS), metadata={"help": "Speeds the quality report covers."}
     )
     seed: int = field(default=42, metadata={"help": "Random seed."})
+    cache_states: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the frozen backbone once and train the heads on its cached states (float16, in memory; "
+            "above 8 GiB the backbone runs every epoch instead). --no-cache-states turns it off."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a non-empty output folder that is not a previous run's."}
     )
@@ -68,6 +78,8 @@ class EmbeddingTrainingConfig:
         _number("learning_rate", self.learning_rate, low_open=True)
         _number("max_epochs", self.max_epochs, low_open=True)
         _number("held_out_fraction", self.held_out_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if not isinstance(self.cache_states, bool):
+            raise ValueError(f"`cache_states` must be a bool, got {self.cache_states!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self.speeds = validate_speeds(self.speeds)
