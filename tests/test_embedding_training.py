@@ -165,6 +165,13 @@ def test_train_embedding_command(tokenizer, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mean_exit_layer" in printed and "trust_remote_code=True" in printed
     assert (out / "modules.json").is_file()
+    # The classifier commands refuse it with a line saying what takes it; the server's loader takes it.
+    assert main(["predict", str(out), "good movie"]) == 1
+    assert "sentence embedding model" in capsys.readouterr().err
+    from hf_fastbert.loading import load_fastbert
+
+    loaded, _ = load_fastbert(str(out), embeddings=True)
+    assert isinstance(loaded, FastBertForSentenceEmbedding) and loaded.config.embedding_heads_distilled
     # Bad input: one line, the right exit code, nothing written.
     assert main(["train-embedding", str(tmp_path / "model"), str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt does not exist" in capsys.readouterr().err
@@ -242,3 +249,20 @@ def test_training_without_the_cache(tokenizer, tmp_path):
         tiny_embedder(tokenizer), tokenizer, random_texts(60), tmp_path / "out", max_epochs=1, cache_states=False
     )
     assert output.model.config.embedding_heads_distilled and output.convergence["steps"] > 0
+
+
+def test_push_command_uploads_a_sentence_transformers_repository(tokenizer, tmp_path, monkeypatch, capsys):
+    from hub_server import HubServer
+
+    model = tiny_embedder(tokenizer)
+    train_embedding_heads(model, tokenizer, random_texts(60), tmp_path / "out", max_epochs=1, speeds=[0, 0.1])
+    with HubServer(tokens={"hf_test_token": "alice"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        assert main(["push", str(tmp_path / "out"), "alice/embedder"]) == 0
+        files = hub.files("alice/embedder")
+    assert {"modules.json", "sentence_bert_config.json", "config.json", "model.safetensors", "README.md"} <= set(files)
+    assert not {"training_run.json", "embedding_results.json"} & set(files)
+    card = files["README.md"].decode()
+    assert "| 0.1 |" in card and 'SentenceTransformer("alice/embedder"' in card and "## Training" in card
+    assert "pushed the sentence embedding model" in capsys.readouterr().out

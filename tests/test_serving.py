@@ -663,3 +663,58 @@ def test_serve_options_are_the_serving_options_fields_declared_once(capsys):
     assert "--max-queue-size must be at least --max-client-batch-size" in capsys.readouterr().err
     args = build_parser().parse_args(["serve", "--auto-truncate", "--adaptive", "some-model"])
     assert args.auto_truncate and args.adaptive and args.model == "some-model"  # flags take no value
+
+
+# ----------------------------------------------------------------------------------------------------
+# /embed: a FastBERT sentence embedding model behind TEI's embedding route
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_embed_request_fields():
+    from hf_fastbert.serving.schemas import parse_embed_request
+
+    request = parse_embed_request({"inputs": ["a", "b"], "normalize": False, "truncate": True, "speed": 0.2})
+    assert (request.texts, request.single, request.normalize, request.truncate, request.speed) == (
+        ["a", "b"], False, False, True, 0.2,
+    )  # fmt: skip
+    assert parse_embed_request({"inputs": "a"}).single and parse_embed_request({"inputs": "a"}).normalize
+    for bad, status, message in [
+        ({"inputs": []}, 400, "cannot be empty"),
+        ({"inputs": [["a"]]}, 422, "list of strings"),
+        ({"inputs": "a", "normalize": "yes"}, 422, "`normalize`"),
+        ({"inputs": "a", "speed": 2}, 422, "`speed`"),
+        (["a"], 422, "JSON object"),
+    ]:
+        with pytest.raises(RequestError, match=message) as error:
+            parse_embed_request(bad)
+        assert error.value.status == status
+
+
+def test_embed_route_answers_with_the_models_embeddings(model_and_tokenizer, server_url):
+    from hf_fastbert import FastBertConfig, FastBertForSentenceEmbedding
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    config = FastBertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=37, embedding_heads_distilled=True,
+    )  # fmt: skip
+    model = FastBertForSentenceEmbedding(config).eval()
+    app = create_app(model, tokenizer, ServingConfig(max_wait_ms=5))
+    with running(app) as (url, _):
+        for speed in (0.0, 0.9):
+            status, body, headers = post(f"{url}/embed", {"inputs": TEXTS[:3], "speed": speed})
+            assert status == 200 and len(body) == 3 and len(body[0]) == 32
+            batch = tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+            with torch.no_grad():
+                expected = model(**batch, speed=speed)
+            torch.testing.assert_close(torch.tensor(body), expected.embeddings, rtol=0, atol=1e-5)
+            assert headers["x-fastbert-exit-layers"] == ",".join(map(str, expected.exit_layers.tolist()))
+        status, body, _ = post(f"{url}/embed", {"inputs": "gem"})
+        assert status == 200 and len(body) == 1  # TEI: a list of embeddings, also for one string
+        status, info = get(f"{url}/info")
+        assert json.loads(info)["model_type"] == {"embedding": {"pooling": "mean"}}
+        status, body, _ = post(f"{url}/predict", {"inputs": "gem"})
+        assert status == 424 and "/embed" in body["error"]
+    status, body, _ = post(f"{server_url}/embed", {"inputs": "gem"})  # the classifier's server
+    assert status == 424 and "/predict" in body["error"]

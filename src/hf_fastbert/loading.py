@@ -95,11 +95,17 @@ def load_fastbert_weights(source, name_or_path, config):
     return model
 
 
-def load_fastbert(name_or_path, int8=False, backend="torch"):
+def is_embedding_config(config) -> bool:
+    """Whether a FastBERT config is a sentence embedding model's ([`FastBertForSentenceEmbedding`])."""
+    return any(name.endswith("ForSentenceEmbedding") for name in getattr(config, "architectures", None) or [])
+
+
+def load_fastbert(name_or_path, int8=False, backend="torch", embeddings=False):
     """
     Load a FastBERT model (eval mode, int8 linear layers with `int8`) and its tokenizer; a clear error otherwise. With
     `backend="onnx"`, its ONNX Runtime stages ([`ORTFastBertForSequenceClassification`]); `int8` then requires an int8
-    export.
+    export. With `embeddings`, a sentence embedding model ([`FastBertForSentenceEmbedding`], float32 PyTorch) is
+    loaded too; otherwise it is refused with a line saying what takes it.
     """
     from transformers import AutoTokenizer
 
@@ -123,6 +129,17 @@ def load_fastbert(name_or_path, int8=False, backend="torch"):
             f"{name_or_path} is a {config.model_type!r} model, not FastBERT: make one with "
             f"`{PROG} train --model {name_or_path}`"
         )
+    if is_embedding_config(config):
+        if not embeddings:
+            raise ValueError(
+                f"{name_or_path} is a FastBERT sentence embedding model, not a classifier: `{PROG} serve` answers "
+                "/embed with it, and SentenceTransformer(folder, trust_remote_code=True) encodes with it"
+            )
+        if int8:
+            raise ValueError("--int8 is for FastBERT classifiers; sentence embedding models run in float32 for now")
+        from .modeling_fastbert_embedding import FastBertForSentenceEmbedding
+
+        return FastBertForSentenceEmbedding.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
     model = load_fastbert_weights(source, name_or_path, config).eval()
     if int8:
         from .quantization import quantize_int8
@@ -132,4 +149,4 @@ def load_fastbert(name_or_path, int8=False, backend="torch"):
     return model, tokenizer
 
 
-__all__ = ["load_fastbert", "load_model_config", "model_source"]
+__all__ = ["is_embedding_config", "load_fastbert", "load_model_config", "model_source"]

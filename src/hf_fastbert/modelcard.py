@@ -589,7 +589,40 @@ def write_embedding_model_card(save_directory, model, *, repo_id: str | None = N
     return directory / "README.md"
 
 
+def push_embedding_model_to_hub(
+    model,
+    repo_id: str,
+    *,
+    tokenizer,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    **card,
+):
+    """
+    Push a FastBERT sentence embedding model as a sentence-transformers repository: the model, its tokenizer,
+    `modules.json` and the card of [`render_embedding_model_card`] (`card`: its `results`, `results_data`,
+    `training`, `base_model`), written afresh into an empty folder and uploaded in one commit. Returns the
+    `CommitInfo`.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    from .sentence_transformers_module import save_sentence_transformer
+
+    validate_repo_id(repo_id)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    with tempfile.TemporaryDirectory() as work_dir:
+        save_sentence_transformer(model, tokenizer, work_dir, repo_id=repo_id, **card)
+        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if created != repo_id:  # a name without namespace: the card's snippets need the full id
+            write_embedding_model_card(work_dir, model, repo_id=created, **card)
+        return api.upload_folder(
+            repo_id=created, folder_path=work_dir, commit_message=commit_message or "Upload sentence embedding model"
+        )
+
+
 __all__ = [
+    "push_embedding_model_to_hub",
     "push_model_to_hub",
     "render_embedding_model_card",
     "render_model_card",

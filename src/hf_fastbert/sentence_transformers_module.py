@@ -114,4 +114,13 @@ def to_sentence_transformer(model: FastBertForSentenceEmbedding, tokenizer, spee
     )
 
 
-__all__ = ["FastBertSentenceEmbedding", "to_sentence_transformer"]
+def save_sentence_transformer(model, tokenizer, folder, **card):
+    """Write `model` and `tokenizer` into `folder` as a sentence-transformers folder, with the FastBERT embedding
+    model card ([`hf_fastbert.modelcard.write_embedding_model_card`]; `card`: its arguments)."""
+    from .modelcard import write_embedding_model_card
+
+    to_sentence_transformer(model, tokenizer).save(str(folder), create_model_card=False)
+    write_embedding_model_card(folder, model, **card)
+
+
+__all__ = ["FastBertSentenceEmbedding", "save_sentence_transformer", "to_sentence_transformer"]

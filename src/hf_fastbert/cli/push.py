@@ -15,7 +15,7 @@ from ..constants import (
     RESULTS_FILENAME,
     SWEEP_FILENAME,
 )
-from ..loading import load_fastbert, load_model_config
+from ..loading import is_embedding_config, load_fastbert, load_model_config
 from .common import (
     _HelpFormatter,
     _RefuseTokenArgument,
@@ -104,6 +104,45 @@ def training_notes_of(model_dir):
     return notes if isinstance(notes, str) and notes.strip() else None
 
 
+def push_embedding_folder(path: Path, args):
+    """`push` of a sentence embedding model (`hf-fastbert train-embedding`'s folder): a sentence-transformers
+    repository whose card reports the quality per speed of its `embedding_results.json`."""
+    from huggingface_hub import get_token
+
+    from ..constants import EMBEDDING_RESULTS_FILENAME
+    from ..convergence import describe_convergence
+    from ..modelcard import push_embedding_model_to_hub
+
+    if args.results is not None:
+        raise ValueError("--results is for classifiers: an embedding model's card reads its embedding_results.json")
+    model, tokenizer = load_fastbert(str(path), embeddings=True)
+    if not model.config.embedding_heads_distilled and not args.allow_undistilled:
+        raise ValueError(
+            f"the embedding heads of {args.model} were never distilled, so early exits are meaningless: distill them "
+            "with `hf-fastbert train-embedding` or pass --allow-undistilled (the card will say so)"
+        )
+    if get_token() is None:
+        raise ValueError("not logged in to the Hub: run `hf auth login` or set HF_TOKEN")
+    card = {}
+    try:
+        saved = json.loads((path / EMBEDDING_RESULTS_FILENAME).read_text(encoding="utf-8"))
+        card = {"results": saved["results"], "results_data": f"{saved['texts']} held-out texts"}
+        if saved.get("convergence"):
+            card["training"] = describe_convergence(saved["convergence"], "embedding self-distillation")
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("%s has no readable %s: the card has no quality table.", path, EMBEDDING_RESULTS_FILENAME)
+    commit = push_embedding_model_to_hub(
+        model,
+        args.repo_id,
+        tokenizer=tokenizer,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        base_model=args.base_model,
+        **card,
+    )
+    print(f"pushed the sentence embedding model, its tokenizer and its card to {args.repo_id}: {commit.commit_url}")
+
+
 def run_push(args):
     from huggingface_hub import get_token
     from huggingface_hub.utils import validate_repo_id
@@ -119,6 +158,8 @@ def run_push(args):
         validate_repo_id(args.repo_id)
     except ValueError as error:
         raise ValueError(f"invalid repo id {args.repo_id!r}: {error}") from None
+    if is_embedding_config(load_model_config(str(path))[1]):
+        return push_embedding_folder(path, args)
     card = card_results(path, args.results, getattr(load_model_config(str(path))[1], "exit_rule", None))
     model, tokenizer = load_fastbert(str(path))
     add_onnx = None

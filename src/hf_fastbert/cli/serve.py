@@ -101,7 +101,7 @@ def run_serve(args):
         speed_curve=curve,
         model_id=args.model,
     )
-    model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend)
+    model, tokenizer = load_fastbert(args.model, int8=args.int8, backend=args.backend, embeddings=True)
     if args.threads is not None:
         import torch
 

@@ -429,10 +429,11 @@ def create_app(model, tokenizer, config: ServingConfig | None = None, *, control
 
 
 def load_model(name_or_path: str, *, int8: bool = False, backend: str = "torch"):
-    """A FastBERT model (eval mode) and its tokenizer from a folder or Hub id (`hf_fastbert.loading.load_fastbert`)."""
+    """A FastBERT model (eval mode), classifier or sentence embedding model, and its tokenizer from a folder or Hub id
+    (`hf_fastbert.loading.load_fastbert`)."""
     from ..loading import load_fastbert
 
-    return load_fastbert(name_or_path, int8=int8, backend=backend)
+    return load_fastbert(name_or_path, int8=int8, backend=backend, embeddings=True)
 
 
 def serve(

@@ -18,6 +18,7 @@ from ..convergence import describe_convergence
 from ..data import check_max_length
 from ..evaluation import embedding_metrics_at_speeds
 from ..modeling_fastbert_embedding import FastBertEmbeddingMixin
+from ..sentence_transformers_module import save_sentence_transformer
 from ..trainer_fastbert_embedding import (
     EmbeddingHeadsOnStates,
     FastBertEmbeddingTrainer,
@@ -202,14 +203,4 @@ def train_embedding_heads(
     return EmbeddingTrainingOutput(model=model, convergence=convergence, results=results, output_dir=str(output_dir))
 
 
-def save_sentence_transformer(model, tokenizer, folder, **card):
-    """Write `model` and `tokenizer` into `folder` as a sentence-transformers folder, with the FastBERT embedding
-    model card ([`hf_fastbert.modelcard.write_embedding_model_card`]; `card`: its arguments)."""
-    from ..modelcard import write_embedding_model_card
-    from ..sentence_transformers_module import to_sentence_transformer
-
-    to_sentence_transformer(model, tokenizer).save(str(folder), create_model_card=False)
-    write_embedding_model_card(folder, model, **card)
-
-
-__all__ = ["EmbeddingTrainingOutput", "save_sentence_transformer", "train_embedding_heads"]
+__all__ = ["EmbeddingTrainingOutput", "train_embedding_heads"]
