@@ -221,8 +221,10 @@ def test_pooling_is_read_from_sentence_transformers_files(tmp_path):
     stock = AutoModel.from_config(family_config("bert", fastbert=False)).eval()
     stock.save_pretrained(tmp_path)
     write_sentence_transformers_files(tmp_path, mode="cls", normalize=False)
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48}))
     model = FastBertForSentenceEmbedding.from_pretrained(tmp_path).eval()
     assert model.config.embedding_pooling == "cls" and model.config.normalize_embeddings is False
+    assert model.config.embedding_max_length == 48
     input_ids, attention_mask = random_batch()
     with torch.no_grad():
         expected = stock(input_ids=input_ids, attention_mask=attention_mask)[0][:, 0]
@@ -241,3 +243,14 @@ def test_pooling_files_that_disagree_with_the_config_are_refused(tmp_path):
 def test_bad_pooling_setting_is_refused():
     with pytest.raises(ValueError, match="embedding_pooling"):
         family_config("bert", embedding_pooling="weightedmean")
+
+
+def test_a_checkpoint_claiming_distilled_heads_without_them_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    embedder().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {name: value for name, value in weights.items() if not name.startswith("embedding_heads.")}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds no head weights"):
+        FastBertForSentenceEmbedding.from_pretrained(tmp_path)

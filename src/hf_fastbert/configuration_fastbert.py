@@ -118,6 +118,10 @@ class FastBertConfigMixin:
         normalize_embeddings (`bool`, *optional*, defaults to `True`):
             Sentence embedding models only: scale every embedding to unit length (sentence-transformers' `Normalize`
             module).
+        embedding_max_length (`int`, *optional*):
+            Sentence embedding models only: the truncation length of the sentence-transformers model it was made from
+            (`sentence_bert_config.json`'s `max_seq_length`), which its sentence-transformers module keeps, so that
+            speed 0 truncates as the stock model does.
         embedding_head_queries (`int`, *optional*, defaults to 4):
             Sentence embedding models only: learned attention queries of each layer's embedding head.
         embedding_heads_distilled (`bool`, *optional*, defaults to `False`):
@@ -139,6 +143,7 @@ class FastBertConfigMixin:
     exit_heads: list | None = None
     embedding_pooling: str = "mean"
     normalize_embeddings: bool = True
+    embedding_max_length: int | None = None
     embedding_head_queries: int = 4
     embedding_heads_distilled: bool = False
 
@@ -178,6 +183,9 @@ class FastBertConfigMixin:
         for name in ("branches_distilled", "normalize_embeddings", "embedding_heads_distilled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        length = self.embedding_max_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
+            raise ValueError(f"`embedding_max_length` must be None or a positive integer, got {length!r}.")
         if self.embedding_pooling not in POOLING_MODES:
             raise ValueError(f"`embedding_pooling` must be one of {POOLING_MODES}, got {self.embedding_pooling!r}.")
         if self.exit_rule not in EXIT_RULES:

@@ -143,10 +143,10 @@ class FastBertEmbeddingHead(nn.Module):
 
 def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -> dict:
     """
-    The pooling and normalization a stock sentence-transformers folder declares (`modules.json` and its `Pooling`
-    module's `config.json`) as FastBERT config values (`embedding_pooling`, `normalize_embeddings`); `{}` without a
-    `Pooling` module. A pooling mode
-    FastBERT does not implement raises a `ValueError` naming it.
+    The pooling, normalization and truncation a stock sentence-transformers folder declares (`modules.json`, its
+    `Pooling` module's `config.json`, `sentence_bert_config.json`) as FastBERT config values (`embedding_pooling`,
+    `normalize_embeddings`, `embedding_max_length`); `{}` without a `Pooling` module. A pooling mode FastBERT does
+    not implement raises a `ValueError` naming it.
     """
     import json
 
@@ -173,6 +173,9 @@ def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -
                 f"({pooling_paths[0]}/config.json); FastBERT sentence embeddings support mean, cls and max pooling."
             )
         values["embedding_pooling"] = mode
+    max_length = (read("sentence_bert_config.json") or {}).get("max_seq_length")
+    if isinstance(max_length, int) and max_length > 0:
+        values["embedding_max_length"] = max_length
     return values
 
 
@@ -242,6 +245,11 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         model._check_loaded_weights(pretrained_model_name_or_path, info["missing_keys"])
         return (model, info) if output_loading_info else model
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info):
+        # Missing heads are hidden from the load report (`_keys_to_ignore_on_load_missing`): remember them first.
+        self._heads_missing = any(key.startswith("embedding_heads.") for key in loading_info.missing_keys)
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+
     def _check_loaded_weights(self, source, missing_keys):
         prefix = f"{self.base_model_prefix}."
         missing_backbone = sorted(
@@ -252,7 +260,7 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
                 f"{source} lacks {len(missing_backbone)} weights of the {self.config.backbone_model_type} backbone "
                 f"(e.g. {missing_backbone[0]}): they would be random. Is it a checkpoint of another architecture?"
             )
-        if self.config.embedding_heads_distilled and any(key.startswith("embedding_heads.") for key in missing_keys):
+        if self.config.embedding_heads_distilled and getattr(self, "_heads_missing", False):
             raise ValueError(
                 f"{source} says its embedding heads were distilled (embedding_heads_distilled=true) but holds no head "
                 "weights (embedding_heads.*): the checkpoint is incomplete."

@@ -25,8 +25,8 @@ class FastBertSentenceEmbedding(InputModule):
     Args:
         model: the embedding model.
         tokenizer: its tokenizer.
-        max_seq_length: longer inputs are truncated (default: the tokenizer's `model_max_length`, capped by the
-            model's positions).
+        max_seq_length: longer inputs are truncated (default: the model's `embedding_max_length`, the stock
+            sentence-transformers model's; else the tokenizer's `model_max_length`, capped by the model's positions).
         speed: the default speed of this module (`None`: the model's `config.speed`).
     """
 
@@ -42,7 +42,7 @@ class FastBertSentenceEmbedding(InputModule):
             from .backbones import max_input_length
 
             longest = min(getattr(tokenizer, "model_max_length", 512), max_input_length(model.config))
-            max_seq_length = int(longest) if longest < 10**6 else 512
+            max_seq_length = model.config.embedding_max_length or (int(longest) if longest < 10**6 else 512)
         self.max_seq_length = max_seq_length
         self.speed = speed
 
