@@ -100,6 +100,21 @@ def test_layers_keep_onnx_runtime_fusions(exported):
         "layer_3.onnx",
     ]
     assert manifest["config"]["num_hidden_layers"] == 4 and manifest["int8"] is False
+    # The whole model in one graph (what speed 0 runs): every layer keeps its fusions there too.
+    assert manifest["full_model"] == "model.onnx"
+    full = {op: count for op, count in manifest["fusions"]["model.onnx"].items() if op in EXPECTED_FUSIONS["bert"]}
+    assert full == {op: 4 * count for op, count in EXPECTED_FUSIONS["bert"].items()}
+
+
+def test_speed_zero_runs_the_whole_model_graph_with_the_stages_answers(exported):
+    model, folder = exported("bert", layers=4)
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    input_ids, attention_mask = random_batch(batch_size=8, seq_length=12)
+    whole = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)
+    ort_model._full_model = None  # as an export without model.onnx runs: one session per stage
+    staged = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)
+    torch.testing.assert_close(whole.logits, staged.logits, rtol=0, atol=ORT_ATOL)
+    assert whole.exit_layers.tolist() == staged.exit_layers.tolist() and torch.equal(whole.flops, staged.flops)
 
 
 def test_batch_invariance_alone_padded_and_permuted(exported):
@@ -232,6 +247,15 @@ def test_missing_or_foreign_onnx_folders_are_refused_at_load(exported, tmp_path)
     (corrupted / "onnx" / "layer_3.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="layer_3.onnx"):
         ORTFastBertForSequenceClassification.from_pretrained(corrupted)
+    # The whole-model graph missing, or corrupted.
+    whole = tmp_path / "whole"
+    shutil.copytree(folder, whole)
+    (whole / "onnx" / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        ORTFastBertForSequenceClassification.from_pretrained(whole)
+    (whole / "onnx" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ValueError, match="model.onnx is not a valid ONNX model"):
+        ORTFastBertForSequenceClassification.from_pretrained(whole)
 
 
 def test_inference_copies_are_refused_and_nothing_is_written(tmp_path):

@@ -298,8 +298,8 @@ def _onnx_usage(repo_id: str, config, manifest: dict) -> str:
     return f"""## ONNX Runtime
 
 `onnx/` holds this model as ONNX Runtime stages ({precision}): the embeddings, then one graph per layer with its
-student, so that each input still leaves at the first confident layer. Default on the runtime: speed {speed:g},
-exit rule `{rule}` ({chosen}).
+student, so that each input still leaves at the first confident layer, and `model.onnx`, the whole model, for speed
+0. Default on the runtime: speed {speed:g}, exit rule `{rule}` ({chosen}).
 
 ```python
 import hf_fastbert  # noqa: F401  (pip install 'hf-fastbert[onnx]')

@@ -35,6 +35,7 @@ from .files import atomic_path
 from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, stack_sample_outputs
 from .onnx_export import (
     FORMAT_VERSION,
+    FULL_MODEL,
     MANIFEST,
     ONNX_EXTRA_HINT,
     ONNX_FOLDER,
@@ -107,7 +108,10 @@ def check_onnx_folder(folder, config) -> dict:
     stages = stage_names(config.num_hidden_layers)
     if manifest.get("stages") != stages:
         raise ValueError(f"{onnx_dir}: the manifest lists {manifest.get('stages')}, expected {stages}.")
-    missing = [name for name in stages if not (onnx_dir / name).is_file()]
+    full_model = manifest.get("full_model")  # exports before it had none: speed 0 then runs the stages
+    if full_model not in (None, FULL_MODEL):
+        raise ValueError(f"{onnx_dir}: the manifest names the full model {full_model!r}, expected {FULL_MODEL!r}.")
+    missing = [name for name in stages + ([full_model] if full_model else []) if not (onnx_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{onnx_dir} lacks {', '.join(missing)}: export the model again.")
     return manifest
@@ -124,7 +128,8 @@ class ORTFastBertForSequenceClassification:
             int8 exports, whose activations are quantized per run: a sample's answer is then the same in any batch;
             set it to False to run int8 batches together, faster at large batches but batch-dependent).
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
-            (`embeddings.onnx`, `layer_<i>.onnx`, `student_<i>.onnx`).
+            (`embeddings.onnx`, `layer_<i>.onnx`, `student_<i>.onnx`, and `model.onnx`, the whole model, which speed
+            0 runs in one session run; exports made before it existed run their stages at speed 0).
     """
 
     main_input_name = "input_ids"
@@ -142,11 +147,13 @@ class ORTFastBertForSequenceClassification:
         self._embeddings = sessions["embeddings.onnx"]
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
         self._students = [sessions[f"student_{index}.onnx"] for index in range(layers - 1)]
+        self._full_model = sessions.get(FULL_MODEL)  # speed 0: one run of the whole model
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
-    # The PyTorch model's own: both read only `self.config` (and keep the FLOPs tables in `self.__dict__`).
+    # The PyTorch model's own: they read only `self.config` (and keep the FLOPs tables in `self.__dict__`).
     calibrate_exit_rules = FastBertModelMixin.calibrate_exit_rules
+    exit_flops = FastBertModelMixin.exit_flops
     _flops_table = FastBertModelMixin._flops_table
 
     def save_calibration(self, folder=None) -> Path:
@@ -224,7 +231,7 @@ class ORTFastBertForSequenceClassification:
                 session_options.intra_op_num_threads = threads
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see `threads`
         sessions = {}
-        for name in manifest["stages"]:
+        for name in manifest["stages"] + ([manifest["full_model"]] if manifest.get("full_model") else []):
             path = folder / ONNX_FOLDER / name
             try:
                 sessions[name] = ort.InferenceSession(str(path), session_options, providers=[provider])
@@ -308,6 +315,12 @@ class ORTFastBertForSequenceClassification:
             return self._forward_each_sample(feed, speed, output_all_logits, exit_rule)
         # A batch of one pays for every host-side operator: numpy only, and nothing that speed 0 does not need.
         seq_lengths = mask.sum(axis=1)  # (B,)
+        if speed == 0 and not output_all_logits and self._full_model is not None:  # the stock computation, one run
+            logits = torch.from_numpy(self._full_model.run(None, feed)[0])  # (B, C)
+            exit_layers = torch.full((batch_size,), self.config.num_hidden_layers, dtype=torch.long)
+            table = self._flops_table(torch.device("cpu"), False, seq_length).numpy()  # (size, L)
+            flops = torch.from_numpy(table[seq_lengths, exit_layers.numpy() - 1])
+            return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers, flops=flops)
         hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         num_layers = self.config.num_hidden_layers
         students_run = output_all_logits or speed > 0  # at speed 0 no sample can leave: the students are skipped
