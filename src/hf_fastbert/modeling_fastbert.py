@@ -292,6 +292,22 @@ class EarlyExitEngineMixin:
     exit_layers, heads_ran)`, the FLOPs of a sample of each length exiting at each layer.
     """
 
+    @property
+    def backbone(self):
+        """This family's declaration (`backbones.Backbone`)."""
+        return get_backbone(self.config)
+
+    def check_backbone_loaded(self, source, missing_keys, not_backbone: tuple = ()):
+        """A `ValueError` when loading `source` left weights of the backbone (but those under `not_backbone`)
+        random: a checkpoint of another architecture."""
+        prefix = f"{self.base_model_prefix}."
+        missing = sorted(key for key in missing_keys if key.startswith(prefix) and not key.startswith(not_backbone))
+        if missing:
+            raise ValueError(
+                f"{source} lacks {len(missing)} weights of the {self.config.backbone_model_type} backbone "
+                f"(e.g. {missing[0]}): they would be random. Is it a checkpoint of another architecture?"
+            )
+
     def check_inputs(self, input_ids, inputs_embeds, token_type_ids=None, position_ids=None) -> dict:
         """
         The inputs for `backbone.embed`: exactly one of `input_ids` and `inputs_embeds`, no longer than the position
@@ -452,11 +468,6 @@ class FastBertModelMixin(EarlyExitEngineMixin):
         self.branches = nn.ModuleList(FastBertBranch(config) for _ in range(config.num_hidden_layers - 1))
         self.post_init()  # initializes the new modules only: the stock ones are marked initialized
 
-    @property
-    def backbone(self):
-        """This family's declaration (`backbones.Backbone`)."""
-        return get_backbone(self.config)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """
@@ -477,13 +488,7 @@ class FastBertModelMixin(EarlyExitEngineMixin):
 
     def _check_loaded_weights(self, source, missing_keys):
         head = tuple(f"{path}." for path in self.backbone.stock_head_modules)  # BERT's pooler is in `bert.`
-        prefix = f"{self.base_model_prefix}."
-        missing_backbone = sorted(key for key in missing_keys if key.startswith(prefix) and not key.startswith(head))
-        if missing_backbone:
-            raise ValueError(
-                f"{source} lacks {len(missing_backbone)} weights of the {self.config.backbone_model_type} backbone "
-                f"(e.g. {missing_backbone[0]}): they would be random. Is it a checkpoint of another architecture?"
-            )
+        self.check_backbone_loaded(source, missing_keys, head)
         if self.config.branches_distilled and getattr(self, "_students_missing", False):
             raise ValueError(
                 f"{source} says its students were distilled (branches_distilled=true) but holds no student weights "

@@ -32,7 +32,6 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 from transformers.utils.generic import can_return_tuple
 
-from .backbones import get_backbone
 from .configuration_fastbert import (
     FastBertAlbertConfig,
     FastBertConfig,
@@ -213,11 +212,6 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         self.embedding_heads = nn.ModuleList(FastBertEmbeddingHead(config) for _ in range(heads))
         self.post_init()
 
-    @property
-    def backbone(self):
-        """This family's declaration (`backbones.Backbone`)."""
-        return get_backbone(self.config)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """
@@ -251,15 +245,7 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         super()._adjust_missing_and_unexpected_keys(loading_info)
 
     def _check_loaded_weights(self, source, missing_keys):
-        prefix = f"{self.base_model_prefix}."
-        missing_backbone = sorted(
-            key for key in missing_keys if key.startswith(prefix) and not key.startswith(f"{prefix}pooler.")
-        )
-        if missing_backbone:
-            raise ValueError(
-                f"{source} lacks {len(missing_backbone)} weights of the {self.config.backbone_model_type} backbone "
-                f"(e.g. {missing_backbone[0]}): they would be random. Is it a checkpoint of another architecture?"
-            )
+        self.check_backbone_loaded(source, missing_keys, (f"{self.base_model_prefix}.pooler.",))  # pooler: unused
         if self.config.embedding_heads_distilled and getattr(self, "_heads_missing", False):
             raise ValueError(
                 f"{source} says its embedding heads were distilled (embedding_heads_distilled=true) but holds no head "
