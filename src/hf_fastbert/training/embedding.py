@@ -154,6 +154,7 @@ def train_embedding_heads(
             logging_strategy="epoch",
             seed=config.seed,
             disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         train_dataset = Dataset.from_dict({"text": texts})
         held_out = eval_texts
