@@ -138,6 +138,11 @@ def main(argv=None):
             row["wall_over_flops"] = row["wall_speedup"] / row["flops_speedup"]
 
     command = f"python benchmarks/bench_embedding_model.py --dataset {args.dataset}"
+    suffix = ""
+    for option, value, default in (("max-epochs", args.max_epochs, 10.0), ("rounds", args.rounds, 3)):
+        if value != default:
+            command += f" --{option} {value:g}"
+            suffix += f"_{option.split('-')[-1]}{value:g}"
     convergence = output.convergence or {}
     lines = [
         f"all-MiniLM-L6-v2 as `FastBertForSentenceEmbedding` (mean pooling + normalization read from its "
@@ -158,7 +163,7 @@ def main(argv=None):
             f"| {row['method']} | {row['setting']} | {row['flops_speedup']:.2f}x | {wall_cells} | "
             f"{row['mean_exit_layer']:.2f} | {row['cosine']:.4f} | {row['overlap']:.3f} | {row['precision']:.4f} |"
         )
-    name = f"embedding_model_{args.dataset}"
+    name = f"embedding_model_{args.dataset}{suffix}"
     output_dir = Path(args.output_dir)
     (output_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     (output_dir / f"{name}.json").write_text(

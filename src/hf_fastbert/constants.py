@@ -21,6 +21,9 @@ STUDENT_COLUMNS = ("layer", "accuracy", "agreement", "kl")
 
 # Sentence embedding models: the speeds that training reports (the consecutive-layer cosine moves in thousandths).
 EMBEDDING_SPEEDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+# The embedding heads' epoch budget: on cached states an epoch costs seconds, and R8's heads converged after about 14
+# epochs (benchmarks/results/embedding_model_r8_epochs30_rounds1.md); 10 stopped them still improving.
+EMBEDDING_MAX_EPOCHS = 30.0
 EMBEDDING_COLUMNS = ("speed", "cosine", "overlap", "precision", "mean_exit_layer", "flops_speedup")
 
 # Files in a trained model's folder.

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from ..configuration_fastbert import validate_speeds
 from ..constants import (
     DISTILL_LEARNING_RATE,
-    DISTILL_MAX_EPOCHS,
     DISTILL_PATIENCE,
+    EMBEDDING_MAX_EPOCHS,
     EMBEDDING_SPEEDS,
     HELD_OUT_FRACTION,
 )
@@ -26,7 +26,7 @@ class EmbeddingTrainingConfig:
         max_length (`int`, *optional*): Truncation length in tokens; default 128, or the model's limit when lower.
         batch_size (`int`, *optional*, defaults to 32): Texts per step (and per evaluation batch).
         learning_rate (`float`, *optional*, defaults to 1e-3): The heads' learning rate (AdamW).
-        max_epochs (`float`, *optional*, defaults to 10): The most epochs; training stops earlier once the held-out
+        max_epochs (`float`, *optional*, defaults to 30): The most epochs; training stops earlier once the held-out
             loss has not improved by 1% for `patience` evaluations (every epoch, every 500 steps in long epochs).
         patience (`int`, *optional*, defaults to 2): Evaluations without improvement before stopping; `None`
             trains exactly `max_epochs`.
@@ -46,7 +46,7 @@ class EmbeddingTrainingConfig:
     batch_size: int = field(default=32, metadata={"help": "Texts per training step."})
     learning_rate: float = field(default=DISTILL_LEARNING_RATE, metadata={"help": "The heads' learning rate (AdamW)."})
     max_epochs: float = field(
-        default=DISTILL_MAX_EPOCHS,
+        default=EMBEDDING_MAX_EPOCHS,
         metadata={"help": "The most epochs; stops earlier once the held-out loss stops improving."},
     )
     patience: int | None = field(
