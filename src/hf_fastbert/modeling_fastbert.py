@@ -308,15 +308,18 @@ class EarlyExitEngineMixin:
                 f"(e.g. {missing[0]}): they would be random. Is it a checkpoint of another architecture?"
             )
 
-    def check_inputs(self, input_ids, inputs_embeds, token_type_ids=None, position_ids=None) -> dict:
+    def check_inputs(
+        self, input_ids, inputs_embeds, attention_mask=None, token_type_ids=None, position_ids=None
+    ) -> tuple[dict, torch.Tensor]:
         """
-        The inputs for `backbone.embed`: exactly one of `input_ids` and `inputs_embeds`, no longer than the position
+        `(inputs, mask)`: the inputs for `backbone.embed` and the (B, T) padding mask (all ones when
+        `attention_mask` is None). Exactly one of `input_ids` and `inputs_embeds`, no longer than the position
         embeddings allow, and only the extra inputs (`token_type_ids`, `position_ids`) the family takes; a
         `ValueError` naming the problem otherwise.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         max_length = self.backbone.max_length(self.config)
         if max_length is not None and seq_length > max_length:
             raise ValueError(
@@ -329,7 +332,21 @@ class EarlyExitEngineMixin:
                 inputs[name] = value
             elif value is not None:
                 raise ValueError(f"{self.config.backbone_model_type} models take no `{name}`; leave it out.")
-        return inputs
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=self.device)
+        return inputs, attention_mask
+
+    @classmethod
+    def check_config_family(cls, config, models):
+        """
+        `ValueError` unless `config` is this class's config type; the message names the class of `models` (FastBERT
+        config class -> model class, the task's family table) that takes it.
+        """
+        if getattr(config, "model_type", None) != cls.config_class.model_type:
+            raise ValueError(
+                f"{cls.__name__} needs a {cls.config_class.__name__}, got a {type(config).__name__}: the FastBERT "
+                f"class for it is {models[fastbert_config_class(config.model_type)].__name__}."
+            )
 
     def _sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length):
         """
@@ -450,11 +467,7 @@ class FastBertModelMixin(EarlyExitEngineMixin):
     _keys_to_ignore_on_load_missing = [r"^branches\."]
 
     def __init__(self, config):
-        if getattr(config, "model_type", None) != self.config_class.model_type:
-            raise ValueError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got a {type(config).__name__}: the "
-                f"FastBERT class for it is {FASTBERT_MODELS[fastbert_config_class(config.model_type)].__name__}."
-            )
+        self.check_config_family(config, FASTBERT_MODELS)
         config.validate_fastbert()
         super().__init__(config)
         if config.teacher_head == "branch":
@@ -617,12 +630,12 @@ class FastBertModelMixin(EarlyExitEngineMixin):
         """
         speed = validate_speed(self.config.speed if speed is None else speed)
         exit_rule = check_exit_rule(self.config, exit_rule)
-        inputs = self.check_inputs(input_ids, inputs_embeds, token_type_ids, position_ids)
-        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        inputs, attention_mask = self.check_inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids
+        )
+        batch_size, seq_length = attention_mask.shape
         if labels is not None:
             self._check_labels(labels)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=self.device)
         if (
             self.__dict__.get("int8_per_sample")
             and batch_size > 1
@@ -928,19 +941,24 @@ def fold_students(model: FastBertModelMixin) -> FastBertModelMixin:
     return folded
 
 
-def fastbert_model_class(pretrained_model_name_or_path, **kwargs):
+def hub_kwargs(kwargs: dict) -> dict:
+    """The Hub arguments (revision, token, cache ...) among `from_pretrained`'s keyword arguments."""
+    return {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+
+
+def fastbert_model_class(pretrained_model_name_or_path, models=FASTBERT_MODELS, **kwargs):
     """
     The FastBERT model class for a checkpoint (a stock or FastBERT one of any supported family), read from its
-    config (or from `config=` when given) before any weight is loaded. `ValueError` for an unsupported family.
+    config (or from `config=` when given) before any weight is loaded: the value of `models` (FastBERT config class
+    -> model class; the classifiers by default) for its family. `ValueError` for an unsupported family.
     """
     config = kwargs.get("config")
     if isinstance(config, PreTrainedConfig):
         model_type = config.model_type
     else:
-        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
-        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs(kwargs))
         model_type = config_dict.get("model_type")
-    return FASTBERT_MODELS[fastbert_config_class(model_type)]
+    return models[fastbert_config_class(model_type)]
 
 
 __all__ = [

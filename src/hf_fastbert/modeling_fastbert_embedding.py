@@ -41,12 +41,11 @@ from .configuration_fastbert import (
     FastBertModernBertConfig,
     FastBertRobertaConfig,
     FastBertXLMRobertaConfig,
-    fastbert_config_class,
     validate_speed,
 )
 from .distillation import embedding_distillation_loss
 from .flops import embedding_flops
-from .modeling_fastbert import FASTBERT_BASE_MODELS, EarlyExitEngineMixin
+from .modeling_fastbert import FASTBERT_BASE_MODELS, EarlyExitEngineMixin, fastbert_model_class, hub_kwargs
 
 
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -114,6 +113,11 @@ class FastBertEmbeddingOutput(ModelOutput):
     all_embeddings: torch.FloatTensor | None = None
 
 
+def finish_embedding(config, embeddings: torch.Tensor) -> torch.Tensor:
+    """What every embedding, a head's or the final one, goes through last: unit length with `normalize_embeddings`."""
+    return F.normalize(embeddings, dim=-1) if config.normalize_embeddings else embeddings
+
+
 class FastBertEmbeddingHead(nn.Module):
     """
     One layer's embedding head: attention pooling of the layer's token states by `embedding_head_queries` learned
@@ -140,7 +144,7 @@ class FastBertEmbeddingHead(nn.Module):
         return self.output(torch.cat([pooled.flatten(1), mean], dim=1))  # (B, H)
 
 
-def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -> dict:
+def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_options) -> dict:
     """
     The pooling, normalization and truncation a stock sentence-transformers folder declares (`modules.json`, its
     `Pooling` module's `config.json`, `sentence_bert_config.json`) as FastBERT config values (`embedding_pooling`,
@@ -151,7 +155,7 @@ def sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs) -
 
     def read(name):
         path = cached_file(
-            pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_options
         )
         return None if path is None else json.loads(open(path, encoding="utf-8").read())
 
@@ -199,12 +203,7 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
     ]  # fmt: skip
 
     def __init__(self, config):
-        if getattr(config, "model_type", None) != self.config_class.model_type:
-            raise ValueError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got a {type(config).__name__}: the "
-                "FastBERT class for it is "
-                f"{FASTBERT_EMBEDDING_MODELS[fastbert_config_class(config.model_type)].__name__}."
-            )
+        self.check_config_family(config, FASTBERT_EMBEDDING_MODELS)
         config.validate_fastbert()
         super().__init__(config)
         setattr(self, self.base_model_prefix, FASTBERT_BASE_MODELS[type(config)](config))
@@ -221,10 +220,10 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         `ValueError`, as does a checkpoint that would leave backbone weights random or that claims distilled heads
         without their weights.
         """
-        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
-        declared = sentence_transformers_pooling(pretrained_model_name_or_path, **hub_kwargs)
+        hub = hub_kwargs(kwargs)
+        declared = sentence_transformers_pooling(pretrained_model_name_or_path, **hub)
         if declared and not isinstance(kwargs.get("config"), PreTrainedConfig):
-            saved = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0]
+            saved = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)[0]
             for name, value in declared.items():
                 if saved.get(name, value) != value:
                     raise ValueError(
@@ -256,13 +255,10 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         """[`embedding_flops`] of this model: what a sample of each length spent, exiting at each layer."""
         return embedding_flops(self.config, seq_lengths, exit_layers, heads_ran)
 
-    def _finish(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return F.normalize(embeddings, dim=-1) if self.config.normalize_embeddings else embeddings
-
     def final_embedding(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) last layer's states and (B, T) mask -> (B, H) the stock embedding."""
         hidden = self.backbone.student_input(self, last_hidden_state)  # ModernBERT's final norm
-        return self._finish(pool_tokens(hidden, attention_mask, self.config.embedding_pooling))
+        return finish_embedding(self.config, pool_tokens(hidden, attention_mask, self.config.embedding_pooling))
 
     @torch.no_grad()
     def head_inputs(
@@ -273,10 +269,9 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         change): `(states, final)`, the (B, T, H) inputs of the heads after layers 1 .. L-1 and the (B, D) final
         embedding they learn, computed by the engine as inference computes them.
         """
-        inputs = self.check_inputs(input_ids, inputs_embeds, token_type_ids, position_ids)
-        if attention_mask is None:
-            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            attention_mask = torch.ones(shape, dtype=torch.long, device=self.device)
+        inputs, attention_mask = self.check_inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids
+        )
         states = []
 
         def record(index, hidden, head_mask):
@@ -310,10 +305,10 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
             Return the heads' self-distillation loss (full depth); defaults to `True` in training mode.
         """
         speed = validate_speed(self.config.speed if speed is None else speed)
-        inputs = self.check_inputs(input_ids, inputs_embeds, token_type_ids, position_ids)
-        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=self.device)
+        inputs, attention_mask = self.check_inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids
+        )
+        batch_size, seq_length = attention_mask.shape
         return_loss = self.training if return_loss is None else return_loss
         exits_at_speed = not self.training and speed > 0
         if exits_at_speed and not self.config.embedding_heads_distilled:
@@ -327,7 +322,9 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
             base = self.backbone.base_model(self)
             stock_inputs = {name: value for name, value in inputs.items() if value is not None}
             last_hidden_state = base(**stock_inputs, attention_mask=attention_mask, return_dict=True)[0]
-            hidden = self._finish(pool_tokens(last_hidden_state, attention_mask, self.config.embedding_pooling))
+            hidden = finish_embedding(
+                self.config, pool_tokens(last_hidden_state, attention_mask, self.config.embedding_pooling)
+            )
             exit_layers = torch.full((batch_size,), self.config.num_hidden_layers, device=hidden.device)
             output = FastBertEmbeddingOutput(embeddings=hidden, exit_layers=exit_layers)
         else:
@@ -343,7 +340,9 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         """The engine with the embedding heads; `full_depth`: every layer and head, then the exit rule on them."""
 
         def head(index, hidden, head_mask):
-            return self._finish(self.embedding_heads[index](self.backbone.student_input(self, hidden), head_mask))
+            return finish_embedding(
+                self.config, self.embedding_heads[index](self.backbone.student_input(self, hidden), head_mask)
+            )
 
         def leaves(index, embeddings, state):
             if state is None:  # the first head: nothing to compare with yet
@@ -387,15 +386,7 @@ class FastBertForSentenceEmbedding(FastBertEmbeddingMixin, BertPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         if cls is FastBertForSentenceEmbedding:
-            config = kwargs.get("config")
-            if isinstance(config, PreTrainedConfig):
-                model_type = config.model_type
-            else:
-                hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
-                model_type = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0].get(
-                    "model_type"
-                )
-            family_class = FASTBERT_EMBEDDING_MODELS[fastbert_config_class(model_type)]
+            family_class = fastbert_model_class(pretrained_model_name_or_path, FASTBERT_EMBEDDING_MODELS, **kwargs)
             if family_class is not cls:
                 return family_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -443,8 +434,6 @@ class FastBertModernBertForSentenceEmbedding(FastBertEmbeddingMixin, ModernBertP
     config_class = FastBertModernBertConfig
 
 
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-
 # FastBERT config class -> sentence embedding model class, for every supported family.
 FASTBERT_EMBEDDING_MODELS = {
     model_class.config_class: model_class
@@ -475,6 +464,7 @@ __all__ = [
     "FastBertRobertaForSentenceEmbedding",
     "FastBertXLMRobertaForSentenceEmbedding",
     "embedding_uncertainty",
+    "finish_embedding",
     "pool_tokens",
     "select_embedding_exits",
     "sentence_transformers_pooling",

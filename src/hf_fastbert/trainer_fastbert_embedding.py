@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from .distillation import embedding_distillation_loss
 from .modeling_fastbert import FastBertModelMixin
-from .modeling_fastbert_embedding import FastBertEmbeddingMixin, FastBertEmbeddingOutput
+from .modeling_fastbert_embedding import FastBertEmbeddingMixin, FastBertEmbeddingOutput, finish_embedding
 from .trainer_fastbert import converge_on_held_out
 
 
@@ -25,14 +25,14 @@ class EmbeddingHeadsOnStates(nn.Module):
         super().__init__()
         self.embedding_heads = model.embedding_heads
         self.config = model.config
-        self.normalize = model.config.normalize_embeddings
 
     def forward(self, states, attention_mask, target, return_loss=True, output_all_embeddings=False):
         """(B, L-1, T, H) cached states, (B, T) mask and (B, D) final embeddings -> the distillation loss."""
         heads = self.embedding_heads
-        embeddings = [head(states[:, index].float(), attention_mask) for index, head in enumerate(heads)]
-        if self.normalize:
-            embeddings = [nn.functional.normalize(embedding, dim=-1) for embedding in embeddings]
+        embeddings = [
+            finish_embedding(self.config, head(states[:, index].float(), attention_mask))
+            for index, head in enumerate(heads)
+        ]
         all_embeddings = torch.stack(embeddings + [target.to(embeddings[0].dtype)], dim=1)  # (B, L, D)
         loss = embedding_distillation_loss(all_embeddings)[0]
         return FastBertEmbeddingOutput(loss=loss, all_embeddings=all_embeddings if output_all_embeddings else None)
