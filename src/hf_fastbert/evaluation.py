@@ -38,22 +38,39 @@ def embedding_quality(queries, corpus, labels=None, neighbours: int = 10) -> dic
     `overlap` (share of the `neighbours` nearest corpus entries that the corpus embedding also finds) and, with (N,)
     `labels`, `precision` (share of them with the text's label; else `None`).
     """
-    queries = torch.nn.functional.normalize(torch.as_tensor(np.asarray(queries)).float(), dim=-1)
-    corpus = torch.nn.functional.normalize(torch.as_tensor(np.asarray(corpus)).float(), dim=-1)
-    k = min(neighbours, len(corpus) - 1)
+    return _EmbeddingSearch(corpus, labels, neighbours).quality(queries)
 
-    def nearest(vectors):
-        similarities = vectors @ corpus.T  # (N, N)
+
+class _EmbeddingSearch:
+    """A search of a corpus of N embeddings by cosine, each text's own entry excluded, with its reference answers."""
+
+    def __init__(self, corpus, labels, neighbours: int):
+        self.corpus = _unit_vectors(corpus)  # (N, D)
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))
+        self.k = min(neighbours, len(self.corpus) - 1)
+        self.reference = self.nearest(self.corpus)  # (N, k) what the corpus embeddings themselves find
+
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """(N, D) unit queries -> (N, k) indices of their nearest corpus entries."""
+        similarities = queries @ self.corpus.T  # (N, N)
         similarities.fill_diagonal_(-float("inf"))
-        return similarities.topk(k, dim=1).indices  # (N, k)
+        return similarities.topk(self.k, dim=1).indices
 
-    found, reference = nearest(queries), nearest(corpus)
-    labels = None if labels is None else torch.as_tensor(np.asarray(labels))
-    return {
-        "cosine": float((queries * corpus).sum(dim=1).mean()),
-        "overlap": float((found[:, :, None] == reference[:, None, :]).any(dim=2).float().mean()) if k else 1.0,
-        "precision": None if labels is None or not k else float((labels[found] == labels[:, None]).float().mean()),
-    }
+    def quality(self, queries) -> dict:
+        """`embedding_quality`'s metrics of (N, D) `queries`."""
+        queries, k, labels = _unit_vectors(queries), self.k, self.labels
+        found = self.nearest(queries)
+        return {
+            "cosine": float((queries * self.corpus).sum(dim=1).mean()),
+            "overlap": float((found[:, :, None] == self.reference[:, None, :]).any(dim=2).float().mean())
+            if k
+            else 1.0,
+            "precision": None if labels is None or not k else float((labels[found] == labels[:, None]).float().mean()),
+        }
+
+
+def _unit_vectors(vectors) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.as_tensor(np.asarray(vectors)).float(), dim=-1)
 
 
 def embedding_metrics_at_speeds(
@@ -79,7 +96,7 @@ def embedding_metrics_at_speeds(
     """
     all_embeddings = torch.as_tensor(np.asarray(all_embeddings)).float()
     seq_lengths = torch.as_tensor(np.asarray(seq_lengths)).long()
-    corpus = all_embeddings[:, -1]
+    search = _EmbeddingSearch(all_embeddings[:, -1], labels, neighbours)  # the full-depth index, searched once
     num_layers = all_embeddings.shape[1]
     full_flops = embedding_flops(config, seq_lengths, torch.full_like(seq_lengths, num_layers), heads_ran=False)
     rows = []
@@ -89,7 +106,7 @@ def embedding_metrics_at_speeds(
         rows.append(
             {
                 "speed": speed,
-                **embedding_quality(embeddings, corpus, labels, neighbours),
+                **search.quality(embeddings),
                 "mean_exit_layer": float(exit_layers.float().mean()),
                 "flops_speedup": float(full_flops.sum() / flops.sum()),
             }
