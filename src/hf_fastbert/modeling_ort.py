@@ -317,10 +317,11 @@ class ORTFastBertForSequenceClassification:
         seq_lengths = mask.sum(axis=1)  # (B,)
         if speed == 0 and not output_all_logits and self._full_model is not None:  # the stock computation, one run
             logits = torch.from_numpy(self._full_model.run(None, feed)[0])  # (B, C)
-            exit_layers = torch.full((batch_size,), self.config.num_hidden_layers, dtype=torch.long)
-            table = self._flops_table(torch.device("cpu"), False, seq_length).numpy()  # (size, L)
-            flops = torch.from_numpy(table[seq_lengths, exit_layers.numpy() - 1])
-            return FastBertSequenceClassifierOutput(logits=logits, exit_layers=exit_layers, flops=flops)
+            exit_layers = np.full(batch_size, self.config.num_hidden_layers, dtype=np.int64)  # (B,)
+            flops = self._numpy_sample_flops(seq_lengths, exit_layers, False, seq_length)
+            return FastBertSequenceClassifierOutput(
+                logits=logits, exit_layers=torch.from_numpy(exit_layers), flops=flops
+            )
         hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         num_layers = self.config.num_hidden_layers
         students_run = output_all_logits or speed > 0  # at speed 0 no sample can leave: the students are skipped
@@ -374,11 +375,15 @@ class ORTFastBertForSequenceClassification:
             all_logits = torch.from_numpy(np.stack(student_logits + [teacher_logits], axis=1))  # (B, L, C)
             result_logits, result_exits = select_exits(all_logits, speed, self.config, exit_rule)
         # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
-        table = self._flops_table(torch.device("cpu"), speed > 0, seq_length).numpy()  # (size, L)
-        flops = torch.from_numpy(table[seq_lengths, result_exits.numpy() - 1])  # (B,)
+        flops = self._numpy_sample_flops(seq_lengths, result_exits.numpy(), speed > 0, seq_length)
         return FastBertSequenceClassifierOutput(
             logits=result_logits, exit_layers=result_exits, flops=flops, all_logits=all_logits
         )
+
+    def _numpy_sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length) -> torch.Tensor:
+        """`_sample_flops` from (B,) numpy lengths and exit layers, read from its table without a torch operator."""
+        table = self._flops_table(torch.device("cpu"), branches_ran, seq_length).numpy()  # (size, L)
+        return torch.from_numpy(table[seq_lengths, exit_layers - 1])  # (B,)
 
 
 __all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder"]
