@@ -158,9 +158,10 @@ def run_push(args):
         validate_repo_id(args.repo_id)
     except ValueError as error:
         raise ValueError(f"invalid repo id {args.repo_id!r}: {error}") from None
-    if is_embedding_config(load_model_config(str(path))[1]):
+    config = load_model_config(str(path))[1]
+    if is_embedding_config(config):
         return push_embedding_folder(path, args)
-    card = card_results(path, args.results, getattr(load_model_config(str(path))[1], "exit_rule", None))
+    card = card_results(path, args.results, getattr(config, "exit_rule", None))
     model, tokenizer = load_fastbert(str(path))
     add_onnx = None
     if (path / "onnx").is_dir():  # `hf-fastbert export` stages go up with the weights they belong to
