@@ -208,7 +208,7 @@ print(json.dumps(result))
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["module"].startswith("transformers_modules")
     assert got["exits"] == expected.exit_layers.tolist()
-    torch.testing.assert_close(torch.tensor(got["logits"]), expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected.logits, rtol=0, atol=LOGITS_ATOL)
 
 
 # The inference engine

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from tiny_models import FAMILIES, family_model, random_batch, sentiment_fastbert
-from tolerances import assert_exits_clear
+from tolerances import LOGITS_ATOL, assert_exits_clear
 
 from hf_fastbert import fastbert_flops, fold_students
 from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
@@ -179,7 +179,7 @@ def test_int8_stages_are_quantized_with_float_students(exported):
         for row in range(0, 16, 5):
             length = int(attention_mask[row].sum())
             alone = ort_model(input_ids=input_ids[row : row + 1, :length], speed=speed)
-            torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=LOGITS_ATOL)
             assert batched.exit_layers[row].item() == alone.exit_layers.item()
 
 

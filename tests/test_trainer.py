@@ -658,8 +658,9 @@ def test_distillation_converges_by_default_on_a_held_out_slice(tmp_path, tokeniz
     summary = trainer.convergence
     assert summary["stopped"] == "converged" and summary["steps"] < summary["max_steps"] == 30 * 7
     assert summary["evaluations"] == summary["steps"] // 7 and summary["best"] < summary["first"] / 2
-    # The students of the best evaluation were restored.
-    assert trainer.evaluate()["eval_loss"] == pytest.approx(summary["best"], rel=1e-5)
+    # The students of the best evaluation were restored. Training evaluated them on the float16 cache of the
+    # students' inputs (`cache_states`), evaluate() on the float32 states: they agree to that rounding.
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(summary["best"], rel=1e-3)
     assert model.config.branches_distilled
     trainer.save_model(str(tmp_path / "saved"))
     trainer.create_model_card()
@@ -750,3 +751,63 @@ def test_train_fastbert_takes_a_config_or_its_fields_and_names_an_unknown_option
     assert output.results is None and output.model.config.num_labels == 2
     assert config.finetune_epochs == 1 and config.eval_speeds == list(DEFAULT_SPEEDS)  # keywords do not change it
     assert not (tmp_path / "out" / "sweep").exists()  # no evaluation split: no sweep
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert", "deberta-v2", "albert", "distilbert"])
+def test_students_on_cached_states_match_the_model(tmp_path, family):
+    from tiny_models import family_config, random_batch
+
+    from hf_fastbert.cached_states import cache_head_inputs, collate_head_inputs
+    from hf_fastbert.modeling_fastbert import FASTBERT_MODELS
+
+    torch.manual_seed(0)
+    config = family_config(family)
+    model = FASTBERT_MODELS[type(config)](config).eval()
+    trainer = FastBertDistillationTrainer(model=model, args=distill_args(tmp_path))
+    input_ids, attention_mask = random_batch(batch_size=6)
+    labels = torch.arange(6) % config.num_labels
+    entries = cache_head_inputs(model, [{"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}])
+    assert [entry["states"].shape[1] for entry in entries] == attention_mask.sum(1).tolist()  # no padding kept
+    batch = collate_head_inputs(entries[::-1])  # another batch, padded to its own longest sample
+    assert torch.equal(batch["labels"], labels.flip(0))
+    with torch.no_grad():
+        cached_loss, cached = trainer.compute_loss(model, batch, return_outputs=True)
+        loss, expected = trainer.compute_loss(
+            model, {"input_ids": input_ids, "attention_mask": attention_mask}, return_outputs=True
+        )
+    # The cache holds float16 states: the students' logits agree to its rounding, the teacher's as computed.
+    torch.testing.assert_close(cached.all_logits, expected.all_logits.flip(0), rtol=0, atol=5e-3)
+    torch.testing.assert_close(cached.all_logits[:, -1], expected.all_logits.flip(0)[:, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_loss, loss, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_distillation_on_cached_states_runs_the_backbone_once(tmp_path, tokenizer, sampling):
+    data, held_out = tokenized(tokenizer, 48), tokenized(tokenizer, 16, seed=1)
+    calls, losses = {}, {}
+    for cache in (True, False):
+        model = confident_model()
+        count = []
+        hook = model.bert.encoder.layer[0].register_forward_hook(lambda m, i, o, seen=count: seen.append(o.shape[0]))
+        args = distill_args(
+            tmp_path / str(cache),
+            per_device_train_batch_size=8,
+            num_train_epochs=3,
+            convergence_patience=None,
+            eval_strategy="epoch",
+            cache_states=cache,
+            train_sampling_strategy=sampling,
+        )
+        trainer = FastBertDistillationTrainer(
+            model=model, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer
+        )
+        trainer.train()
+        hook.remove()
+        calls[cache] = sum(count)
+        losses[cache] = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+        assert trainer.train_dataset is data and trainer.eval_dataset is held_out  # restored after training
+        assert model.config.branches_distilled
+    assert calls[True] == 48 + 16  # one pass over the training and the evaluation data
+    assert calls[False] == 3 * (48 + 16)  # every epoch and every evaluation
+    # The same training, on float16 states: the same losses to that rounding.
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)

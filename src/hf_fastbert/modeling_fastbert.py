@@ -368,6 +368,28 @@ class EarlyExitEngineMixin:
             tables[key] = self.exit_flops(lengths, layers, branches_ran)  # (size, L)
         return tables[key]
 
+    @torch.no_grad()
+    def head_inputs(
+        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """
+        What the heads (the students, or the embedding heads) read, for training them on cached states (backbone and
+        final head are frozen during self-distillation, so these never change): `(states, final)`, the (B, T, H)
+        inputs of the heads after layers 1 .. L-1 and the (B, D) `final_output` they learn from, computed by the
+        engine as inference computes them.
+        """
+        inputs, attention_mask = self.check_inputs(
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids
+        )
+        states = []
+
+        def record(index, hidden, head_mask):
+            states.append(self.backbone.student_input(self, hidden))
+            return hidden.new_zeros(hidden.shape[0], 1)
+
+        final = self.run_with_exits(inputs, attention_mask, 1, record, None, self.final_output)[2]
+        return states, final
+
     def run_with_exits(self, inputs, mask, width, head=None, leaves=None, finish=None, collect=False):
         """
         Run the layers with batched per-sample early exit. After each layer but the last, `head` computes its output
@@ -599,6 +621,8 @@ class FastBertModelMixin(EarlyExitEngineMixin):
         if self.config.teacher_head == "branch":
             return self.classifier(self.backbone.student_input(self, last_hidden_state), attention_mask)
         return self.backbone.teacher_logits(self, last_hidden_state, attention_mask)
+
+    final_output = teacher_logits  # the last layer's head, for the engine (`head_inputs`)
 
     @can_return_tuple
     def forward(

@@ -260,26 +260,7 @@ class FastBertEmbeddingMixin(EarlyExitEngineMixin):
         hidden = self.backbone.student_input(self, last_hidden_state)  # ModernBERT's final norm
         return finish_embedding(self.config, pool_tokens(hidden, attention_mask, self.config.embedding_pooling))
 
-    @torch.no_grad()
-    def head_inputs(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None
-    ):
-        """
-        What the embedding heads read, for training them on cached states (the backbone is frozen, so they never
-        change): `(states, final)`, the (B, T, H) inputs of the heads after layers 1 .. L-1 and the (B, D) final
-        embedding they learn, computed by the engine as inference computes them.
-        """
-        inputs, attention_mask = self.check_inputs(
-            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids
-        )
-        states = []
-
-        def record(index, hidden, head_mask):
-            states.append(self.backbone.student_input(self, hidden))
-            return hidden.new_zeros(hidden.shape[0], 1)
-
-        final = self.run_with_exits(inputs, attention_mask, 1, record, None, self.final_embedding)[2]
-        return states, final
+    final_output = final_embedding  # the last layer's head, for the engine (`head_inputs`)
 
     @can_return_tuple
     def forward(

@@ -5,6 +5,7 @@ Stage 2 (fine-tuning backbone + teacher) needs nothing special: the stock `Train
 [`FastBertDistillationTrainer`].
 """
 
+import contextlib
 import inspect
 import logging
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from .cached_states import MAX_CACHE_BYTES, CachedHeadInputs, cache_head_inputs, collate_head_inputs
 from .convergence import ConvergenceCallback, describe_convergence, split_held_out
 from .distillation import branch_kl, distillation_loss
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
-from .modeling_fastbert import FastBertModelMixin, normalized_entropy
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, normalized_entropy
 from .training_args_fastbert import (
     DISTILL_MIN_IMPROVEMENT,
     DISTILL_PATIENCE,
@@ -96,6 +99,10 @@ class FastBertDistillationTrainer(Trainer):
       of `train_dataset` (`args.held_out_fraction`, at most 2,000 samples), removed from training; labels are not
       needed. [`convergence`] says how it stopped (also logged, and written into the model card). With plain
       [`TrainingArguments`] the same defaults apply; `convergence_patience=None` trains exactly `num_train_epochs`.
+    - Cached states (`args.cache_states`, on by default): `train()` runs the frozen backbone and teacher once over
+      the training and evaluation data ([`cache_head_inputs`], float16, in memory) and the students train on those
+      states, so an epoch costs the students alone. Without room (8 GiB), with several processes or with
+      `train_sampling_strategy="batch_rebalance"`, the backbone runs every step instead.
     - Multi-process (DDP): only the students train and all of them get gradients, so `ddp_find_unused_parameters`
       is set to `False` when left unset.
     - `model.config.branches_distilled` is `False` while the students train and becomes `True` only once `train()`
@@ -209,7 +216,10 @@ class FastBertDistillationTrainer(Trainer):
         inputs = {key: value for key, value in inputs.items() if key not in ("labels", "label", "label_ids")}
         if model.training:
             self._frozen_modules_eval(model)
-        outputs = model(**inputs, output_all_logits=True)
+        if "states" in inputs:  # a batch of cached states (`train()` with `args.cache_states`)
+            outputs = FastBertSequenceClassifierOutput(all_logits=self._students_on_states(model, **inputs))
+        else:
+            outputs = model(**inputs, output_all_logits=True)
         all_logits = outputs.all_logits  # (B, L, C): students with grad, teacher without
         loss, per_branch_kl = distillation_loss(all_logits[:, :-1], all_logits[:, -1], self.temperature)
         if model.training:
@@ -220,13 +230,89 @@ class FastBertDistillationTrainer(Trainer):
             self._kl_steps += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _students_on_states(self, model, states, attention_mask, target) -> torch.Tensor:
+        """(B, L-1, T, H) cached student inputs, (B, T) mask and (B, C) teacher logits -> (B, L, C) all logits."""
+        branches = self.accelerator.unwrap_model(model).branches
+        dtype = next(branches.parameters()).dtype
+        logits = [branch(states[:, index].to(dtype), attention_mask) for index, branch in enumerate(branches)]
+        return torch.stack(logits + [target.to(logits[0].dtype)], dim=1)
+
     def train(self, *args, **kwargs):
-        """[`Trainer.train`]; `config.branches_distilled` is `False` until the distillation completes."""
+        """
+        [`Trainer.train`], on cached states with `args.cache_states`; `config.branches_distilled` is `False` until
+        the distillation completes.
+        """
         config = self.accelerator.unwrap_model(self.model).config
         config.branches_distilled = False  # the students are being changed: partial until the last step
-        output = super().train(*args, **kwargs)
+        with self._on_cached_states():
+            output = super().train(*args, **kwargs)
         config.branches_distilled = True
         return output
+
+    @contextlib.contextmanager
+    def _on_cached_states(self):
+        """While it lasts, the training and evaluation data are the frozen model's cached states, when asked and
+        possible (see the class docstring); the datasets and the collator are restored after."""
+        datasets = (self.train_dataset, self.eval_dataset, self.data_collator)
+        cached = self._cache_states()
+        signature = getattr(self, "_signature_columns", None)
+        if cached is not None:
+            self.train_dataset, self.eval_dataset = cached
+            self.data_collator = collate_head_inputs
+            # The Trainer drops what the model's forward does not name (`remove_unused_columns`); keep the cache.
+            self._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, "states", "target"]
+        try:
+            yield
+        finally:
+            self.train_dataset, self.eval_dataset, self.data_collator = datasets
+            self._signature_columns = signature
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, CachedHeadInputs) and self.args.train_sampling_strategy == "group_by_length":
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(size, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if isinstance(eval_dataset, CachedHeadInputs):  # the order does not change the loss or the metrics
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset)
+
+    def _cache_states(self):
+        """`(train, eval)` as cached entries ([`cache_head_inputs`]), or `None` to run the backbone every step."""
+        args = self.args
+        if not getattr(args, "cache_states", True) or self.train_dataset is None:
+            return None
+        if args.world_size > 1 or args.train_sampling_strategy == "batch_rebalance":
+            # Several processes each run their own copy of the students; that sampler reads the tokenized dataset.
+            logger.info("Not caching the students' inputs (several processes, or batch_rebalance sampling).")
+            return None
+        model, budget = self.accelerator.unwrap_model(self.model), MAX_CACHE_BYTES
+        evaluation = self.eval_dataset
+        named = evaluation if isinstance(evaluation, dict) else {None: evaluation}
+        cached = {}
+        for name, dataset in [("train", self.train_dataset), *((key, value) for key, value in named.items())]:
+            if dataset is None:
+                cached[name] = None
+                continue
+            if hasattr(dataset, "column_names"):  # a datasets.Dataset: the columns the collator can pad
+                dataset = self._remove_unused_columns(dataset, description="caching")
+            batches = torch.utils.data.DataLoader(
+                dataset, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator
+            )
+            entries = cache_head_inputs(model, batches, budget)
+            if entries is None:
+                logger.warning(
+                    "The students' cached inputs would take more than %.0f GiB: the frozen backbone runs every "
+                    "step instead.", MAX_CACHE_BYTES / 2**30
+                )  # fmt: skip
+                return None
+            budget -= sum(entry["states"].numel() * entry["states"].element_size() for entry in entries)
+            cached[name] = entries
+        train = cached.pop("train")
+        return train, (cached if isinstance(evaluation, dict) else cached[None])
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .cached_states import cache_head_inputs, collate_head_inputs
 from .distillation import embedding_distillation_loss
 from .modeling_fastbert import FastBertModelMixin
 from .modeling_fastbert_embedding import FastBertEmbeddingMixin, FastBertEmbeddingOutput, finish_embedding
@@ -36,33 +37,6 @@ class EmbeddingHeadsOnStates(nn.Module):
         all_embeddings = torch.stack(embeddings + [target.to(embeddings[0].dtype)], dim=1)  # (B, L, D)
         loss = embedding_distillation_loss(all_embeddings)[0]
         return FastBertEmbeddingOutput(loss=loss, all_embeddings=all_embeddings if output_all_embeddings else None)
-
-
-def cache_head_inputs(model: FastBertEmbeddingMixin, batches) -> list[dict]:
-    """
-    One entry per text of `batches` (tokenized, padded batches): its heads' inputs without padding, (L-1, t, H) in
-    float16, and its (D,) final embedding, for [`EmbeddingHeadsOnStates`].
-    """
-    entries = []
-    model.eval()
-    for batch in batches:
-        states, final = model.head_inputs(**{name: value.to(model.device) for name, value in batch.items()})
-        stacked = torch.stack(states, dim=1).half().cpu()  # (B, L-1, T, H)
-        for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
-            entries.append({"states": stacked[row, :, :length].clone(), "target": final[row].float().cpu()})
-    return entries
-
-
-def collate_head_inputs(entries: list[dict]) -> dict:
-    """Cached entries ([`cache_head_inputs`]) -> a batch padded to its longest text, with its attention mask."""
-    layers, _, size = entries[0]["states"].shape
-    length = max(entry["states"].shape[1] for entry in entries)
-    states = torch.zeros(len(entries), layers, length, size, dtype=entries[0]["states"].dtype)
-    mask = torch.zeros(len(entries), length, dtype=torch.long)
-    for row, entry in enumerate(entries):
-        states[row, :, : entry["states"].shape[1]] = entry["states"]
-        mask[row, : entry["states"].shape[1]] = 1
-    return {"states": states, "attention_mask": mask, "target": torch.stack([entry["target"] for entry in entries])}
 
 
 def check_embedding_model(model, who: str):
@@ -185,7 +159,7 @@ class FastBertEmbeddingTrainer(Trainer):
 __all__ = [
     "EmbeddingHeadsOnStates",
     "FastBertEmbeddingTrainer",
-    "cache_head_inputs",
+    "cache_head_inputs",  # from cached_states, where the classifier's distillation finds them too
     "check_embedding_model",
     "collate_head_inputs",
 ]

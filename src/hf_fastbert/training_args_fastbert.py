@@ -42,6 +42,11 @@ class FastBertTrainingArguments(TrainingArguments):
         held_out_fraction (`float`, *optional*, defaults to 0.1):
             Without an `eval_dataset`, this share of the distillation data (at most 2,000 samples) is held out to
             measure convergence; labels are not needed.
+        cache_states (`bool`, *optional*, defaults to `True`):
+            Run the frozen backbone and teacher once over the training and evaluation data and train the students on
+            their cached inputs (float16, in memory: samples x tokens x (layers - 1) x hidden size x 2 bytes; above
+            8 GiB, or with several processes, the backbone runs every epoch instead), so that an epoch costs the
+            students alone. `False` runs the backbone every step.
         hub_strategy (`str`, *optional*, defaults to `"end"`):
             As in [`TrainingArguments`], but `"end"` by default and the only value [`FastBertDistillationTrainer`]
             accepts with `push_to_hub=True`: the other strategies push whole training folders (`training_args.bin`,
@@ -87,6 +92,13 @@ class FastBertTrainingArguments(TrainingArguments):
         default_factory=lambda: [0.0, 0.1, 0.5],
         metadata={"help": "Speeds at which evaluate() reports accuracy, mean exit layer and FLOPs speed-up."},
     )
+    cache_states: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the students on the frozen backbone's cached states (float16, in memory, up to 8 GiB): "
+            "one backbone pass instead of one per epoch."
+        },
+    )
 
     hub_strategy: HubStrategy | str = field(
         default="end",
@@ -102,6 +114,8 @@ class FastBertTrainingArguments(TrainingArguments):
         improvement = self.convergence_min_improvement
         if isinstance(improvement, bool) or not isinstance(improvement, (int, float)) or not 0 <= improvement < 1:
             raise ValueError(f"`convergence_min_improvement` must be in [0, 1), got {improvement!r}.")
+        if not isinstance(self.cache_states, bool):
+            raise ValueError(f"`cache_states` must be a bool, got {self.cache_states!r}.")
         fraction = self.held_out_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"`held_out_fraction` must be in (0, 1), got {fraction!r}.")

@@ -83,6 +83,8 @@ class FastBertTrainingConfig:
             students. A number: exactly that many epochs. 0 skips stage 3.
         distill_learning_rate (`float`, *optional*, defaults to 1e-3): The students' learning rate (measured; the
             paper's 2e-4 was sized for BERT-base on large data).
+        distill_cache_states (`bool`, *optional*, defaults to `True`): Run the frozen backbone and teacher once
+            and train the students on their cached inputs ([`FastBertTrainingArguments.cache_states`]).
         held_out_fraction (`float`, *optional*, defaults to 0.1):
             When a stage converges, this share of the training split (at most 2,000 samples) is held out, seeded:
             stage 2 stops on its loss, stage 3 on the students' KL on its texts. The students never train on it
@@ -177,6 +179,13 @@ class FastBertTrainingConfig:
     distillation_temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature of the KL (paper: 1)."}
     )
+    distill_cache_states: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the frozen backbone once and distill on its cached states (float16, in memory, up to 8 GiB); "
+            "--no-distill-cache-states runs it every epoch."
+        },
+    )
     held_out_fraction: float = field(
         default=HELD_OUT_FRACTION,
         metadata={
@@ -238,6 +247,8 @@ class FastBertTrainingConfig:
         _number("distill_learning_rate", self.distill_learning_rate, low_open=True)
         _number("finetune_learning_rate", self.finetune_learning_rate, low_open=True, allow_none=True)
         validate_temperature(self.distillation_temperature)
+        if not isinstance(self.distill_cache_states, bool):
+            raise ValueError(f"`distill_cache_states` must be a bool, got {self.distill_cache_states!r}.")
         for name in ("finetune_patience", "distill_patience", "batch_size"):
             _positive_integer(name, getattr(self, name))
         _positive_integer("luha_bins", self.luha_bins, allow_none=True)

@@ -13,19 +13,14 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
 from ..backbones import max_input_length
+from ..cached_states import MAX_CACHE_BYTES, cache_head_inputs, collate_head_inputs
 from ..constants import EMBEDDING_RESULTS_FILENAME
 from ..convergence import describe_convergence
 from ..data import check_max_length
 from ..evaluation import embedding_metrics_at_speeds
 from ..modeling_fastbert_embedding import FastBertEmbeddingMixin
 from ..sentence_transformers_module import save_sentence_transformer
-from ..trainer_fastbert_embedding import (
-    EmbeddingHeadsOnStates,
-    FastBertEmbeddingTrainer,
-    cache_head_inputs,
-    check_embedding_model,
-    collate_head_inputs,
-)
+from ..trainer_fastbert_embedding import EmbeddingHeadsOnStates, FastBertEmbeddingTrainer, check_embedding_model
 from ..training_args_fastbert import FastBertTrainingArguments
 from .embedding_config import EmbeddingTrainingConfig
 from .output_dir import check_output_dir, staged_output_dir
@@ -34,7 +29,6 @@ from .output_dir import check_output_dir, staged_output_dir
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 128
-MAX_CACHE_BYTES = 8 * 2**30  # cached head inputs above this: the backbone runs every epoch instead
 
 
 @dataclass
@@ -179,8 +173,8 @@ def train_embedding_heads(
             else:
                 logger.info("Caching the heads' inputs of %d texts (%.2f GiB)", len(train_data), size / 2**30)
                 batches = [padded_batches(data, collator, config.batch_size) for data in (train_data, eval_data)]
-                train_data = cache_head_inputs(model, batches[0])
-                eval_data = None if eval_data is None else cache_head_inputs(model, batches[1])
+                train_data = cache_head_inputs(model, batches[0], max_bytes=None)  # its size was checked above
+                eval_data = None if eval_data is None else cache_head_inputs(model, batches[1], max_bytes=None)
                 trainee, collator = EmbeddingHeadsOnStates(model), collate_head_inputs
         trainer = FastBertEmbeddingTrainer(
             model=trainee,

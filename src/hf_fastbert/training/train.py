@@ -430,6 +430,7 @@ def train_fastbert(
             common,
             {
                 "distillation_temperature": config.distillation_temperature,
+                "cache_states": config.distill_cache_states,
                 "eval_speeds": speeds,
                 "convergence_patience": config.distill_patience if distill_converges else None,
                 "convergence_min_improvement": DISTILL_MIN_IMPROVEMENT,
