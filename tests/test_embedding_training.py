@@ -58,7 +58,12 @@ def test_trainer_distills_the_heads_only(tokenizer, tmp_path):
     heads_before = [parameter.clone() for parameter in model.embedding_heads.parameters()]
     tokenized = [tokenizer(text) for text in random_texts(160)]
     args = FastBertTrainingArguments(
-        str(tmp_path), num_train_epochs=3, per_device_train_batch_size=16, save_strategy="no", report_to=[]
+        str(tmp_path),
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        save_strategy="no",
+        report_to=[],
+        dataloader_pin_memory=False,  # no accelerator here: pinning would only warn
     )
     trainer = FastBertEmbeddingTrainer(model, args, train_dataset=tokenized, processing_class=tokenizer)
     first = trainer.evaluate()

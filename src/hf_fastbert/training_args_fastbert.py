@@ -31,7 +31,7 @@ class FastBertTrainingArguments(TrainingArguments):
             `compute_metrics` is given (labelled evaluation data only).
         learning_rate (`float`, *optional*, defaults to 1e-3):
             The students' learning rate (AdamW), chosen by measurement (see the README).
-        num_train_epochs (`float`, *optional*, defaults to 10):
+        num_train_epochs (`float`, *optional*, defaults to 30):
             With `convergence_patience` (the default), the most epochs distillation may take; without, the epochs.
         convergence_patience (`int`, *optional*, defaults to 2):
             Distill until the students' held-out KL to the teacher (`eval_loss`) has not improved by
@@ -57,7 +57,7 @@ class FastBertTrainingArguments(TrainingArguments):
     ```python
     >>> from hf_fastbert import FastBertTrainingArguments
 
-    >>> args = FastBertTrainingArguments("out")  # distil until the held-out KL stops improving (at most 10 epochs)
+    >>> args = FastBertTrainingArguments("out")  # distil until the held-out KL stops improving (at most 30 epochs)
     >>> fixed = FastBertTrainingArguments("out", num_train_epochs=5, convergence_patience=None)  # exactly 5 epochs
     ```"""
 

@@ -247,7 +247,8 @@ def run_train(args):
         print(f"\n{describe_default_speed(output.default_speed)}")
     warning = distillation_warning(report.students)
     if warning is not None:
-        print(f"\nWARNING: {warning} For example: {PROG} train ... --distill-max-epochs 30", file=sys.stderr)
+        budget = f"--distill-max-epochs {2 * args.distill_max_epochs:g}"
+        print(f"\nWARNING: {warning} For example: {PROG} train ... {budget}", file=sys.stderr)
         return
     example = closing_example(raw[args.eval_split], args.text_column)
     speed = output.model.config.speed

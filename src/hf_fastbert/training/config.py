@@ -79,7 +79,7 @@ class FastBertTrainingConfig:
             larger ones ([`default_finetune_learning_rate`]).
         distill_epochs (`float`, *optional*):
             Stage 3 (self-distillation). `None` (the default): until the students' held-out KL to the teacher has not
-            improved by 1% for `distill_patience` evaluations, at most `distill_max_epochs` (10), keeping the best
+            improved by 1% for `distill_patience` evaluations, at most `distill_max_epochs` (30), keeping the best
             students. A number: exactly that many epochs. 0 skips stage 3.
         distill_learning_rate (`float`, *optional*, defaults to 1e-3): The students' learning rate (measured; the
             paper's 2e-4 was sized for BERT-base on large data).
