@@ -811,3 +811,25 @@ def test_distillation_on_cached_states_runs_the_backbone_once(tmp_path, tokenize
     assert calls[False] == 3 * (48 + 16)  # every epoch and every evaluation
     # The same training, on float16 states: the same losses to that rounding.
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_data_too_large_to_cache_is_refused_before_any_backbone_pass(tmp_path, tokenizer, monkeypatch):
+    from hf_fastbert import trainer_fastbert
+    from hf_fastbert.cached_states import cache_bytes
+
+    data, held_out = tokenized(tokenizer, 48), tokenized(tokenizer, 16, seed=1)
+    model = confident_model()
+    size = cache_bytes(model.config, [data, held_out])
+    tokens = sum(len(ids) for ids in [*data["input_ids"], *held_out["input_ids"]])
+    assert size == tokens * (model.config.num_hidden_layers - 1) * model.config.hidden_size * 2
+    monkeypatch.setattr(trainer_fastbert, "MAX_CACHE_BYTES", size - 1)
+    count = []
+    model.bert.encoder.layer[0].register_forward_hook(lambda m, i, o: count.append(o.shape[0]))
+    args = distill_args(tmp_path, per_device_train_batch_size=8, num_train_epochs=1, convergence_patience=None)
+    trainer = FastBertDistillationTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer
+    )
+    assert trainer._cache_states() is None and count == []  # refused from the token count alone
+    monkeypatch.setattr(trainer_fastbert, "MAX_CACHE_BYTES", size)
+    train, evaluation = trainer._cache_states()
+    assert len(train) == 48 and len(evaluation) == 16 and sum(count) == 48 + 16

@@ -20,14 +20,28 @@ class CachedHeadInputs(list):
         return [entry["states"].shape[1] for entry in self]
 
 
-def cache_head_inputs(model, batches, max_bytes: int | None = MAX_CACHE_BYTES) -> CachedHeadInputs | None:
+def cache_bytes(config, datasets) -> int:
+    """
+    The bytes [`cache_head_inputs`] will keep for these tokenized datasets (`datasets.Dataset`s or sequences of
+    dicts with `input_ids`; None skipped): tokens x (L-1) x hidden size x 2 (float16). Counted before any backbone
+    pass, so that data too large to cache costs nothing (padded tokens are counted: an upper bound).
+    """
+    tokens = 0
+    for data in datasets:
+        if data is not None:
+            ids = data["input_ids"] if hasattr(data, "column_names") else (sample["input_ids"] for sample in data)
+            tokens += sum(len(sample) for sample in ids)
+    return tokens * (config.num_hidden_layers - 1) * config.hidden_size * 2
+
+
+def cache_head_inputs(model, batches) -> CachedHeadInputs:
     """
     Run the frozen model once over `batches` (tokenized, padded batches; a `labels` entry is kept) and return one
     entry per sample: `states`, its heads' inputs on its real tokens ((L-1, t, H) float16, [`head_inputs`]),
     `target`, the (D,) final output they learn from (the teacher's logits, or the final embedding), and `labels` when
-    the batches have them. `None` as soon as the entries would take more than `max_bytes` (None: no limit).
+    the batches have them. [`cache_bytes`] says beforehand how much memory they take.
     """
-    entries, size = CachedHeadInputs(), 0
+    entries = CachedHeadInputs()
     model.eval()
     for batch in batches:
         labels = batch.get("labels")
@@ -41,9 +55,6 @@ def cache_head_inputs(model, batches, max_bytes: int | None = MAX_CACHE_BYTES) -
             if labels is not None:
                 entry["labels"] = labels[row]
             entries.append(entry)
-            size += entry["states"].numel() * entry["states"].element_size()
-        if max_bytes is not None and size > max_bytes:
-            return None
     return entries
 
 
@@ -62,4 +73,4 @@ def collate_head_inputs(entries: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["MAX_CACHE_BYTES", "CachedHeadInputs", "cache_head_inputs", "collate_head_inputs"]
+__all__ = ["MAX_CACHE_BYTES", "CachedHeadInputs", "cache_bytes", "cache_head_inputs", "collate_head_inputs"]

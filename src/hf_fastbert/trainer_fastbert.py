@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .cached_states import MAX_CACHE_BYTES, CachedHeadInputs, cache_head_inputs, collate_head_inputs
+from .cached_states import MAX_CACHE_BYTES, CachedHeadInputs, cache_bytes, cache_head_inputs, collate_head_inputs
 from .convergence import ConvergenceCallback, describe_convergence, split_held_out
 from .distillation import branch_kl, distillation_loss
 from .evaluation import flatten_speed_metrics, metrics_at_speeds
@@ -289,11 +289,18 @@ class FastBertDistillationTrainer(Trainer):
             # Several processes each run their own copy of the students; that sampler reads the tokenized dataset.
             logger.info("Not caching the students' inputs (several processes, or batch_rebalance sampling).")
             return None
-        model, budget = self.accelerator.unwrap_model(self.model), MAX_CACHE_BYTES
-        evaluation = self.eval_dataset
+        model, evaluation = self.accelerator.unwrap_model(self.model), self.eval_dataset
         named = evaluation if isinstance(evaluation, dict) else {None: evaluation}
+        datasets = [("train", self.train_dataset), *named.items()]
+        size = cache_bytes(model.config, [dataset for _, dataset in datasets])
+        if size > MAX_CACHE_BYTES:
+            logger.warning(
+                "The students' cached inputs would take %.1f GiB (more than %.0f): the frozen backbone runs every "
+                "step instead.", size / 2**30, MAX_CACHE_BYTES / 2**30
+            )  # fmt: skip
+            return None
         cached = {}
-        for name, dataset in [("train", self.train_dataset), *((key, value) for key, value in named.items())]:
+        for name, dataset in datasets:
             if dataset is None:
                 cached[name] = None
                 continue
@@ -302,15 +309,7 @@ class FastBertDistillationTrainer(Trainer):
             batches = torch.utils.data.DataLoader(
                 dataset, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator
             )
-            entries = cache_head_inputs(model, batches, budget)
-            if entries is None:
-                logger.warning(
-                    "The students' cached inputs would take more than %.0f GiB: the frozen backbone runs every "
-                    "step instead.", MAX_CACHE_BYTES / 2**30
-                )  # fmt: skip
-                return None
-            budget -= sum(entry["states"].numel() * entry["states"].element_size() for entry in entries)
-            cached[name] = entries
+            cached[name] = cache_head_inputs(model, batches)
         train = cached.pop("train")
         return train, (cached if isinstance(evaluation, dict) else cached[None])
 

@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
 from ..backbones import max_input_length
-from ..cached_states import MAX_CACHE_BYTES, cache_head_inputs, collate_head_inputs
+from ..cached_states import MAX_CACHE_BYTES, cache_bytes, cache_head_inputs, collate_head_inputs
 from ..constants import EMBEDDING_RESULTS_FILENAME
 from ..convergence import describe_convergence
 from ..data import check_max_length
@@ -162,9 +162,7 @@ def train_embedding_heads(
         eval_data = None if held_out is None else tokenized(held_out)
         trainee, collator = model, DataCollatorWithPadding(tokenizer)
         if config.cache_states:
-            datasets = [data for data in (train_data, eval_data) if data is not None]
-            tokens = sum(len(ids) for data in datasets for ids in data["input_ids"])
-            size = tokens * (model.config.num_hidden_layers - 1) * model.config.hidden_size * 2
+            size = cache_bytes(model.config, [train_data, eval_data])
             if size > MAX_CACHE_BYTES:
                 logger.warning(
                     "The cached layer states would take %.1f GiB (more than %.0f): the frozen backbone runs every "
@@ -173,8 +171,8 @@ def train_embedding_heads(
             else:
                 logger.info("Caching the heads' inputs of %d texts (%.2f GiB)", len(train_data), size / 2**30)
                 batches = [padded_batches(data, collator, config.batch_size) for data in (train_data, eval_data)]
-                train_data = cache_head_inputs(model, batches[0], max_bytes=None)  # its size was checked above
-                eval_data = None if eval_data is None else cache_head_inputs(model, batches[1], max_bytes=None)
+                train_data = cache_head_inputs(model, batches[0])
+                eval_data = None if eval_data is None else cache_head_inputs(model, batches[1])
                 trainee, collator = EmbeddingHeadsOnStates(model), collate_head_inputs
         trainer = FastBertEmbeddingTrainer(
             model=trainee,
