@@ -12,7 +12,9 @@ full depth as a fraction of the oracle's (the first layer that answers as the te
 on test as in `bench_exit_rules.py`). `--distill-max-epochs 10 30` distills one copy per epoch budget, on cached
 states: what cheaper epochs buy when the students have not converged; `--branch-hidden-size 128 256` does the same
 per student width (new students of that width, initialized as the model initializes its own; their FLOPs are counted
-in the speed-ups).
+in the speed-ups). `--unlabeled-size 0 2500` distills one copy per amount of extra unlabeled in-domain text beside the
+training texts (the paper's point): the training split's texts after the first `--train-size` + 1,000 (those 1,000
+are `bench_exit_rules.py`'s validation documents on Reuters), labels dropped.
 
 Targets (issue 26): distillation to convergence costs <= 1.5x one fine-tuning epoch, with the same students' quality
 as without the cache; the default rule reaches >= 0.6 of the oracle's speed-up within 1 point.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from datasets import concatenate_datasets
 
 from hf_fastbert import FastBertDistillationTrainer, FastBertTrainingArguments
 from hf_fastbert.analysis import sweep_logits
@@ -67,9 +70,15 @@ def parse_args(argv=None):
         "--distill-max-epochs", type=float, nargs="+", default=[10.0], help="Distillation epoch budgets: one run each."
     )
     parser.add_argument("--branch-hidden-size", type=int, nargs="+", default=[128], help="Student widths, a run each.")
+    parser.add_argument(
+        "--unlabeled-size", type=int, nargs="+", default=[0], help="Extra unlabeled texts to distill on, a run each."
+    )
     parser.add_argument("--compare-uncached", action="store_true", help="Also distill with the backbone every step.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target machine has 2 cores).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--save-model", help="Save the first run's distilled model (and tokenizer) here, e.g. for bench_exit_rules.py."
+    )
     parser.add_argument("--name", default=None, help="Results file name (default: cached_distillation_<dataset>).")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     return parser.parse_args(argv)
@@ -154,17 +163,30 @@ def main(argv=None):
         train = prepare_dataset(raw["train"], tokenizer, max_length=args.max_length, split="train")
         train = train.remove_columns("labels")  # distillation needs no labels
         test = prepare_dataset(raw["test"], tokenizer, max_length=args.max_length, split="test")
+        start = min(args.train_size + 1000, len(data["train"]))
+        unlabeled = data["train"].select(range(start, min(start + max(args.unlabeled_size), len(data["train"]))))
+        unlabeled = prepare_dataset(unlabeled, tokenizer, max_length=args.max_length, split="unlabeled")
         runs = {}
         widths, budgets = args.branch_hidden_size, args.distill_max_epochs
-        plans = [(True, width, epochs) for width in widths for epochs in budgets]
-        plans += [(False, widths[0], budgets[0])] if args.compare_uncached else []
-        for cache, width, max_epochs in plans:
+        plans = [
+            (True, width, epochs, extra) for width in widths for epochs in budgets for extra in args.unlabeled_size
+        ]
+        plans += [(False, widths[0], budgets[0], args.unlabeled_size[0])] if args.compare_uncached else []
+        for cache, width, max_epochs, extra in plans:
             label = f"{'cached' if cache else 'uncached'}, width {width}, at most {max_epochs:g} epochs"
+            texts = train
+            if extra:
+                extra = min(extra, len(unlabeled))
+                label += f", +{extra} unlabeled texts"
+                texts = concatenate_datasets([train, unlabeled.select(range(extra)).remove_columns("labels")])
             model = with_students_of_width(finetuned.model, width)  # the same fine-tuned teacher
-            run = distill(model, train, tokenizer, args, cache, max_epochs, str(Path(work_dir) / label))
+            run = distill(model, texts, tokenizer, args, cache, max_epochs, str(Path(work_dir) / label))
             run["over_finetune_epoch"] = round(run["seconds"] / finetune_epoch, 3)
             run.update(quality(model.eval(), test, model.config, args.batch_size))
             runs[label] = run
+            if args.save_model and len(runs) == 1:
+                model.save_pretrained(args.save_model)
+                tokenizer.save_pretrained(args.save_model)
             print(
                 f"{label}: {run['seconds']:.0f} s = {run['over_finetune_epoch']:.2f} "
                 f"fine-tuning epochs ({finetune_epoch:.0f} s); {run['convergence']['stopped']} after "
@@ -186,7 +208,12 @@ def main(argv=None):
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "data": {"dataset": args.dataset, "train_size": len(raw["train"]), "test_size": len(raw["test"])},
+        "data": {
+            "dataset": args.dataset,
+            "train_size": len(raw["train"]),
+            "test_size": len(raw["test"]),
+            "unlabeled_available": len(unlabeled),
+        },
         "settings": {
             "max_length": args.max_length,
             "batch_size": args.batch_size,
