@@ -442,3 +442,12 @@ def test_train_options_from_a_config_file_the_command_line_wins(tmp_path, capsys
     assert "run.json: unknown options epochz" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err
+
+
+def test_failed_distillation_retry_hint_depends_on_how_distillation_stopped():
+    from hf_fastbert.cli.train import retry_hint
+
+    # Out of budget: more epochs can help; converged: they cannot, more in-domain text can.
+    assert retry_hint({"stopped": "budget"}, 30.0) == "--distill-max-epochs 60"
+    assert retry_hint(None, 2.5) == "--distill-max-epochs 5"  # fixed epochs, no convergence record
+    assert retry_hint({"stopped": "converged"}, 30.0).startswith("--unlabeled-file ")
