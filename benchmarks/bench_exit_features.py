@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_exit_rules import SPEEDS, best_within, full_pass, load_splits
+from bench_exit_rules import SPEEDS, best_within, validation_and_test_passes
 from transformers import AutoTokenizer
 
 from hf_fastbert import FastBertForSequenceClassification
@@ -178,11 +178,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = load_splits(args.dataset, args.train_size, args.validation_size, args.test_size)
-    passes = {}
-    for split in ("validation", "test"):
-        texts, labels = list(data[split]["text"]), torch.tensor(data[split]["label"])
-        passes[split] = (*full_pass(model, tokenizer, texts, args.max_length), labels)
+    passes, _ = validation_and_test_passes(model, tokenizer, args)
     (val_logits, val_lengths, val_labels), (test_logits, test_lengths, test_labels) = (
         passes["validation"],
         passes["test"],

@@ -75,6 +75,19 @@ def load_splits(name, train_size, validation_size, test_size):
     return {"validation": data["validation"], "test": data["test"].select(range(min(test_size, len(data["test"]))))}
 
 
+def validation_and_test_passes(model, tokenizer, args, log=None):
+    """{"validation": ..., "test": ...}: each split's (N, L, C) logits, (N,) token counts and (N,) labels, from one
+    full-depth pass (`args`: dataset, sizes, max_length)."""
+    data = load_splits(args.dataset, args.train_size, args.validation_size, args.test_size)
+    passes = {}
+    for split in ("validation", "test"):
+        texts, labels = list(data[split]["text"]), torch.tensor(data[split]["label"])
+        passes[split] = (*full_pass(model, tokenizer, texts, args.max_length), labels)
+        if log is not None:
+            log(f"{split}: {len(texts)} samples")
+    return passes, data
+
+
 def best_within(rows, budget):
     """The row with the largest speed-up whose accuracy is within `budget` of the speed-0 row's."""
     floor = rows[0]["accuracy"] - budget
@@ -106,12 +119,9 @@ def main(argv=None):
     if args.uncertainty_top_k is not None:
         model.config.uncertainty_top_k = args.uncertainty_top_k
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = load_splits(args.dataset, args.train_size, args.validation_size, args.test_size)
-    passes = {}
-    for split in ("validation", "test"):
-        texts, labels = list(data[split]["text"]), torch.tensor(data[split]["label"])
-        passes[split] = (*full_pass(model, tokenizer, texts, args.max_length), labels)
-        print(f"{split}: {len(texts)} samples, {time.time() - started:.0f} s", file=sys.stderr)
+    passes, data = validation_and_test_passes(
+        model, tokenizer, args, log=lambda line: print(f"{line}, {time.time() - started:.0f} s", file=sys.stderr)
+    )
     model.calibrate_exit_rules(passes["validation"][0])
     config = model.config
 
