@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from hf_fastbert import FastBertForSequenceClassification
 from hf_fastbert.analysis import cross_fitted_metrics
 from hf_fastbert.evaluation import metrics_at_speeds
-from hf_fastbert.exit_rules import agreement_streak, exit_features, oracle_exits
+from hf_fastbert.exit_rules import agreement_streak, exit_features, fit_logistic, oracle_exits
 from hf_fastbert.flops import fastbert_flops, stock_flops
 
 
@@ -68,25 +68,15 @@ def variant_features(all_logits, top_k, per_class, all_layers):
 
 
 def fit_heads(all_logits, top_k, per_class, all_layers, class_l2, steps=200):
-    """Logistic heads as `fit_exit_heads` fits them; per-class intercepts get `class_l2`."""
+    """Logistic heads as `fit_exit_heads` fits them (its L2 on the shared weights); per-class intercepts get
+    `class_l2`."""
     teacher = all_logits[:, -1].argmax(dim=-1)
     heads = []
     for features, answers in variant_features(all_logits, top_k, per_class, all_layers):
         shared = features.shape[1] - (all_logits.shape[2] if per_class else 0)
-        target = (answers == teacher).double()
-        weights = torch.zeros(features.shape[1], dtype=torch.double, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weights], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure(features=features, target=target, weights=weights, optimizer=optimizer, shared=shared):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(features @ weights, target)
-            loss = loss + 1e-4 * weights[1:shared].pow(2).sum() + class_l2 * weights[shared:].pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
-        heads.append(weights.detach())
+        l2 = torch.full((features.shape[1],), 1e-4, dtype=torch.double)
+        l2[0], l2[shared:] = 0.0, class_l2
+        heads.append(fit_logistic(features, (answers == teacher).double(), l2, steps))
     return heads
 
 
@@ -129,7 +119,8 @@ def cross_fitted(all_logits, seq_lengths, labels, config, per_class, all_layers,
 
 
 def auc(scores, positives):
-    """Probability that a random positive scores above a random negative (ties count half)."""
+    """Probability that a random positive scores above a random negative (tied scores ranked in argsort's order;
+    the heads' scores are continuous)."""
     ranks = torch.empty_like(scores)
     ranks[scores.argsort()] = torch.arange(1, len(scores) + 1, dtype=scores.dtype)
     count = positives.sum()

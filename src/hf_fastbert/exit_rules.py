@@ -192,30 +192,35 @@ def fit_exit_heads(all_logits: torch.Tensor, top_k: int | None = None, steps: in
     """
     num_layers = all_logits.shape[1]
     teacher = all_logits[:, -1].argmax(dim=-1)
+    l2 = torch.tensor([0.0, 1e-4, 1e-4, 1e-4, 1e-4], dtype=torch.double)  # a little keeps separable layers finite
     heads, state = [], None
     for index in range(num_layers - 1):
         logits = all_logits[:, index].float()
         predictions = logits.argmax(dim=-1)
-        streak = (
-            torch.ones_like(predictions) if state is None else torch.where(predictions == state[0], state[1] + 1, 1)
-        )
+        streak = agreement_streak(predictions, state)
         state = (predictions, streak)
         features = exit_features(logits, streak, num_layers, top_k).double()  # (N, 5)
-        target = (predictions == teacher).double()
-        weights = torch.zeros(features.shape[1], dtype=torch.double, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weights], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure(features=features, target=target, weights=weights, optimizer=optimizer):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(features @ weights, target)
-            loss = loss + 1e-4 * weights[1:].pow(2).sum()  # a little L2 keeps separable layers finite
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
-        heads.append([float(value) for value in weights.detach()])
+        weights = fit_logistic(features, (predictions == teacher).double(), l2, steps)
+        heads.append([float(value) for value in weights])
     return heads
+
+
+def fit_logistic(features: torch.Tensor, target: torch.Tensor, l2: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """(F,) float64 weights of a logistic regression of the (N,) 0/1 `target` on (N, F) float64 `features`, by
+    L-BFGS from zero, with the L2 penalty `l2` (F,) per weight (0 for the bias) added to the mean log-loss."""
+    weights = torch.zeros(features.shape[1], dtype=torch.double, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(features @ weights, target)
+        loss = loss + (l2 * weights.pow(2)).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weights.detach()
 
 
 def check_exit_rule(config, rule: str | None = None) -> str:
@@ -247,6 +252,7 @@ __all__ = [
     "calibrate_thresholds",
     "exits_at_layer",
     "fit_exit_heads",
+    "fit_logistic",
     "normalized_entropy",
     "oracle_exits",
     "select_exits",
