@@ -8,6 +8,7 @@ from hf_fastbert.analysis import (
     calibrate,
     calibrate_speed,
     choose_exit_rule,
+    cross_fitted_metrics,
     format_table,
     luha_table,
     oracle_metrics,
@@ -35,6 +36,42 @@ def test_calibrate_speed_accuracy_drop():
     assert calibrate_speed(RESULTS, max_accuracy_drop=0.0)["speed"] == 0.1
     assert calibrate_speed(RESULTS, max_accuracy_drop=0.02)["speed"] == 0.3  # 0.78 = 0.80 - 0.02 exactly
     assert calibrate_speed(list(reversed(RESULTS)), max_accuracy_drop=1.0)["speed"] == 0.4
+
+
+def test_calibrate_speed_with_confidence_tests_each_speed_at_its_upper_bound_in_order():
+    rows = [
+        {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0, "accuracy_drop_se": 0.0},
+        {"speed": 0.1, "accuracy": 0.80, "flops_speedup": 1.6, "accuracy_drop_se": 0.001},
+        {"speed": 0.2, "accuracy": 0.796, "flops_speedup": 2.1, "accuracy_drop_se": 0.004},
+        {"speed": 0.3, "accuracy": 0.79, "flops_speedup": 2.9, "accuracy_drop_se": 0.008},
+    ]
+    assert calibrate_speed(rows, max_accuracy_drop=0.005)["speed"] == 0.2  # the point estimate
+    # 0.2 at 95%: 0.004 + 1.645 x 0.004 = 0.0106 > 0.005; 0.1: 0 + 0.0016 passes.
+    assert calibrate_speed(rows, max_accuracy_drop=0.005, confidence=0.95)["speed"] == 0.1
+    assert calibrate_speed(rows, max_accuracy_drop=0.011, confidence=0.95)["speed"] == 0.2
+    # 0.3 at 95%: 0.01 + 0.0132 = 0.0232; at 50% the bound is the point estimate.
+    assert calibrate_speed(rows, max_accuracy_drop=0.0235, confidence=0.95)["speed"] == 0.3
+    assert calibrate_speed(rows, max_accuracy_drop=0.01, confidence=0.5)["speed"] == 0.3
+    # A speed that passes after one that failed is luck on these samples: the point estimate takes it, the bound stops.
+    lucky = rows + [{"speed": 0.4, "accuracy": 0.80, "flops_speedup": 3.5, "accuracy_drop_se": 0.001}]
+    assert calibrate_speed(lucky, max_accuracy_drop=0.005)["speed"] == 0.4
+    assert calibrate_speed(lucky, max_accuracy_drop=0.005, confidence=0.95)["speed"] == 0.1
+    for bad in (0.0, 1.0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            calibrate_speed(rows, max_accuracy_drop=0.01, confidence=bad)
+    with pytest.raises(ValueError, match="give it with max_accuracy_drop"):
+        calibrate_speed(rows, target_speedup=2.0, confidence=0.95)
+    with pytest.raises(ValueError, match="accuracy_drop_se"):
+        calibrate_speed(RESULTS, max_accuracy_drop=0.01, confidence=0.95)
+
+
+def test_describe_drop_states_the_bound_on_new_data():
+    from hf_fastbert.analysis import describe_drop
+
+    text = describe_drop({"accuracy": 0.795, "accuracy_drop_se": 0.008}, {"accuracy": 0.80})
+    assert text == "0.50 points below full depth on these samples, up to 1.82 on new data (95% bound)"
+    assert describe_drop({"accuracy": 0.795}, {"accuracy": 0.80}) == "0.50 points below full depth"
+    assert describe_drop({"accuracy": 0.802}, {"accuracy": 0.80}) == "0.20 points above full depth"
 
 
 def test_calibrate_speed_target_speedup():
@@ -204,6 +241,73 @@ def test_calibrate_picks_a_rule_and_sets_the_config(model_and_data):
     assert set(report.by_rule) == {"thresholds", "learned"} and report.oracle["accuracy"] == choice.oracle["accuracy"]
     with pytest.raises(ValueError, match="exactly one"):
         calibrate(model, dataset)
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
+
+
+@pytest.mark.parametrize("rule", ["thresholds", "learned"])
+def test_cross_fitted_drop_standard_error_is_the_pooled_samples_own(model_and_data, rule):
+    """Pooling the folds' standard errors gives the standard error of every sample's own cross-fitted answer."""
+    import copy
+
+    from hf_fastbert.evaluation import accuracy_drop_standard_error, predict_all_logits
+    from hf_fastbert.exit_rules import calibrate_thresholds, fit_exit_heads, select_exits
+
+    model, dataset = model_and_data
+    all_logits, seq_lengths, labels = predict_all_logits(model, dataset, batch_size=16)
+    speeds = [0.0, 0.3, 0.6, 0.9]
+    rows = cross_fitted_metrics(all_logits, seq_lengths, labels, model.config, speeds, rule)
+    fold_of = torch.arange(len(labels)) % 2
+    for row in rows:
+        right = torch.zeros(len(labels), dtype=torch.bool)
+        for fold in range(2):
+            held, fit = fold_of == fold, fold_of != fold
+            fitted = copy.deepcopy(model.config)
+            if rule == "thresholds":
+                fitted.exit_thresholds = calibrate_thresholds(all_logits[fit], fitted.uncertainty_top_k)
+            else:
+                fitted.exit_heads = fit_exit_heads(all_logits[fit], fitted.uncertainty_top_k)
+            logits, _ = select_exits(all_logits[held], row["speed"], fitted, rule)
+            right[held] = logits.argmax(dim=-1) == labels[held]
+        full_depth = all_logits[:, -1].argmax(dim=-1) == labels
+        assert row["accuracy"] == pytest.approx(right.double().mean().item(), abs=1e-12)
+        assert row["accuracy_drop_se"] == pytest.approx(accuracy_drop_standard_error(full_depth, right), abs=1e-9)
+    assert rows[0]["accuracy_drop_se"] == 0.0 and any(row["accuracy_drop_se"] > 0 for row in rows)
+
+
+def test_calibrate_with_confidence_is_never_faster(model_and_data):
+    model, dataset = model_and_data
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
+    speeds = [round(0.05 * i, 2) for i in range(20)]
+    point = calibrate(model, dataset, max_accuracy_drop=0.05, exit_rules=["entropy"], speeds=speeds, batch_size=16)
+    bound = calibrate(
+        model, dataset, max_accuracy_drop=0.05, confidence=0.95, exit_rules=["entropy"], speeds=speeds, batch_size=16
+    )
+    assert bound.speed <= point.speed
+    drop = bound.reference["accuracy"] - bound.row["accuracy"]
+    assert drop + 1.6448536 * bound.row["accuracy_drop_se"] <= 0.05 + 1e-9
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        calibrate(model, dataset, max_accuracy_drop=0.05, confidence=95)
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
+
+
+def test_train_default_speed_with_confidence_says_so(model_and_data):
+    from hf_fastbert.evaluation import predict_all_logits
+    from hf_fastbert.training import FastBertTrainingConfig
+    from hf_fastbert.training.train import calibrate_default_speed, describe_default_speed
+
+    model, dataset = model_and_data
+    model.config.exit_rule, model.config.speed = "entropy", 0.0
+    logits = predict_all_logits(model, dataset, batch_size=16)
+    point = calibrate_default_speed(model, *logits, "tiny", max_accuracy_drop=0.05)
+    bound = calibrate_default_speed(model, *logits, "tiny", max_accuracy_drop=0.05, confidence=0.95)
+    assert bound["speed"] <= point["speed"] and (point["confidence"], bound["confidence"]) == (None, 0.95)
+    assert "within 5 accuracy points of full depth at 95% confidence on new data" in describe_default_speed(bound)
+    if point["speed"] > 0:
+        assert "--accuracy-confidence 0.95" in describe_default_speed(point)
+    with pytest.raises(ValueError, match="give both, or neither"):
+        FastBertTrainingConfig(accuracy_confidence=0.95, max_accuracy_drop=None)
+    with pytest.raises(ValueError, match="accuracy_confidence"):
+        FastBertTrainingConfig(accuracy_confidence=1.0)
     model.config.exit_rule, model.config.speed = "entropy", 0.0
 
 

@@ -298,6 +298,8 @@ def test_train_bad_input(bert_dir, tmp_path, capsys):
     assert main(["train", *common, "--dataset", str(train), "--text-column", "review"]) == 1
     assert "no column 'review'" in capsys.readouterr().err
     assert main(["train", *common, "--dataset", str(train), "--epochs", "-1"]) == 2
+    assert main(["train", *common, "--dataset", str(train), "--accuracy-confidence", "95"]) == 2
+    assert "--accuracy-confidence must be a number in (0, 1), got 95.0" in capsys.readouterr().err
     assert not out.exists()  # nothing half-written
 
 
@@ -370,6 +372,13 @@ def test_train_defaults_demo_and_user_data():
 def test_calibrate_refuses_a_nan_accuracy_drop(capsys):
     assert main(["calibrate", "some-model", "--max-accuracy-drop", "nan"]) == 2
     assert "max-accuracy-drop" in capsys.readouterr().err
+
+
+def test_calibrate_confidence_is_checked_before_loading(capsys):
+    assert main(["calibrate", "some-model", "--max-accuracy-drop", "0.01", "--confidence", "95"]) == 2
+    assert "--confidence: must be a probability" in capsys.readouterr().err
+    assert main(["calibrate", "some-model", "--target-speedup", "2", "--confidence", "0.95"]) == 1
+    assert "--confidence bounds an accuracy budget" in capsys.readouterr().err
 
 
 def test_card_results_follow_the_models_exit_rule(tmp_path):

@@ -75,6 +75,25 @@ def test_metrics_at_speeds_worked_example():
     speedups = [row["flops_speedup"] for row in rows]
     assert speedups[0] == pytest.approx(1.0) and speedups[1] > 1.4 and speedups[2] > speedups[1]
     assert metrics_at_speeds(all_logits, [10, 10], config, speeds=[0.5])[0]["accuracy"] is None
+    # The drop's standard error: 0 where no answer changes; at speed 1, differences (0, 1) -> sqrt(0.25 / 2).
+    assert [row["accuracy_drop_se"] for row in rows] == [0.0, 0.0, pytest.approx(0.125**0.5)]
+    assert metrics_at_speeds(all_logits, [10, 10], config, speeds=[0.5])[0]["accuracy_drop_se"] is None
+
+
+def test_accuracy_drop_standard_error_counts_only_changed_answers():
+    from hf_fastbert.evaluation import accuracy_drop_standard_error
+
+    reference = torch.tensor([True, True, True, False])
+    # Differences (0, 1, 0, -1): mean 0, variance 0.5, standard error sqrt(0.5 / 4).
+    assert accuracy_drop_standard_error(reference, torch.tensor([True, False, True, True])) == pytest.approx(
+        0.125**0.5
+    )
+    assert accuracy_drop_standard_error(reference, reference) == 0.0
+    # 60 changed answers (all right -> wrong) in 1,000: about 0.75 points, whatever the accuracy.
+    right = torch.ones(1000, dtype=torch.bool)
+    changed = right.clone()
+    changed[:60] = False
+    assert 100 * accuracy_drop_standard_error(right, changed) == pytest.approx(0.751, abs=0.001)
 
 
 @pytest.mark.parametrize(

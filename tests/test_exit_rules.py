@@ -129,6 +129,8 @@ def test_cross_fitting_measures_each_half_with_the_other_halfs_fit(rule):
     in_sample.exit_heads = fit_exit_heads(half)
     expected = metrics_at_speeds(half, lengths, in_sample, speeds, labels, rule)
     for got, want in zip(pooled, expected, strict=True):
+        # The drop's standard error: the same spread over twice the samples.
+        assert got.pop("accuracy_drop_se") == pytest.approx(want.pop("accuracy_drop_se") / 2**0.5)
         assert got == pytest.approx(want)
     assert pooled[0]["mean_exit_layer"] == 4 and pooled[0]["flops_speedup"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="calibrated rules"):

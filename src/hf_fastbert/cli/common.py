@@ -77,6 +77,16 @@ def _positive_float(value):
     return number
 
 
+def _probability(value):
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must be a probability strictly between 0 and 1, e.g. 0.95, got {value!r}")
+    return number
+
+
 class _RefuseTokenArgument(argparse.Action):
     """`--token` on the command line shows the token in `ps` and the shell history: refused, with what to do."""
 

@@ -108,6 +108,10 @@ class FastBertTrainingConfig:
             reported test results are never the data the speed was chosen on. `None` keeps the checkpoint's speed (0
             for a stock checkpoint). Without distilled students or labelled calibration data the speed stays 0.
             `speed=0` per call (pipeline, model, CLI `--speed 0`) still runs every layer.
+        accuracy_confidence (`float`, *optional*):
+            With `max_accuracy_drop`, the probability (0.95) that the budget holds on new data, not only on the data
+            the speed is chosen on ([`hf_fastbert.analysis.calibrate_speed`]'s `confidence`): on 1,000 samples the
+            point estimate breaks a half-point budget on new data about half the time. `None`: the point estimate.
         luha_bins (`int`, *optional*, defaults to 10): Uncertainty bins of the LUHA view in `output_dir/sweep/`
             (`None`: no LUHA view). The sweep folder holds the evaluation split's tables and plots, from the same pass
             as `results` ([`hf_fastbert.analysis.write_sweep`]).
@@ -218,6 +222,13 @@ class FastBertTrainingConfig:
             "that split is 'test'). Speed 0 at predict time still runs every layer."
         },
     )
+    accuracy_confidence: float | None = field(
+        default=None,
+        metadata={
+            "help": "With max_accuracy_drop: choose the saved speed so that the budget holds on new data with this "
+            "probability (e.g. 0.95), not only on the data it is chosen on. Slower speeds, but a promise that holds."
+        },
+    )
     luha_bins: int | None = field(default=10, metadata={"help": "Uncertainty bins of the sweep's LUHA view."})
     # The output.
     overwrite_output_dir: bool = field(
@@ -266,6 +277,9 @@ class FastBertTrainingConfig:
             allow_none=True,
             hint=" (a fraction: 0.005 is half a point)",
         )
+        _number("accuracy_confidence", self.accuracy_confidence, 0, 1, low_open=True, high_open=True, allow_none=True)
+        if self.accuracy_confidence is not None and self.max_accuracy_drop is None:
+            raise ValueError("`accuracy_confidence` bounds `max_accuracy_drop`: give both, or neither.")
         self.uncertainty_top_k = _top_k(self.uncertainty_top_k)
         self.eval_speeds = sorted(set(validate_speeds(self.eval_speeds, name="eval_speeds")))
         if self.push_to_hub and self.hub_model_id is not None:

@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
-from ..analysis import Sweep, results_source, sweep_logits, write_sweep
+from ..analysis import Sweep, describe_drop, results_source, sweep_logits, write_sweep
 from ..backbones import BACKBONES, takes_token_type_ids
 from ..configuration_fastbert import fastbert_config_class
 from ..constants import MAX_ACCURACY_DROP, RESULTS_FILENAME
@@ -92,7 +92,7 @@ class FastBertTrainingOutput:
 
 
 def calibrate_default_speed(
-    model, all_logits, seq_lengths, labels, data: str, max_accuracy_drop=MAX_ACCURACY_DROP
+    model, all_logits, seq_lengths, labels, data: str, max_accuracy_drop=MAX_ACCURACY_DROP, confidence=None
 ) -> dict:
     """
     Set `model.config.speed` to the largest speed (0, 0.01, ..., 0.99) of the model's exit rule whose accuracy on the
@@ -101,33 +101,55 @@ def calibrate_default_speed(
 
     Returns:
         `dict` with `exit_rule`, `speed`, `max_accuracy_drop`, `data` ("1,000 samples of <data>"), `samples`,
-        `accuracy`, `reference_accuracy` and `flops_speedup` (the last three on the same data).
+        `accuracy`, `reference_accuracy`, `flops_speedup` (the last three on the same data) and `accuracy_drop_se`
+        (the standard error of the drop measured there: what it may be on new data).
     """
     from ..analysis import calibrate_logits
 
     choice = calibrate_logits(
-        model, all_logits, seq_lengths, labels, max_accuracy_drop=max_accuracy_drop, exit_rules=model.config.exit_rule
+        model,
+        all_logits,
+        seq_lengths,
+        labels,
+        max_accuracy_drop=max_accuracy_drop,
+        confidence=confidence,
+        exit_rules=model.config.exit_rule,
     )
     return {
         "exit_rule": choice.exit_rule,
         "speed": choice.speed,
         "max_accuracy_drop": max_accuracy_drop,
+        "confidence": confidence,
         "data": f"{len(labels):,} samples of {data}",
         "samples": len(labels),
         "accuracy": choice.row["accuracy"],
         "reference_accuracy": choice.reference["accuracy"],
         "flops_speedup": choice.row["flops_speedup"],
+        "accuracy_drop_se": choice.row["accuracy_drop_se"],
     }
 
 
 def describe_default_speed(default_speed: dict) -> str:
-    """One sentence: the default speed and how it was chosen (printed by `train`, written on the model card)."""
-    return (
-        f"Default speed {default_speed['speed']:g} ({default_speed['exit_rule']} rule): the largest speed within "
-        f"{100 * default_speed['max_accuracy_drop']:g} accuracy points of full depth on {default_speed['data']} "
-        f"({default_speed['accuracy']:.2%} against {default_speed['reference_accuracy']:.2%}, "
+    """The default speed and how it was chosen (printed by `train`, written on the model card), with what its drop
+    may be on new data when the standard error is known."""
+    confidence = default_speed.get("confidence")
+    within = f"within {100 * default_speed['max_accuracy_drop']:g} accuracy points of full depth"
+    if confidence:
+        within += f" at {confidence:.0%} confidence on new data, tested in order of speed"
+    text = (
+        f"Default speed {default_speed['speed']:g} ({default_speed['exit_rule']} rule): the largest speed {within} on "
+        f"{default_speed['data']} ({default_speed['accuracy']:.2%} against {default_speed['reference_accuracy']:.2%}, "
         f"{default_speed['flops_speedup']:.2f}x fewer FLOPs). `speed=0` runs every layer."
     )
+    if default_speed.get("accuracy_drop_se") and default_speed["speed"] > 0:
+        drop = {"accuracy": default_speed["accuracy"], "accuracy_drop_se": default_speed["accuracy_drop_se"]}
+        text += f" Measured: {describe_drop(drop, {'accuracy': default_speed['reference_accuracy']})}."
+        if not confidence:
+            text += (
+                " `--accuracy-confidence 0.95` (or `hf-fastbert calibrate ... --confidence 0.95`) chooses a speed "
+                "that keeps the budget on new data at that confidence."
+            )
+    return text
 
 
 def _warmup_steps(common: dict, warmup_ratio: float, num_samples: int, epochs: float) -> int:
@@ -489,7 +511,9 @@ def train_fastbert(
                     model.config.speed,
                 )
             if calibration_logits is not None:
-                default_speed = calibrate_default_speed(model, *calibration_logits, data, config.max_accuracy_drop)
+                default_speed = calibrate_default_speed(
+                    model, *calibration_logits, data, config.max_accuracy_drop, config.accuracy_confidence
+                )
         distiller.training_notes = training_notes(
             convergence, finetune_steps, finetune_learning_rate, distill_epochs, config.distill_learning_rate
         )
