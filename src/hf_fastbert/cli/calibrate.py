@@ -58,8 +58,8 @@ def register(commands):
         type=_probability,
         help="With --max-accuracy-drop: keep the budget on new data with this probability (e.g. 0.95), not only on "
         "this validation data. Each speed's accuracy drop is read at its upper confidence bound: slower speeds, "
-        "but a promise that holds (a point estimate on 1,000 samples breaks a half-point budget on new data about "
-        "half the time).",
+        "but a promise that holds (a point estimate on 1,000 samples breaks a half-point budget on new data in about "
+        "half the draws or more).",
     )
     calibrate.add_argument(
         "--speeds",
