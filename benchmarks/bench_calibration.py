@@ -25,7 +25,6 @@ Usage:
 
 import argparse
 import json
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -37,9 +36,9 @@ from bench_exit_rules import DATASETS, validation_and_test_passes
 from transformers import AutoTokenizer
 
 from hf_fastbert import FastBertForSequenceClassification
-from hf_fastbert.analysis import CALIBRATED_RULES, calibrate_speed
+from hf_fastbert.analysis import CALIBRATED_RULES, calibrate_speed, describe_drop
 from hf_fastbert.constants import CALIBRATION_SPEEDS
-from hf_fastbert.evaluation import metrics_at_speeds
+from hf_fastbert.evaluation import accuracy_drop_standard_error, metrics_at_speeds
 from hf_fastbert.exit_rules import select_exits
 from hf_fastbert.flops import fastbert_flops, stock_flops
 
@@ -62,13 +61,16 @@ def curve(right, flops, stock, index):
     """The rows `metrics_at_speeds` gives on the samples `index`."""
     accuracy = right[:, index].mean(dim=1)
     speedup = stock[index].sum() / flops[:, index].sum(dim=1)
-    drop_se = (right[0, index][None] - right[:, index]).std(dim=1, unbiased=False) / math.sqrt(len(index))
+    full_depth, here = right[0, index][None], right[:, index]
+    lost, gained = (full_depth * (1 - here)).sum(dim=1), ((1 - full_depth) * here).sum(dim=1)
     return [
         {
             "speed": speed,
             "accuracy": accuracy[k].item(),
             "flops_speedup": speedup[k].item(),
-            "accuracy_drop_se": drop_se[k].item(),
+            "accuracy_drop_se": 0.0
+            if speed == 0
+            else accuracy_drop_standard_error(int(lost[k]), int(gained[k]), len(index)),
         }
         for k, speed in enumerate(CALIBRATION_SPEEDS)
     ]
@@ -154,7 +156,14 @@ def main(argv=None):
         for method in METHODS:
             k = choose(method, right, validation, rows, budget)
             drop, speedup = held_out(right, flops, stock, test, k)
-            shipped[f"{budget}/{method}"] = {"speed": CALIBRATION_SPEEDS[k], "drop": drop, "flops_speedup": speedup}
+            shipped[f"{budget}/{method}"] = {
+                "speed": CALIBRATION_SPEEDS[k],
+                "drop": drop,
+                "flops_speedup": speedup,
+                "validation_flops_speedup": rows[k]["flops_speedup"],
+                # What `train` / `calibrate` print for this choice on the validation split.
+                "validation_description": describe_drop(rows[k], rows[0]),
+            }
 
     generator = torch.Generator().manual_seed(args.seed)
     settings = []
@@ -222,6 +231,14 @@ def main(argv=None):
             f"{row['mean_flops_speedup']:.2f}x | {split['speed']:g}, {100 * split['drop']:.2f}, "
             f"{split['flops_speedup']:.2f}x |"
         )
+    lines += ["", "On the validation split as shipped, what `train` and `calibrate` print for each choice:", ""]
+    for budget in args.budgets:
+        for method in ("package", "confidence 0.95"):
+            split = shipped[f"{budget}/{method}"]
+            lines.append(
+                f"- budget {100 * budget:g} points, {method}: speed {split['speed']:g}, "
+                f"{split['validation_flops_speedup']:.2f}x fewer FLOPs, {split['validation_description']}"
+            )
     table = "\n".join(lines) + "\n"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,8 @@ def main(argv=None):
         "--quantized-students", action="store_true", help="add an int8 export whose students are quantized whole"
     )
     args = parser.parse_args(argv)
+    if args.confidence is not None and not 0 < args.confidence < 1:
+        parser.error(f"--confidence must be strictly between 0 and 1, got {args.confidence}")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     started = time.time()

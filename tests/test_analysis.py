@@ -65,11 +65,27 @@ def test_calibrate_speed_with_confidence_tests_each_speed_at_its_upper_bound_in_
         calibrate_speed(RESULTS, max_accuracy_drop=0.01, confidence=0.95)
 
 
+def test_choose_exit_rule_shares_the_confidence_among_rules():
+    rows = [
+        {"speed": 0.0, "accuracy": 0.80, "flops_speedup": 1.0, "accuracy_drop_se": 0.0},
+        {"speed": 0.5, "accuracy": 0.80, "flops_speedup": 2.0, "accuracy_drop_se": 0.0028},
+    ]
+    # One rule at 95%: 1.645 x 0.0028 = 0.0046 passes a 0.005 budget; two rules at 97.5% each: 1.96 x 0.0028 fails.
+    _, row, _ = choose_exit_rule({"entropy": rows}, max_accuracy_drop=0.005, confidence=0.95)
+    assert row["speed"] == 0.5
+    _, row, _ = choose_exit_rule({"entropy": rows, "patience": rows}, max_accuracy_drop=0.005, confidence=0.95)
+    assert row["speed"] == 0.0
+    with pytest.raises(ValueError, match="give it with max_accuracy_drop"):  # not "no rule reaches 2x"
+        choose_exit_rule({"entropy": rows}, target_speedup=2.0, confidence=0.95)
+
+
 def test_describe_drop_states_the_bound_on_new_data():
     from hf_fastbert.analysis import describe_drop
 
     text = describe_drop({"accuracy": 0.795, "accuracy_drop_se": 0.008}, {"accuracy": 0.80})
-    assert text == "0.50 points below full depth on these samples, up to 1.82 on new data (95% bound)"
+    assert text == "0.50 points below full depth on these samples, expected drop at most 1.82 (95% bound)"
+    text = describe_drop({"accuracy": 0.795, "accuracy_drop_se": 0.008}, {"accuracy": 0.80}, confidence=0.5)
+    assert text.endswith("expected drop at most 0.50 (50% bound)")
     assert describe_drop({"accuracy": 0.795}, {"accuracy": 0.80}) == "0.50 points below full depth"
     assert describe_drop({"accuracy": 0.802}, {"accuracy": 0.80}) == "0.20 points above full depth"
 
@@ -269,9 +285,12 @@ def test_cross_fitted_drop_standard_error_is_the_pooled_samples_own(model_and_da
             logits, _ = select_exits(all_logits[held], row["speed"], fitted, rule)
             right[held] = logits.argmax(dim=-1) == labels[held]
         full_depth = all_logits[:, -1].argmax(dim=-1) == labels
+        lost, gained = int((full_depth & ~right).sum()), int((right & ~full_depth).sum())
         assert row["accuracy"] == pytest.approx(right.double().mean().item(), abs=1e-12)
-        assert row["accuracy_drop_se"] == pytest.approx(accuracy_drop_standard_error(full_depth, right), abs=1e-9)
-    assert rows[0]["accuracy_drop_se"] == 0.0 and any(row["accuracy_drop_se"] > 0 for row in rows)
+        assert (row["answers_lost"], row["answers_gained"]) == (lost, gained)
+        if row["speed"] > 0:
+            assert row["accuracy_drop_se"] == pytest.approx(accuracy_drop_standard_error(lost, gained, len(labels)))
+    assert rows[0]["accuracy_drop_se"] == 0.0 and any(row["answers_lost"] > 0 for row in rows)
 
 
 def test_calibrate_with_confidence_is_never_faster(model_and_data):
@@ -301,9 +320,10 @@ def test_train_default_speed_with_confidence_says_so(model_and_data):
     point = calibrate_default_speed(model, *logits, "tiny", max_accuracy_drop=0.05)
     bound = calibrate_default_speed(model, *logits, "tiny", max_accuracy_drop=0.05, confidence=0.95)
     assert bound["speed"] <= point["speed"] and (point["confidence"], bound["confidence"]) == (None, 0.95)
-    assert "within 5 accuracy points of full depth at 95% confidence on new data" in describe_default_speed(bound)
-    if point["speed"] > 0:
-        assert "--accuracy-confidence 0.95" in describe_default_speed(point)
+    assert "within 5 accuracy points of full depth at 95% confidence" in describe_default_speed(bound)
+    if point["speed"] > 0:  # the advice is for the person training, not for the model card
+        assert "--accuracy-confidence 0.95" in describe_default_speed(point, advise=True)
+        assert "--accuracy-confidence" not in describe_default_speed(point)
     with pytest.raises(ValueError, match="give both, or neither"):
         FastBertTrainingConfig(accuracy_confidence=0.95, max_accuracy_drop=None)
     with pytest.raises(ValueError, match="accuracy_confidence"):

@@ -10,7 +10,12 @@ from tiny_models import random_batch, tiny_model
 from transformers import EvalPrediction
 
 from hf_fastbert import FastBertMetrics, bert_flops, evaluate_speeds
-from hf_fastbert.evaluation import flatten_speed_metrics, metrics_at_speeds, predict_all_logits
+from hf_fastbert.evaluation import (
+    accuracy_drop_standard_error,
+    flatten_speed_metrics,
+    metrics_at_speeds,
+    predict_all_logits,
+)
 
 
 SPEEDS = [0.0, 0.2, 0.5, 0.8, 1.0]
@@ -75,25 +80,28 @@ def test_metrics_at_speeds_worked_example():
     speedups = [row["flops_speedup"] for row in rows]
     assert speedups[0] == pytest.approx(1.0) and speedups[1] > 1.4 and speedups[2] > speedups[1]
     assert metrics_at_speeds(all_logits, [10, 10], config, speeds=[0.5])[0]["accuracy"] is None
-    # The drop's standard error: 0 where no answer changes; at speed 1, differences (0, 1) -> sqrt(0.25 / 2).
-    assert [row["accuracy_drop_se"] for row in rows] == [0.0, 0.0, pytest.approx(0.125**0.5)]
-    assert metrics_at_speeds(all_logits, [10, 10], config, speeds=[0.5])[0]["accuracy_drop_se"] is None
+    # Changed answers: none until speed 1, where sample 1 is lost; the drop's standard error from them (exactly 0 at
+    # speed 0, full depth itself).
+    assert [(row["answers_lost"], row["answers_gained"]) for row in rows] == [(0, 0), (0, 0), (1, 0)]
+    assert [row["accuracy_drop_se"] for row in rows] == [
+        0.0,
+        pytest.approx(accuracy_drop_standard_error(0, 0, 2)),
+        pytest.approx(accuracy_drop_standard_error(1, 0, 2)),
+    ]
+    unlabelled = metrics_at_speeds(all_logits, [10, 10], config, speeds=[0.5])[0]
+    assert unlabelled["accuracy_drop_se"] is None and "answers_lost" not in unlabelled
 
 
 def test_accuracy_drop_standard_error_counts_only_changed_answers():
-    from hf_fastbert.evaluation import accuracy_drop_standard_error
-
-    reference = torch.tensor([True, True, True, False])
-    # Differences (0, 1, 0, -1): mean 0, variance 0.5, standard error sqrt(0.5 / 4).
-    assert accuracy_drop_standard_error(reference, torch.tensor([True, False, True, True])) == pytest.approx(
-        0.125**0.5
-    )
-    assert accuracy_drop_standard_error(reference, reference) == 0.0
-    # 60 changed answers (all right -> wrong) in 1,000: about 0.75 points, whatever the accuracy.
-    right = torch.ones(1000, dtype=torch.bool)
-    changed = right.clone()
-    changed[:60] = False
-    assert 100 * accuracy_drop_standard_error(right, changed) == pytest.approx(0.751, abs=0.001)
+    # Agresti-Min: half a sample added to each cell of the paired table. 60 answers lost in 1,000: about 0.75 points.
+    lost, gained = 60.5 / 1002, 0.5 / 1002
+    expected = ((lost + gained - (lost - gained) ** 2) / 1002) ** 0.5
+    assert accuracy_drop_standard_error(60, 0, 1000) == pytest.approx(expected)
+    assert 100 * accuracy_drop_standard_error(60, 0, 1000) == pytest.approx(0.756, abs=0.001)
+    # No changed answer still leaves a bound (0.1 points), where the plain estimate would say 0.
+    assert 100 * accuracy_drop_standard_error(0, 0, 1000) == pytest.approx(0.0998, abs=0.0001)
+    # Answers lost and gained in equal numbers: no drop, but the spread of both.
+    assert accuracy_drop_standard_error(30, 30, 1000) > accuracy_drop_standard_error(30, 0, 1000)
 
 
 @pytest.mark.parametrize(

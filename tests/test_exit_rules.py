@@ -112,7 +112,7 @@ def test_uncalibrated_rules_are_refused(rule, field):
 def test_cross_fitting_measures_each_half_with_the_other_halfs_fit(rule):
     from hf_fastbert import FastBertConfig
     from hf_fastbert.analysis import cross_fitted_metrics
-    from hf_fastbert.evaluation import metrics_at_speeds
+    from hf_fastbert.evaluation import accuracy_drop_standard_error, metrics_at_speeds
 
     config = FastBertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64)
     generator = torch.Generator().manual_seed(0)
@@ -129,8 +129,11 @@ def test_cross_fitting_measures_each_half_with_the_other_halfs_fit(rule):
     in_sample.exit_heads = fit_exit_heads(half)
     expected = metrics_at_speeds(half, lengths, in_sample, speeds, labels, rule)
     for got, want in zip(pooled, expected, strict=True):
-        # The drop's standard error: the same spread over twice the samples.
-        assert got.pop("accuracy_drop_se") == pytest.approx(want.pop("accuracy_drop_se") / 2**0.5)
+        # Every changed answer twice, and the drop's standard error from twice the samples.
+        lost, gained = want.pop("answers_lost"), want.pop("answers_gained")
+        assert (got.pop("answers_lost"), got.pop("answers_gained")) == (2 * lost, 2 * gained)
+        se = 0.0 if want["speed"] == 0 else accuracy_drop_standard_error(2 * lost, 2 * gained, 80)
+        assert got.pop("accuracy_drop_se") == pytest.approx(se) and want.pop("accuracy_drop_se") is not None
         assert got == pytest.approx(want)
     assert pooled[0]["mean_exit_layer"] == 4 and pooled[0]["flops_speedup"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="calibrated rules"):

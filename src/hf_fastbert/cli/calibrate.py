@@ -56,10 +56,10 @@ def register(commands):
     calibrate.add_argument(
         "--confidence",
         type=_probability,
-        help="With --max-accuracy-drop: keep the budget on new data with this probability (e.g. 0.95), not only on "
-        "this validation data. Each speed's accuracy drop is read at its upper confidence bound: slower speeds, "
-        "but a promise that holds (a point estimate on 1,000 samples breaks a half-point budget on new data in about "
-        "half the draws or more).",
+        help="With --max-accuracy-drop: keep the expected accuracy drop on new data within the budget at this "
+        "confidence (e.g. 0.95), not only the drop measured on this validation data. Each speed's drop is read at its "
+        "upper confidence bound, speeds in increasing order: slower speeds, but a promise that holds far more often "
+        "(docs/training.md, 'What a calibrated speed promises on new data').",
     )
     calibrate.add_argument(
         "--speeds",
@@ -124,11 +124,11 @@ def run_calibrate(args):
     else:
         criterion = f"accuracy within {args.max_accuracy_drop:g} of full depth"
         if args.confidence is not None:
-            criterion += f" with {args.confidence:.0%} confidence on new data"
+            criterion += f" at {args.confidence:.0%} confidence"
     print(
         f"calibrated speed: {choice.speed:g} with exit rule {choice.exit_rule} ({criterion}; "
         f"{choice.row['flops_speedup']:.2f}x FLOPs, accuracy {choice.row['accuracy']:.4f}, "
-        f"{describe_drop(choice.row, choice.reference)})"
+        f"{describe_drop(choice.row, choice.reference, args.confidence or 0.95)})"
     )
     if args.save:
         saved = f"exit_rule={choice.exit_rule}, speed={choice.speed:g}"

@@ -231,7 +231,7 @@ def run_train(args):
             print(describe_convergence(output.convergence[stage], CONVERGENCE_STAGES[stage]))
     if output.results is None:
         if output.default_speed is not None:
-            print(describe_default_speed(output.default_speed))
+            print(describe_default_speed(output.default_speed, advise=True))
         return
     sweep_dir = Path(args.output_dir) / "sweep"
     print(f"\nSpeed sweep on {output.results_samples} held-out examples ({args.eval_split} split):")
@@ -244,7 +244,7 @@ def run_train(args):
         "students.csv"
     )
     if output.default_speed is not None:
-        print(f"\n{describe_default_speed(output.default_speed)}")
+        print(f"\n{describe_default_speed(output.default_speed, advise=True)}")
     warning = distillation_warning(report.students)
     if warning is not None:
         retry = retry_hint(output.convergence.get("distill"), args.distill_max_epochs)

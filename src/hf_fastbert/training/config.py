@@ -109,9 +109,10 @@ class FastBertTrainingConfig:
             for a stock checkpoint). Without distilled students or labelled calibration data the speed stays 0.
             `speed=0` per call (pipeline, model, CLI `--speed 0`) still runs every layer.
         accuracy_confidence (`float`, *optional*):
-            With `max_accuracy_drop`, the probability (0.95) that the budget holds on new data, not only on the data
-            the speed is chosen on ([`hf_fastbert.analysis.calibrate_speed`]'s `confidence`): on 1,000 samples the
-            point estimate breaks a half-point budget on new data about half the time. `None`: the point estimate.
+            With `max_accuracy_drop`, the confidence (0.95) at which the speed's expected drop on new data stays
+            within the budget, not only the drop measured where it is chosen
+            ([`hf_fastbert.analysis.calibrate_speed`]'s `confidence`): on 1,000 samples the point estimate breaks a
+            half-point budget on new data about half the time. `None`: the point estimate.
         luha_bins (`int`, *optional*, defaults to 10): Uncertainty bins of the LUHA view in `output_dir/sweep/`
             (`None`: no LUHA view). The sweep folder holds the evaluation split's tables and plots, from the same pass
             as `results` ([`hf_fastbert.analysis.write_sweep`]).
@@ -225,8 +226,9 @@ class FastBertTrainingConfig:
     accuracy_confidence: float | None = field(
         default=None,
         metadata={
-            "help": "With max_accuracy_drop: choose the saved speed so that the budget holds on new data with this "
-            "probability (e.g. 0.95), not only on the data it is chosen on. Slower speeds, but a promise that holds."
+            "help": "With max_accuracy_drop: choose the saved speed so that its expected accuracy drop on new data "
+            "stays within the budget at this confidence (e.g. 0.95), not only the drop measured where it is chosen. "
+            "Slower speeds, but a promise that holds far more often."
         },
     )
     luha_bins: int | None = field(default=10, metadata={"help": "Uncertainty bins of the sweep's LUHA view."})

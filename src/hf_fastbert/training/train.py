@@ -68,8 +68,9 @@ class FastBertTrainingOutput:
         convergence: how each converging stage stopped, `{"finetune": ..., "distill": ...}`
             ([`hf_fastbert.convergence.ConvergenceCallback.summary`]); a stage run for fixed epochs is absent.
         default_speed: how the saved `config.speed` was chosen, or `None` when it was not calibrated: `exit_rule`,
-            `speed`, `max_accuracy_drop`, `data` and `samples` (what it was chosen on), `accuracy` and
-            `reference_accuracy` (full depth) there, `flops_speedup` ([`calibrate_default_speed`]).
+            `speed`, `max_accuracy_drop`, `confidence`, `data` and `samples` (what it was chosen on), `accuracy` and
+            `reference_accuracy` (full depth) there, `flops_speedup` and `accuracy_drop_se`
+            ([`calibrate_default_speed`]).
         eval_logits: the evaluation split's full-depth pass `(all_logits, seq_lengths, labels)`
             ([`hf_fastbert.evaluation.predict_all_logits`]), from which `results` were computed; `None` without one.
         sweep: what that pass gives besides ([`hf_fastbert.analysis.Sweep`]: the oracle, the students against the
@@ -129,25 +130,27 @@ def calibrate_default_speed(
     }
 
 
-def describe_default_speed(default_speed: dict) -> str:
-    """The default speed and how it was chosen (printed by `train`, written on the model card), with what its drop
-    may be on new data when the standard error is known."""
+def describe_default_speed(default_speed: dict, advise: bool = False) -> str:
+    """The default speed and how it was chosen (printed by `train`, written on the model card), with the bound on its
+    expected drop when the standard error is known; `advise` adds how to choose a speed that keeps the budget at a
+    confidence (for the person training, not the card's readers)."""
     confidence = default_speed.get("confidence")
     within = f"within {100 * default_speed['max_accuracy_drop']:g} accuracy points of full depth"
     if confidence:
-        within += f" at {confidence:.0%} confidence on new data, tested in order of speed"
+        within += f" at {confidence:.0%} confidence, tested in order of speed"
     text = (
         f"Default speed {default_speed['speed']:g} ({default_speed['exit_rule']} rule): the largest speed {within} on "
         f"{default_speed['data']} ({default_speed['accuracy']:.2%} against {default_speed['reference_accuracy']:.2%}, "
         f"{default_speed['flops_speedup']:.2f}x fewer FLOPs). `speed=0` runs every layer."
     )
-    if default_speed.get("accuracy_drop_se") and default_speed["speed"] > 0:
+    if default_speed.get("accuracy_drop_se") is not None and default_speed["speed"] > 0:
         drop = {"accuracy": default_speed["accuracy"], "accuracy_drop_se": default_speed["accuracy_drop_se"]}
-        text += f" Measured: {describe_drop(drop, {'accuracy': default_speed['reference_accuracy']})}."
-        if not confidence:
+        reference = {"accuracy": default_speed["reference_accuracy"]}
+        text += f" Measured: {describe_drop(drop, reference, confidence or 0.95)}."
+        if advise and not confidence:
             text += (
                 " `--accuracy-confidence 0.95` (or `hf-fastbert calibrate ... --confidence 0.95`) chooses a speed "
-                "that keeps the budget on new data at that confidence."
+                "whose expected drop stays within the budget at that confidence."
             )
     return text
 
