@@ -24,15 +24,13 @@ Usage:
 """
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import transformers
-from bench_exit_rules import DATASETS, validation_and_test_passes
+from bench_exit_rules import add_split_arguments, parse_split_arguments, validation_and_test_passes, write_results
 from transformers import AutoTokenizer
 
 from hf_fastbert import FastBertForSequenceClassification
@@ -68,9 +66,7 @@ def curve(right, flops, stock, index):
             "speed": speed,
             "accuracy": accuracy[k].item(),
             "flops_speedup": speedup[k].item(),
-            "accuracy_drop_se": 0.0
-            if speed == 0
-            else accuracy_drop_standard_error(int(lost[k]), int(gained[k]), len(index)),
+            "accuracy_drop_se": accuracy_drop_standard_error(int(lost[k]), int(gained[k]), len(index), speed),
         }
         for k, speed in enumerate(CALIBRATION_SPEEDS)
     ]
@@ -109,22 +105,14 @@ def held_out(right, flops, stock, index, k):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained FastBERT model folder")
-    parser.add_argument("--dataset", choices=DATASETS, default="rotten_tomatoes")
-    parser.add_argument("--max-length", type=int, help="default: 128 for Reuters, 64 otherwise")
-    parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
-    parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
-    parser.add_argument("--test-size", type=int, default=4000)
+    add_split_arguments(parser)
     parser.add_argument("--exit-rule", help="default: the model's (a rule that is not fitted on validation data)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01])
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[1000])
     parser.add_argument("--draws", type=int, default=300, help="random calibration / new-data splits per setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="results file stem (default: calibration_DATASET)")
-    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    if args.max_length is None:
-        args.max_length = 128 if args.dataset in ("r8", "r52") else 64
+    args = parse_split_arguments(parser, argv)
     transformers.logging.set_verbosity_error()
     started = time.time()
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
@@ -239,13 +227,7 @@ def main(argv=None):
                 f"- budget {100 * budget:g} points, {method}: speed {split['speed']:g}, "
                 f"{split['validation_flops_speedup']:.2f}x fewer FLOPs, {split['validation_description']}"
             )
-    table = "\n".join(lines) + "\n"
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"calibration_{args.dataset}"
-    (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output_dir / f"{name}.md").write_text(table)
-    print(table)
+    write_results(args, f"calibration_{args.dataset}", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

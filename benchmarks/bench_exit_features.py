@@ -21,13 +21,18 @@ Usage (the model of `bench_cached_distillation.py --save-model` or `bench_many_c
 """
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
-from bench_exit_rules import SPEEDS, best_within, validation_and_test_passes
+from bench_exit_rules import (
+    SPEEDS,
+    add_split_arguments,
+    best_within,
+    parse_split_arguments,
+    validation_and_test_passes,
+    write_results,
+)
 from transformers import AutoTokenizer
 
 from hf_fastbert import FastBertForSequenceClassification
@@ -152,20 +157,12 @@ def confidence_groups(all_logits, labels, edges=(0.0, 0.5, 0.9, 1.0)):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained (distilled) FastBERT model folder")
-    parser.add_argument("--dataset", choices=["rotten_tomatoes", "crowdflower_tweets", "r8", "r52"], default="r52")
-    parser.add_argument("--max-length", type=int, help="default: 128 for Reuters, 64 otherwise")
-    parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
-    parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
-    parser.add_argument("--test-size", type=int, default=4000)
+    add_split_arguments(parser, default_dataset="r52")
     parser.add_argument("--budget", type=float, default=0.01, help="accuracy drop allowed (0.01 = 1 point)")
     parser.add_argument("--class-l2", type=float, default=1e-2, help="L2 on the per-class intercepts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", help="results file stem (default: exit_features_DATASET)")
-    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    if args.max_length is None:
-        args.max_length = 128 if args.dataset in ("r8", "r52") else 64
+    args = parse_split_arguments(parser, argv)
     torch.set_num_threads(args.threads)
     model = FastBertForSequenceClassification.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -267,12 +264,7 @@ def main(argv=None):
             for g in groups[start : start + 3]
         ]
         lines.append(f"| {groups[start]['layer']} | " + " | ".join(cells) + " |")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"exit_features_{args.dataset}"
-    (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args, f"exit_features_{args.dataset}", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

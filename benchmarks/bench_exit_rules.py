@@ -75,6 +75,37 @@ def load_splits(name, train_size, validation_size, test_size):
     return {"validation": data["validation"], "test": data["test"].select(range(min(test_size, len(data["test"]))))}
 
 
+def add_split_arguments(parser, default_dataset="rotten_tomatoes"):
+    """The model, data and output options the exit-rule benchmarks share (what `validation_and_test_passes` and
+    `write_results` read)."""
+    parser.add_argument("--model", required=True, help="a trained (distilled) FastBERT model folder")
+    parser.add_argument("--dataset", choices=DATASETS, default=default_dataset)
+    parser.add_argument("--max-length", type=int, help="default: 128 for Reuters, 64 otherwise")
+    parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
+    parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
+    parser.add_argument("--test-size", type=int, default=4000)
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+
+
+def parse_split_arguments(parser, argv):
+    """`parser.parse_args(argv)`, with `--max-length` defaulting by dataset (128 for Reuters, 64 otherwise)."""
+    args = parser.parse_args(argv)
+    if args.max_length is None:
+        args.max_length = 128 if args.dataset in ("r8", "r52") else 64
+    return args
+
+
+def write_results(args, default_name, result, table):
+    """Write `result` as JSON and `table` as Markdown under `--output-dir` (stem `--name` or `default_name`), and print
+    the table."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = args.name or default_name
+    (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / f"{name}.md").write_text(table)
+    print(table)
+
+
 def validation_and_test_passes(model, tokenizer, args, log=None):
     """{"validation": ..., "test": ...}: each split's (N, L, C) logits, (N,) token counts and (N,) labels, from one
     full-depth pass (`args`: dataset, sizes, max_length)."""
@@ -96,22 +127,14 @@ def best_within(rows, budget):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained (distilled) FastBERT model folder")
-    parser.add_argument("--dataset", choices=DATASETS, default="rotten_tomatoes")
-    parser.add_argument("--max-length", type=int, help="default: 128 for Reuters, 64 otherwise")
-    parser.add_argument("--train-size", type=int, default=3000, help="Reuters: documents the model trained on")
-    parser.add_argument("--validation-size", type=int, default=1000, help="Reuters: validation documents")
-    parser.add_argument("--test-size", type=int, default=4000)
+    add_split_arguments(parser)
     parser.add_argument("--uncertainty-top-k", type=int, help="override the model's config.uncertainty_top_k")
     parser.add_argument("--name", help="results file stem (default: exit_rules_DATASET)")
     parser.add_argument("--budget", type=float, default=0.01, help="accuracy drop allowed (0.01 = 1 point)")
     parser.add_argument("--timing-samples", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    if args.max_length is None:
-        args.max_length = 128 if args.dataset in ("r8", "r52") else 64
+    args = parse_split_arguments(parser, argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     started = time.time()
@@ -215,13 +238,7 @@ def main(argv=None):
         )
     speed0 = result["speed0_ms_per_sample"]
     lines.append(f"| speed 0 (full depth) | 1.00x | - | {speed0['batch1']:.2f} / {speed0['batch32']:.2f} |")
-    table = "\n".join(lines) + "\n"
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"exit_rules_{args.dataset}"
-    (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output_dir / f"{name}.md").write_text(table)
-    print(table)
+    write_results(args, f"exit_rules_{args.dataset}", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -280,9 +280,9 @@ def cross_fitted_metrics(all_logits, seq_lengths, labels, config, speeds, exit_r
             "accuracy": row["correct"] / samples,
             "mean_exit_layer": row["exit_layers"] / samples,
             "flops_speedup": row["stock"] / row["flops"],
-            "accuracy_drop_se": 0.0
-            if row["speed"] == 0
-            else accuracy_drop_standard_error(row["answers_lost"], row["answers_gained"], samples),
+            "accuracy_drop_se": accuracy_drop_standard_error(
+                row["answers_lost"], row["answers_gained"], samples, row["speed"]
+            ),
             "answers_lost": row["answers_lost"],
             "answers_gained": row["answers_gained"],
         }

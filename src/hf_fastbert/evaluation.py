@@ -192,21 +192,23 @@ def metrics_at_speeds(
             right = predictions == labels  # (N,)
             lost, gained = int((full_depth_right & ~right).sum()), int((right & ~full_depth_right).sum())
             row["accuracy"] = right.double().mean().item()
-            # Speed 0 is full depth itself: its drop is exactly 0, not an estimate.
-            row["accuracy_drop_se"] = 0.0 if speed == 0 else accuracy_drop_standard_error(lost, gained, len(right))
+            row["accuracy_drop_se"] = accuracy_drop_standard_error(lost, gained, len(right), speed)
             row.update(answers_lost=lost, answers_gained=gained)
         results.append(row)
     return results
 
 
-def accuracy_drop_standard_error(answers_lost: int, answers_gained: int, samples: int) -> float:
+def accuracy_drop_standard_error(answers_lost: int, answers_gained: int, samples: int, speed=None) -> float:
     """
     The standard error of an accuracy drop measured on `samples` samples: full depth's accuracy minus another's, on
     the same samples. The differences are paired, so only the changed answers count: `answers_lost` were right at
     full depth and wrong here, `answers_gained` the reverse. It adds half a sample to each of the four cells of the
     paired table (Agresti and Min, 2005), so that a few changed answers, or none, do not give a bound of zero: 60
-    answers lost in 1,000 samples give 0.75 points, none give 0.1.
+    answers lost in 1,000 samples give 0.75 points, none give 0.1. At `speed` 0 (full depth itself) the drop is
+    exactly 0, not an estimate: 0.0.
     """
+    if speed == 0:
+        return 0.0
     lost, gained = (answers_lost + 0.5) / (samples + 2), (answers_gained + 0.5) / (samples + 2)
     return math.sqrt(max(lost + gained - (lost - gained) ** 2, 0.0) / (samples + 2))
 
