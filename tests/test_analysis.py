@@ -356,3 +356,8 @@ def test_rows_of_rule_and_the_serving_curve(tmp_path):
     path.write_text(json.dumps(data))
     assert load_speed_curve(path, exit_rule="learned")[1]["accuracy"] == 0.79
     assert load_speed_curve(path)[1]["accuracy"] == 0.7
+    assert "accuracy_drop_se" not in load_speed_curve(path)[1]  # curves written before it was measured
+    for index, row in enumerate(data["results"]):
+        row["accuracy_drop_se"] = 0.01 * index
+    path.write_text(json.dumps(data))
+    assert [row["accuracy_drop_se"] for row in load_speed_curve(path)] == [0.0, 0.01]  # serve --accuracy-confidence

@@ -20,6 +20,7 @@ from hf_fastbert.serving import (
     Overloaded,
     RequestError,
     ServingConfig,
+    ServingOptions,
     create_app,
     parse_inputs,
     parse_predict_request,
@@ -113,6 +114,29 @@ def test_speed_ladder_stops_at_the_accuracy_floor_and_skips_useless_speeds():
         speed_ladder(CURVE, max_accuracy_drop=0.005, min_speed=0.6)
     with pytest.raises(ValueError, match="speed-0"):
         speed_ladder(CURVE[1:], max_accuracy_drop=0.01)
+
+
+def test_speed_ladder_with_a_confidence_reads_each_speed_at_its_lower_bound():
+    # 1.645 x 0.005 = 0.008: speed 0.4 (drop 0.003) then fails a one-point floor at 95%, and the ladder stops there.
+    curve = [dict(row, accuracy_drop_se=0.0 if row["speed"] == 0 else 0.005) for row in CURVE]
+    assert [rung["speed"] for rung in speed_ladder(curve, max_accuracy_drop=0.01)] == [0.0, 0.2, 0.4, 0.5]
+    ladder = speed_ladder(curve, max_accuracy_drop=0.01, confidence=0.95)
+    assert [rung["speed"] for rung in ladder] == [0.0, 0.2]
+    assert set(ladder[-1]) == {"speed", "accuracy", "flops_speedup"}
+    with pytest.raises(ValueError, match="already past the accuracy floor at 95% confidence"):
+        speed_ladder(curve, max_accuracy_drop=0.01, min_speed=0.45, confidence=0.95)
+    with pytest.raises(ValueError, match="lacks .*sweep"):
+        speed_ladder(CURVE, max_accuracy_drop=0.01, confidence=0.95)
+    with pytest.raises(ValueError, match="confidence must be a probability"):
+        speed_ladder(curve, max_accuracy_drop=0.01, confidence=1.5)
+
+
+def test_serving_options_check_the_accuracy_confidence():
+    ServingOptions(adaptive=True, target_p95_ms=50, accuracy_confidence=0.95)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        ServingOptions(adaptive=True, target_p95_ms=50, accuracy_confidence=95)
+    with pytest.raises(ValueError, match="give it with `adaptive`"):
+        ServingOptions(accuracy_confidence=0.95)
 
 
 class FakeClock:
@@ -476,6 +500,17 @@ def test_adaptive_mode_serves_the_controller_speed(model_and_tokenizer):
         assert post(f"{url}/predict", {"inputs": "gem", "speed": 0.1})[1][0]["speed"] == 0.1  # the request's own
         exposition = get(f"{url}/metrics")[1]
         assert metric(exposition, "fastbert_speed") == 0.5 and metric(exposition, "fastbert_speed_changes_total") == 1
+
+
+def test_adaptive_mode_holds_the_floor_at_the_accuracy_confidence(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    curve = [dict(row, accuracy_drop_se=0.0 if row["speed"] == 0 else 0.005) for row in CURVE]
+    for confidence, speeds in ((None, [0.0, 0.2, 0.4, 0.5]), (0.95, [0.0, 0.2])):
+        config = ServingConfig(
+            adaptive=True, speed_curve=curve, target_p95_ms=50, speed=0.0, accuracy_confidence=confidence
+        )
+        with running(create_app(model, tokenizer, config)) as (url, _):
+            assert [rung["speed"] for rung in json.loads(get(f"{url}/info")[1])["adaptive"]["ladder"]] == speeds
 
 
 def test_serving_config_validation():

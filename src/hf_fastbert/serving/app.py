@@ -82,7 +82,10 @@ class FastBertServer:
         self.controller = controller
         if config.adaptive and controller is None:
             ladder = speed_ladder(
-                config.speed_curve, max_accuracy_drop=config.max_accuracy_drop, min_speed=self.default_speed
+                config.speed_curve,
+                max_accuracy_drop=config.max_accuracy_drop,
+                min_speed=self.default_speed,
+                confidence=config.accuracy_confidence,
             )
             self.controller = AdaptiveSpeedController(ladder, config.target_p95_ms / 1000)
         self.metrics = ServingMetrics(self.num_layers)

@@ -34,6 +34,9 @@ class ServingOptions:
         target_p95_ms (`float`, *optional*): Adaptive mode's p95 latency target, in milliseconds.
         max_accuracy_drop (`float`, *optional*, defaults to 0.01): Adaptive mode's accuracy floor, as a fraction
             below full depth on the curve's data (0.01 = one point).
+        accuracy_confidence (`float`, *optional*): Hold adaptive mode's floor on new data at this confidence (0.95):
+            each speed's accuracy is read at its lower bound from the curve's `accuracy_drop_se` (see
+            [`speed_ladder`]). Without it, the floor holds on the curve's own samples.
     """
 
     speed: float | None = field(default=None, metadata={"help": "Default speed (default: the model's config.speed)."})
@@ -58,6 +61,10 @@ class ServingOptions:
         default=0.01,
         metadata={"help": "Accuracy floor below full depth on the curve's data, as a fraction (0.01 = one point)."},
     )
+    accuracy_confidence: float | None = field(
+        default=None,
+        metadata={"help": "Hold the accuracy floor on new data at this confidence (0.95), from the curve's errors."},
+    )
 
     def __post_init__(self):
         if self.speed is not None:
@@ -77,6 +84,12 @@ class ServingOptions:
             raise ValueError(f"`target_p95_ms` must be a positive number, got {self.target_p95_ms}.")
         if not self.max_accuracy_drop >= 0:
             raise ValueError(f"`max_accuracy_drop` must be >= 0, got {self.max_accuracy_drop}.")
+        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
+            raise ValueError(
+                f"`accuracy_confidence` must be strictly between 0 and 1 (0.95), got {self.accuracy_confidence}."
+            )
+        if self.accuracy_confidence is not None and not self.adaptive:
+            raise ValueError("`accuracy_confidence` bounds adaptive mode's accuracy floor: give it with `adaptive`.")
 
 
 @dataclass(kw_only=True)

@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 def load_speed_curve(path, exit_rule: str | None = None) -> list[dict]:
     """
     A speed/accuracy curve written by `hf-fastbert sweep` (`sweep/sweep.json`) or `train` (`speed_results.json`):
-    rows with `speed`, `accuracy` and `flops_speedup`, sorted by speed. With `exit_rule` (the served model's), the
-    rows of that rule (`hf_fastbert.analysis.rows_of_rule`).
+    rows with `speed`, `accuracy` and `flops_speedup` (and `accuracy_drop_se` where every row has it: curves written
+    since hf-fastbert measured it), sorted by speed. With `exit_rule` (the served model's), the rows of that rule
+    (`hf_fastbert.analysis.rows_of_rule`).
     """
     from ..analysis import rows_of_rule
 
@@ -37,7 +38,10 @@ def load_speed_curve(path, exit_rule: str | None = None) -> list[dict]:
         missing = [key for key in ("speed", "accuracy", "flops_speedup") if row.get(key) is None]
         if missing:
             raise ValueError(f"the rows of {path} need speed, accuracy and flops_speedup; one lacks {missing}")
-    return sorted(({key: row[key] for key in ("speed", "accuracy", "flops_speedup")} for row in rows), key=_speed_key)
+    keys = ("speed", "accuracy", "flops_speedup")
+    if all(row.get("accuracy_drop_se") is not None for row in rows):
+        keys += ("accuracy_drop_se",)
+    return sorted(({key: row[key] for key in keys} for row in rows), key=_speed_key)
 
 
 def find_speed_curve(model) -> Path | None:
@@ -56,7 +60,12 @@ def _speed_key(row):
 
 
 def speed_ladder(
-    curve: Sequence[dict], *, max_accuracy_drop: float, min_speed: float = 0.0, min_gain: float = 0.05
+    curve: Sequence[dict],
+    *,
+    max_accuracy_drop: float,
+    min_speed: float = 0.0,
+    min_gain: float = 0.05,
+    confidence: float | None = None,
 ) -> list[dict]:
     """
     The speeds the adaptive controller moves between, from a speed/accuracy curve measured on held-out data.
@@ -74,19 +83,33 @@ def speed_ladder(
         min_gain (`float`, *optional*, defaults to 0.05):
             A speed becomes the next rung only if its FLOPs speed-up beats the previous rung's by this fraction, so
             that each step up buys real throughput.
+        confidence (`float`, *optional*):
+            Hold the floor on new data at this confidence (0.95), not only on the curve's samples: each speed's
+            accuracy is read at its one-sided lower bound (the rows' `accuracy_drop_se`, as
+            `hf_fastbert.analysis.calibrate_speed(confidence=...)` reads it). The ladder already stops at the first
+            speed that fails, so the speeds tried do not spend the confidence.
 
     Returns:
         `list[dict]` of rungs `{"speed", "accuracy", "flops_speedup"}`, increasing in speed and FLOPs speed-up.
 
     Raises:
-        `ValueError`: no speed-0 row, a negative drop, or `min_speed` itself past the floor.
+        `ValueError`: no speed-0 row, a negative drop, `min_speed` itself past the floor; a `confidence` outside
+        (0, 1) or a curve without `accuracy_drop_se`.
     """
     import numpy as np
+
+    from ..analysis import _confidence_margin
 
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}.")
     validate_speed(min_speed, "min_speed")
     rows = sorted(curve, key=_speed_key)
+    if confidence is not None and any(row.get("accuracy_drop_se") is None for row in rows):
+        raise ValueError(
+            "a confidence on the accuracy floor needs the curve's accuracy_drop_se, which this curve lacks (written "
+            "before hf-fastbert measured it): run `hf-fastbert sweep MODEL` again."
+        )
+    margins = _confidence_margin(rows, confidence, max_accuracy_drop)  # all 0.0 without `confidence`
     reference = [row for row in rows if row["speed"] == 0]
     if not reference:
         raise ValueError("The speed curve needs the speed-0 (full depth) row as the accuracy reference.")
@@ -97,19 +120,20 @@ def speed_ladder(
         "accuracy": float(np.interp(min_speed, speeds, [row["accuracy"] for row in rows])),
         "flops_speedup": float(np.interp(min_speed, speeds, [row["flops_speedup"] for row in rows])),
     }
-    if base["accuracy"] < floor:
+    bound = "" if confidence is None else f" at {confidence:.0%} confidence"
+    if base["accuracy"] - float(np.interp(min_speed, speeds, margins)) < floor:
         raise ValueError(
-            f"the default speed {min_speed:g} is already past the accuracy floor (accuracy {base['accuracy']:.4f} < "
-            f"{floor:.4f}): lower it or allow a larger max_accuracy_drop"
+            f"the default speed {min_speed:g} is already past the accuracy floor{bound} (accuracy "
+            f"{base['accuracy']:.4f}, floor {floor:.4f}): lower it or allow a larger max_accuracy_drop"
         )
     ladder = [base]
-    for row in rows:
+    for row, margin in zip(rows, margins, strict=True):
         if row["speed"] <= min_speed:
             continue
-        if row["accuracy"] < floor:
+        if row["accuracy"] - margin < floor:
             break
         if row["flops_speedup"] >= ladder[-1]["flops_speedup"] * (1 + min_gain):
-            ladder.append(dict(row))
+            ladder.append({key: row[key] for key in ("speed", "accuracy", "flops_speedup")})
     return ladder
 
 
