@@ -1,14 +1,21 @@
 """
-Where FastBERT's ONNX Runtime stages lose to the stock graph at batch 1 with several threads: thread spinning and
-thread pools. One short text (the demo's length), speed 0 (every layer, no student), fp32, medians of interleaved
-rounds; the stock graph carries the same fusions (`bench_onnx.stock_onnx`).
+FastBERT's ONNX Runtime sessions at batch 1 with several threads: which thread-pool policy keeps their many short
+session runs as fast as the stock graph's one.
 
-Contenders, per-session thread pools: the stock graph with ONNX Runtime's default spinning and without; FastBERT's
-stages without spinning (the runtime's setting) and with it. Then, in a second process (the pools are process-wide,
-set before the runtime starts): both with one global thread pool (`set_global_thread_pool_sizes`,
-`use_per_session_threads=False`).
+Each session has its own pool of `--threads` threads. The choices:
+- no spinning (`session.intra_op.allow_spinning=0`): a worker sleeps between operators and is woken for each one;
+- spinning stopped after each run (`allow_spinning=1`, `session.force_spinning_stop=1`): workers spin between the
+  operators of a run and sleep once it returns, so they do not take the cores from the next session's run;
+- one global pool shared by every session (`set_global_thread_pool_sizes`, `use_per_session_threads=False`), with
+  spinning: process-wide state, so it is measured in a second process.
+(Spinning without the stop, ONNX Runtime's default, made FastBERT's stages 5-7x slower than the stock graph: the
+workers of the sessions that had just run kept spinning. It is left out: it would slow the contenders after it.)
 
-    python benchmarks/bench_onnx_threads.py --model outputs/demo-seed-42 --threads 2
+Real held-out snippets one at a time; contenders: the stock graph (same fusions, `bench_onnx.stock_onnx`) and
+FastBERT at speed 0 (one run of `onnx/model.onnx`) and at `--speed` (the stages), fp32 and int8; medians of
+interleaved rounds. Times are compared within one process only (the pair of processes is run one after the other).
+
+    python benchmarks/bench_onnx_threads.py --model outputs/demo-seed-42 --threads 2 --speed 0.75
 """
 
 import argparse
@@ -23,10 +30,13 @@ from pathlib import Path
 import numpy as np
 
 
-TEXT = "an engaging , if uneven , portrait of a young woman finding her voice in a world that won't listen"
+POLICIES = {  # name: session config entries
+    "no spinning": {"session.intra_op.allow_spinning": "0"},
+    "spinning stopped after each run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+}
 
 
-def measure(model_dir, work, threads, global_pool, rounds, runs):
+def measure(model_dir, work, threads, global_pool, speed, samples, max_length, rounds):
     import onnxruntime as ort
 
     if global_pool:
@@ -35,64 +45,69 @@ def measure(model_dir, work, threads, global_pool, rounds, runs):
         _pybind_state.set_global_thread_pool_sizes(threads, 1)  # before the runtime's environment exists
     from transformers import AutoTokenizer
 
+    from hf_fastbert.demo_data import load_rotten_tomatoes
     from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    feed = {key: value.astype(np.int64) for key, value in tokenizer([TEXT], return_tensors="np").items()}
+    texts = list(load_rotten_tomatoes()["test"]["text"])[:samples]
+    feeds = [dict(tokenizer([text], truncation=True, max_length=max_length, return_tensors="np")) for text in texts]
 
-    def options(spin):
+    def options(entries):
         options = ort.SessionOptions()
         if global_pool:
             options.use_per_session_threads = False
         else:
             options.intra_op_num_threads = threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            for key, value in entries.items():
+                options.add_session_config_entry(key, value)
         return options
 
-    def stock(spin):
-        session = ort.InferenceSession(str(work / "stock.onnx"), options(spin), providers=["CPUExecutionProvider"])
-        return lambda: session.run(None, feed)
-
-    def fastbert(spin):
-        model = ORTFastBertForSequenceClassification.from_pretrained(work / "fp32", session_options=options(spin))
-        return lambda: model(**feed, speed=0.0)
-
-    if global_pool:
-        contenders = {"stock, global pool": stock(None), "FastBERT speed 0, global pool": fastbert(None)}
-    else:
-        contenders = {
-            "stock, spinning": stock(True),
-            "stock, no spinning": stock(False),
-            "FastBERT speed 0, no spinning (the runtime's setting)": fastbert(False),
-            "FastBERT speed 0, spinning": fastbert(True),
-        }
+    policies = {"global pool": {}} if global_pool else POLICIES
+    contenders = {}
+    for precision in ("fp32", "int8"):
+        stock = ort.InferenceSession(
+            str(work / f"stock-{precision}.onnx"), options({}), providers=["CPUExecutionProvider"]
+        )  # ONNX Runtime's default: spinning
+        contenders[f"stock {precision}"] = lambda feed, stock=stock: stock.run(None, feed)
+        for policy, entries in policies.items():
+            model = ORTFastBertForSequenceClassification.from_pretrained(
+                work / precision, session_options=options(entries)
+            )
+            for value in (0.0, speed):
+                name = f"FastBERT {precision} speed {value:g}, {policy}"
+                contenders[name] = lambda feed, model=model, value=value: model(**feed, speed=value)
     times = {name: [] for name in contenders}
+    for run in contenders.values():  # warm-up
+        for feed in feeds[:16]:
+            run(feed)
     for _ in range(rounds):
         for name, run in contenders.items():
-            for _ in range(runs // 10):
-                run()
             start = time.perf_counter()
-            for _ in range(runs):
-                run()
-            times[name].append(1e3 * (time.perf_counter() - start) / runs)
-    return {"tokens": int(feed["input_ids"].shape[1]), "ms": {name: float(np.median(v)) for name, v in times.items()}}
+            for feed in feeds:
+                run(feed)
+            times[name].append(1e3 * (time.perf_counter() - start) / len(feeds))
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trained FastBERT folder (bench_demo.py's, for example)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200, help="runs per contender and round")
+    parser.add_argument("--speed", type=float, required=True, help="the early-exit speed timed beside speed 0")
+    parser.add_argument("--samples", type=int, default=128, help="test snippets per contender and round")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default="onnx_threads")
     parser.add_argument("--measure", choices=["local", "global"], help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        result = measure(args.model, Path(args.work), args.threads, args.measure == "global", args.rounds, args.runs)
-        print(json.dumps(result))
+        ms = measure(args.model, Path(args.work), args.threads, args.measure == "global", args.speed, args.samples,
+                     args.max_length, args.rounds)  # fmt: skip
+        print(json.dumps(ms))
         return
+    import onnxruntime
     import torch
     from bench_onnx import stock_onnx
     from transformers import BertForSequenceClassification
@@ -101,31 +116,40 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-threads-"))
-    shutil.copytree(args.model, work / "fp32", ignore=shutil.ignore_patterns("onnx", "sweep", "_finetune"))
-    export_onnx(str(work / "fp32"))
-    stock_onnx(BertForSequenceClassification.from_pretrained(args.model).eval(), work)
+    for precision in ("fp32", "int8"):
+        shutil.copytree(args.model, work / precision, ignore=shutil.ignore_patterns("onnx", "sweep", "_finetune"))
+        export_onnx(str(work / precision), int8=precision == "int8")
+    fp32, int8, _ = stock_onnx(BertForSequenceClassification.from_pretrained(args.model).eval(), work)
+    fp32.rename(work / "stock-fp32.onnx")
+    int8.rename(work / "stock-int8.onnx")
     results = {}
     for mode in ("local", "global"):
-        command = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--rounds",
-                   str(args.rounds), "--runs", str(args.runs), "--measure", mode, "--work", str(work)]  # fmt: skip
+        command = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--speed",
+                   str(args.speed), "--samples", str(args.samples), "--max-length", str(args.max_length),
+                   "--rounds", str(args.rounds), "--measure", mode, "--work", str(work)]  # fmt: skip
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
     shutil.rmtree(work)
-    tokens = results["local"]["tokens"]
-    ms = {**results["local"]["ms"], **results["global"]["ms"]}
-    command = f"python benchmarks/bench_onnx_threads.py --model {args.model} --threads {args.threads}"
+    command = (
+        f"python benchmarks/bench_onnx_threads.py --model {args.model} --threads {args.threads} --speed {args.speed:g}"
+    )
     lines = [
-        f"One {tokens}-token text, batch 1, speed 0, fp32, {args.threads} threads; medians of {args.rounds} "
-        f"interleaved rounds of {args.runs} runs (the global-pool pair in a second process). Command: `{command}`",
+        f"{args.samples} Rotten Tomatoes test snippets one at a time, {args.threads} threads, onnxruntime "
+        f"{onnxruntime.__version__}; medians of {args.rounds} interleaved rounds. The global pool runs in a second "
+        f"process, with its own stock reference. Command: `{command}`",
         "",
-        "| contender | ms | x stock with spinning |",
-        "|---|---:|---:|",
+        "| process | contender | ms / sample | x stock graph, same precision and process |",
+        "|---|---|---:|---:|",
     ]
-    reference = ms["stock, spinning"]
-    lines += [f"| {name} | {value:.2f} | {reference / value:.2f}x |" for name, value in ms.items()]
+    for mode, ms in results.items():
+        for name, value in ms.items():
+            reference = ms[f"stock {'int8' if 'int8' in name else 'fp32'}"]
+            lines.append(f"| {mode} | {name} | {value:.2f} | {reference / value:.2f}x |")
     output_dir = Path(args.output_dir)
     (output_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (output_dir / f"{args.name}.json").write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+    (output_dir / f"{args.name}.json").write_text(
+        json.dumps({"command": command, "threads": args.threads, "speed": args.speed, **results}, indent=2) + "\n"
+    )
     print("\n".join(lines))
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from tiny_models import FAMILIES, family_model, random_batch, sentiment_fastbert
-from tolerances import LOGITS_ATOL, assert_exits_clear
+from tolerances import LOGITS_ATOL, assert_exits_clear, assert_same_predictions
 
 from hf_fastbert import fastbert_flops, fold_students
 from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
@@ -292,6 +292,21 @@ def test_inputs_are_checked(exported):
         ort_model(input_ids=np.ones((1, 4), dtype=np.int64), inputs_embeds=torch.zeros(1, 4, 32))
     with pytest.raises(ValueError, match="threads"):
         ORTFastBertForSequenceClassification.from_pretrained(folder, threads=0)
+
+
+def test_several_threads_spin_within_a_run_only_and_answer_as_one(exported):
+    model, folder = exported("bert", layers=4)
+    one, two = (ORTFastBertForSequenceClassification.from_pretrained(folder, threads=n) for n in (1, 2))
+    options = two.sessions["layer_0.onnx"].get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"  # no worker left spinning
+    input_ids, attention_mask = random_batch(batch_size=8)
+    for speed in SPEEDS:
+        assert_exits_clear(model, input_ids, attention_mask, speed)
+        assert_same_predictions(
+            two(input_ids=input_ids, attention_mask=attention_mask, speed=speed),
+            one(input_ids=input_ids, attention_mask=attention_mask, speed=speed),
+        )
 
 
 # The command line
