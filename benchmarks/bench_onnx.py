@@ -9,6 +9,8 @@ On real held-out snippets, batch 1 and 32, interleaved rounds (medians of per-ro
 - FastBERT on ONNX Runtime (`hf-fastbert export`, fp32 and `--int8`) at speed 0 and at the speed calibrated on the
   validation split on its own outputs (the largest within `--budget` of its own speed 0, entropy rule; with
   `--confidence 0.95`, the budget read at its 95% bound on new data, as `calibrate(..., confidence=0.95)` does).
+With `--shared-thread-pool`, every session shares one global pool (the opt-in of `docs/onnx.md`; the stock graph's
+too, as ONNX Runtime requires once the process has one).
 Also measured: the cost of one session run (an Identity graph on a batch of hidden states), the per-stage overhead.
 
 Accuracy is on `--accuracy-samples` test snippets (batch 32), times on the first `--samples`. The wall-time speed-up
@@ -82,7 +84,7 @@ def stock_onnx(stock, work_dir: Path):
     return fp32, int8, counts
 
 
-def session_run_cost(threads, hidden_size, batch_size, length, runs=2000):
+def session_run_cost(options, hidden_size, batch_size, length, runs=2000):
     """Microseconds of one `InferenceSession.run` of an Identity graph on a (batch, length, hidden) float tensor."""
     import onnx
     import onnxruntime
@@ -97,8 +99,6 @@ def session_run_cost(threads, hidden_size, batch_size, length, runs=2000):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"x": np.zeros((batch_size, length, hidden_size), dtype=np.float32)}
     for _ in range(100):
@@ -129,7 +129,15 @@ def main(argv=None):
     parser.add_argument(
         "--quantized-students", action="store_true", help="add an int8 export whose students are quantized whole"
     )
+    parser.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help="every session shares one global thread pool of --threads (onnxruntime.set_global_thread_pool_sizes,"
+        " process-wide: the stock graph's sessions too) instead of one pool per session",
+    )
     args = parser.parse_args(argv)
+    if args.shared_thread_pool:  # before this process creates its first session
+        onnxruntime.set_global_thread_pool_sizes(args.threads)
     if args.confidence is not None and not 0 < args.confidence < 1:
         parser.error(f"--confidence must be strictly between 0 and 1, got {args.confidence}")
     torch.set_num_threads(args.threads)
@@ -149,13 +157,17 @@ def main(argv=None):
         exports[precision] = folder
     stock_fp32, stock_int8, stock_fusions = stock_onnx(stock, work)
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    if args.shared_thread_pool:  # a process with global pools runs every session on them
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = args.threads
     stock_sessions = {
         precision: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for precision, path in (("fp32", stock_fp32), ("int8", stock_int8))
     }
+    ort_options = {"session_options": options} if args.shared_thread_pool else {"threads": args.threads}
     ort = {
-        precision: ORTFastBertForSequenceClassification.from_pretrained(folder, threads=args.threads)
+        precision: ORTFastBertForSequenceClassification.from_pretrained(folder, **ort_options)
         for precision, folder in exports.items()
     }
     torch_models = {"fp32": fastbert, "int8": quantize_int8(fastbert)}
@@ -272,14 +284,14 @@ def main(argv=None):
                     row["calibrated"] = True
             rows.append(row)
     run_costs = {
-        batch_size: session_run_cost(args.threads, fastbert.config.hidden_size, batch_size, 24)
-        for batch_size in (1, 32)
+        batch_size: session_run_cost(options, fastbert.config.hidden_size, batch_size, 24) for batch_size in (1, 32)
     }
     result = {
         "command": "python benchmarks/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "threads": args.threads,
+        "shared_thread_pool": args.shared_thread_pool,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -295,7 +307,8 @@ def main(argv=None):
     }
     lines = [
         f"{len(timed_texts)} {DATASETS[args.dataset]} timed, {len(accuracy_texts)} scored; {args.threads} "
-        f"thread(s); {cpu_model()}; {args.rounds} interleaved rounds (medians of per-round ratios); "
+        f"thread(s){' (one global pool)' if args.shared_thread_pool else ''}; {cpu_model()}; "
+        f"{args.rounds} interleaved rounds (medians of per-round ratios); "
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}. Command: `{result['command']}`",
         "",
         "Calibrated speeds (validation, entropy rule, within "

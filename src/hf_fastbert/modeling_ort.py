@@ -6,11 +6,11 @@ an `onnx/` sub-folder), takes the arguments of [`FastBertForSequenceClassificati
 `output_all_logits`) and returns the same [`FastBertSequenceClassifierOutput`]: logits, 1-based exit layers and the
 exact FLOPs of every sample. The text-classification pipeline takes it with `speed`.
 
-The engine is the PyTorch one, on the runtime: after each layer's session run, the samples whose exit rule fires leave
-the batch; the remaining rows (and the padding columns no remaining sample needs) go to the next layer's session.
-Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule reads the uncertainty
-each student graph computes (one comparison per sample), the others the student's logits. At speed 0 the students'
-sessions do not run.
+The engine is the PyTorch one, on the runtime: after each layer's session run (the layer and its student), the samples
+whose exit rule fires leave the batch; the remaining rows (and the padding columns no remaining sample needs) go to
+the next layer's session. Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule
+reads the uncertainty each layer graph computes (one comparison per sample), the others the student's logits. Speed 0
+runs the whole model in one session run (`onnx/model.onnx`), without the students.
 
 Example:
 
@@ -108,10 +108,10 @@ def check_onnx_folder(folder, config) -> dict:
     stages = stage_names(config.num_hidden_layers)
     if manifest.get("stages") != stages:
         raise ValueError(f"{onnx_dir}: the manifest lists {manifest.get('stages')}, expected {stages}.")
-    full_model = manifest.get("full_model")  # exports before it had none: speed 0 then runs the stages
-    if full_model not in (None, FULL_MODEL):
-        raise ValueError(f"{onnx_dir}: the manifest names the full model {full_model!r}, expected {FULL_MODEL!r}.")
-    missing = [name for name in stages + ([full_model] if full_model else []) if not (onnx_dir / name).is_file()]
+    if manifest.get("full_model") != FULL_MODEL:
+        raise ValueError(f"{onnx_dir}: the manifest names the full model {manifest.get('full_model')!r}, expected "
+                         f"{FULL_MODEL!r}.")  # fmt: skip
+    missing = [name for name in stages + [FULL_MODEL] if not (onnx_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{onnx_dir} lacks {', '.join(missing)}: export the model again.")
     return manifest
@@ -128,8 +128,8 @@ class ORTFastBertForSequenceClassification:
             int8 exports, whose activations are quantized per run: a sample's answer is then the same in any batch;
             set it to False to run int8 batches together, faster at large batches but batch-dependent).
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
-            (`embeddings.onnx`, `layer_<i>.onnx`, `student_<i>.onnx`, and `model.onnx`, the whole model, which speed
-            0 runs in one session run; exports made before it existed run their stages at speed 0).
+            (`embeddings.onnx`, `layer_<i>.onnx` with its student, and `model.onnx`, the whole model, which speed 0
+            runs in one session run).
     """
 
     main_input_name = "input_ids"
@@ -146,8 +146,7 @@ class ORTFastBertForSequenceClassification:
         layers = config.num_hidden_layers
         self._embeddings = sessions["embeddings.onnx"]
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
-        self._students = [sessions[f"student_{index}.onnx"] for index in range(layers - 1)]
-        self._full_model = sessions.get(FULL_MODEL)  # speed 0: one run of the whole model
+        self._full_model = sessions[FULL_MODEL]  # speed 0: one run of the whole model
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
@@ -236,7 +235,7 @@ class ORTFastBertForSequenceClassification:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # see `threads`
             session_options.add_session_config_entry("session.force_spinning_stop", "1")
         sessions = {}
-        for name in manifest["stages"] + ([manifest["full_model"]] if manifest.get("full_model") else []):
+        for name in manifest["stages"] + [FULL_MODEL]:
             path = folder / ONNX_FOLDER / name
             try:
                 sessions[name] = ort.InferenceSession(str(path), session_options, providers=[provider])
@@ -320,7 +319,7 @@ class ORTFastBertForSequenceClassification:
             return self._forward_each_sample(feed, speed, output_all_logits, exit_rule)
         # A batch of one pays for every host-side operator: numpy only, and nothing that speed 0 does not need.
         seq_lengths = mask.sum(axis=1)  # (B,)
-        if speed == 0 and not output_all_logits and self._full_model is not None:  # the stock computation, one run
+        if speed == 0 and not output_all_logits:  # no sample can leave: the stock computation, one session run
             logits = torch.from_numpy(self._full_model.run(None, feed)[0])  # (B, C)
             exit_layers = np.full(batch_size, self.config.num_hidden_layers, dtype=np.int64)  # (B,)
             flops = self._numpy_sample_flops(seq_lengths, exit_layers, False, seq_length)
@@ -329,14 +328,13 @@ class ORTFastBertForSequenceClassification:
             )
         hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         num_layers = self.config.num_hidden_layers
-        students_run = output_all_logits or speed > 0  # at speed 0 no sample can leave: the students are skipped
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
-        if students_run and not output_all_logits:  # (B,) the 1-based last column each sample needs
+        if not output_all_logits:  # (B,) the 1-based last column each sample needs
             last_columns = ((mask != 0) * np.arange(1, seq_length + 1)).max(axis=1)
         student_logits, rule_state = [], None
-        # The graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
+        # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
         graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         for index in range(num_layers):
             feed = {"hidden_states": hidden, "attention_mask": mask}
@@ -344,10 +342,7 @@ class ORTFastBertForSequenceClassification:
                 teacher_logits = self._layers[index].run(None, feed)[0]  # (b, C)
                 logits[rows] = teacher_logits
                 break
-            hidden = feed["hidden_states"] = self._layers[index].run(None, feed)[0]  # (b, T', H)
-            if not students_run:
-                continue
-            branch_logits, uncertainty = self._students[index].run(None, feed)  # (b, C), (b,)
+            hidden, branch_logits, uncertainty = self._layers[index].run(None, feed)  # (b, T', H), (b, C), (b,)
             if output_all_logits:  # every layer runs on every sample; the exits are selected at the end
                 student_logits.append(branch_logits)
                 continue

@@ -2,12 +2,14 @@
 deployed with.
 
 ONNX Runtime cannot leave a session half-way (its maintainers say so; `If`/`Loop` subgraphs miss the fusion passes), so
-the model is cut where the exits are: one graph for the embeddings, then per layer one graph for the layer and one for
-its student (the student's logits and its exit measure, the normalized entropy). Between two session runs the host
-reads a few numbers per sample and drops the rows that left ([`hf_fastbert.modeling_ort`]). Every fusion of a layer
-(Attention, SkipLayerNormalization, BiasGelu) lies inside it; only cross-layer memory planning is lost. The students
-have their own graphs because a session computes every output it has, whatever the caller asks for: at speed 0 no
-sample can leave, and the students are skipped, as the PyTorch model skips them.
+the model is cut where the exits are: one graph for the embeddings, then per layer one graph for the layer and its
+student (the student's logits and its exit measure, the normalized entropy). Between two session runs the host reads a
+few numbers per sample and drops the rows that left ([`hf_fastbert.modeling_ort`]). Every fusion of a layer
+(Attention, SkipLayerNormalization, BiasGelu) lies inside its graph; only cross-layer memory planning is lost. Speed 0,
+where no sample can leave, runs a third kind of graph: the whole model in one (`model.onnx`, the stock classifier's
+computation), so that it neither runs the students nor pays a session run per layer. (A session computes every output
+it has, whatever the caller asks for; students in their own graphs, the format before, cost a second session run per
+layer at every other speed.)
 
 Toolchain: `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's torchlib), onnxscript's ONNX Runtime
 rewriter (`onnxscript.rewriter.ort_fusions`, which fuses graphs from the dynamo exporter; the older
@@ -17,9 +19,9 @@ transformers < 4.58; transformers' own `exporters` export whole models, not a mo
 Layout, beside the model's `config.json` (Optimum's habit: ONNX files under `onnx/`):
 
     onnx/embeddings.onnx   input_ids, attention_mask[, token_type_ids] -> hidden_states
-    onnx/layer_<i>.onnx    hidden_states, attention_mask -> next_hidden_states (i < L - 1)
-    onnx/student_<i>.onnx  hidden_states (layer i's output), attention_mask -> logits, uncertainty (i < L - 1)
+    onnx/layer_<i>.onnx    hidden_states, attention_mask -> next_hidden_states, logits, uncertainty (i < L - 1)
     onnx/layer_<L-1>.onnx  hidden_states, attention_mask -> logits (the teacher)
+    onnx/model.onnx        input_ids, attention_mask[, token_type_ids] -> logits (the teacher; what speed 0 runs)
     onnx/fastbert_onnx.json  what the files were exported from, checked at load
 """
 
@@ -45,7 +47,8 @@ logger = logging.getLogger(__name__)
 ONNX_FOLDER = "onnx"
 MANIFEST = "fastbert_onnx.json"
 FULL_MODEL = "model.onnx"  # the whole model in one graph: speed 0 runs it, as the stock classifier runs
-FORMAT_VERSION = 2  # 1: the students inside the layer graphs
+# 1: students inside the layer graphs, no whole-model graph; 2: students in graphs of their own, beside the whole model
+FORMAT_VERSION = 3
 OPSET = 18
 # The fused operators every layer of these families must have after the rewriter (checked at export and in tests):
 # a version of onnxscript or torch that silently stops fusing fails loudly instead of running slower.
@@ -222,20 +225,6 @@ def _attention_reads_padding_mask(model) -> None:
     RemoveUnusedNodesPass()(model)
 
 
-def _split_student(model):
-    """A fused layer graph with its student -> (the layer's graph, the student's graph reading the layer's output)."""
-    import onnx_ir as ir
-
-    def part(inputs, outputs):
-        graph = ir.convenience.extract(model.graph, inputs, outputs)
-        return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name)
-
-    layer = part(["hidden_states", "attention_mask"], ["next_hidden_states"])
-    student = part(["next_hidden_states", "attention_mask"], ["logits", "uncertainty"])
-    student.graph.inputs[0].name = "hidden_states"
-    return layer, student
-
-
 def _student_nodes(model) -> list[str]:
     """Names of the nodes that compute a student after its input projection (which sees every token, as a layer's
     matrices do, and is quantized): traced inside `model.branches.<i>` (the exporter's name scopes), or reading one
@@ -375,15 +364,7 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
                 f"The {family} family does not export to ONNX with this torch ({torch.__version__}): {reason}"
             ) from error
 
-        fused_stages = []
-        for name, graph in stages:
-            graph = _fuse(graph, padding_mask=family in EXPECTED_FUSIONS)
-            if name.startswith("layer_") and name != f"layer_{config.num_hidden_layers - 1}.onnx":
-                layer, student = _split_student(graph)
-                fused_stages += [(name, layer), (name.replace("layer_", "student_"), student)]
-            else:
-                fused_stages.append((name, graph))
-        stages = fused_stages
+        stages = [(name, _fuse(graph, padding_mask=family in EXPECTED_FUSIONS)) for name, graph in stages]
         fusions = {}
         for name, graph in stages:
             counts = _operator_counts(graph)
@@ -417,7 +398,7 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
             "config": config_signature(config),
             "model_safetensors_sha256": weights_fingerprint(output_dir),
             "token_type_ids": token_types,
-            # The student graphs' `uncertainty` output measures this; another config value is computed from the logits.
+            # The layer graphs' `uncertainty` output measures this; another config value is computed from the logits.
             "uncertainty_top_k": config.uncertainty_top_k,
             # `calibrate --backend onnx --save` writes the exit rule and speed chosen on these stages' outputs here.
             "calibration": None,
@@ -448,13 +429,8 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
 
 
 def stage_names(num_layers: int) -> list[str]:
-    """The files of an export, in the order they run: embeddings, then each layer followed by its student."""
-    names = ["embeddings.onnx"]
-    for index in range(num_layers):
-        names.append(f"layer_{index}.onnx")
-        if index < num_layers - 1:
-            names.append(f"student_{index}.onnx")
-    return names
+    """The files an early exit runs, in order: the embeddings, then each layer with its student."""
+    return ["embeddings.onnx"] + [f"layer_{index}.onnx" for index in range(num_layers)]
 
 
 def copy_onnx_stages(source, target, config) -> None:
