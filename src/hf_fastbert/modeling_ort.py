@@ -32,7 +32,7 @@ import torch
 from .configuration_fastbert import validate_speed
 from .exit_rules import check_exit_rule, exits_at_layer, select_exits
 from .files import atomic_path
-from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, stack_sample_outputs
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput
 from .onnx_export import (
     FORMAT_VERSION,
     FULL_MODEL,
@@ -189,12 +189,13 @@ class ORTFastBertForSequenceClassification:
                 Each session has its own pool, whose workers spin between the operators of a run and stop spinning
                 when it returns (`session.force_spinning_stop`): the stages run one after another, and workers left
                 spinning by the sessions that just ran took the cores from the next one (5-7x slower than the stock
-                graph), while workers put to sleep between operators cost 8-26% at batch 1
-                (`benchmarks/results/onnx_threads.md`, 2 threads).
+                graph), while workers put to sleep between operators are woken for each one (12-14% slower at speed
+                0, batch 1, 2 threads: `benchmarks/results/onnx_threads.md`).
             session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
-                For one thread pool shared by every session (6-16% faster than per-session pools at an early-exit
-                speed, 2 threads): call `onnxruntime.set_global_thread_pool_sizes(threads)` before the process
-                creates any session, and pass options with `use_per_session_threads = False`.
+                For one thread pool shared by every session (in that benchmark, int8 at an early-exit speed ran 1.78x
+                the stock graph's speed against 1.44x, fp32 1.88x against 1.96x): call
+                `onnxruntime.set_global_thread_pool_sizes(threads)` before the process creates any session, and pass
+                options with `use_per_session_threads = False` (every session of the process must then have them).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
             config (*optional*): the FastBERT config, when not read from the folder.
             kwargs: passed to `huggingface_hub.snapshot_download` for a Hub repo (`revision`, `token`, ...).
@@ -242,20 +243,6 @@ class ORTFastBertForSequenceClassification:
             except Exception as error:  # ONNX Runtime's errors for a corrupted or foreign file
                 raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
         return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
-
-    def _forward_each_sample(self, feed, speed, output_all_logits, exit_rule) -> FastBertSequenceClassifierOutput:
-        """Every sample alone, without its padding (int8 exports: activations are quantized per session run, so in
-        one batched run a sample's answer would depend on the other samples), then the outputs stacked."""
-        outputs = []
-        for row in range(feed["input_ids"].shape[0]):
-            keep = feed["attention_mask"][row] != 0
-            if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
-                keep = np.ones_like(keep)
-            sample = {name: np.ascontiguousarray(value[row : row + 1, keep]) for name, value in feed.items()}
-            outputs.append(
-                self.forward(**sample, speed=speed, output_all_logits=output_all_logits, exit_rule=exit_rule)
-            )
-        return stack_sample_outputs(outputs)
 
     # What the pipeline and the `Trainer`-free evaluation code read of a model.
     @property
@@ -316,23 +303,46 @@ class ORTFastBertForSequenceClassification:
         if self._token_types:
             feed["token_type_ids"] = np.zeros_like(ids) if token_type_ids is None else _as_numpy(token_type_ids)
         if self.int8_per_sample and batch_size > 1:
-            return self._forward_each_sample(feed, speed, output_all_logits, exit_rule)
-        # A batch of one pays for every host-side operator: numpy only, and nothing that speed 0 does not need.
-        seq_lengths = mask.sum(axis=1)  # (B,)
-        if speed == 0 and not output_all_logits:  # no sample can leave: the stock computation, one session run
-            logits = torch.from_numpy(self._full_model.run(None, feed)[0])  # (B, C)
-            exit_layers = np.full(batch_size, self.config.num_hidden_layers, dtype=np.int64)  # (B,)
-            flops = self._numpy_sample_flops(seq_lengths, exit_layers, False, seq_length)
-            return FastBertSequenceClassifierOutput(
-                logits=logits, exit_layers=torch.from_numpy(exit_layers), flops=flops
+            # int8 stages quantize activations per session run: each sample runs alone, without its padding, so that
+            # its answer does not depend on the other samples of the batch.
+            parts = []
+            for row in range(batch_size):
+                keep = mask[row] != 0
+                if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
+                    keep = np.ones_like(keep)
+                sample = {name: np.ascontiguousarray(value[row : row + 1, keep]) for name, value in feed.items()}
+                parts.append(self._run(sample, speed, output_all_logits, exit_rule))
+            logits, exit_layers, all_logits = (
+                None if parts[0][index] is None else np.concatenate([part[index] for part in parts])
+                for index in range(3)
             )
-        hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
+        else:
+            logits, exit_layers, all_logits = self._run(feed, speed, output_all_logits, exit_rule)
+        logits, exit_layers = torch.from_numpy(logits), torch.from_numpy(exit_layers)
+        if all_logits is not None:  # every layer ran on every sample: the exits are selected here
+            all_logits = torch.from_numpy(all_logits)
+            logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)
+        # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
+        flops = self._numpy_sample_flops(mask.sum(axis=1), exit_layers.numpy(), speed > 0, seq_length)
+        return FastBertSequenceClassifierOutput(
+            logits=logits, exit_layers=exit_layers, flops=flops, all_logits=all_logits
+        )
+
+    def _run(self, feed, speed, output_all_logits, exit_rule):
+        """
+        One batch through the sessions, numpy in and out: `(logits (B, C), exit_layers (B,), all_logits (B, L, C) or
+        None)`; with `output_all_logits` every layer runs on every sample, and the caller selects the exits.
+        """
+        mask = feed["attention_mask"]
+        batch_size, seq_length = mask.shape
         num_layers = self.config.num_hidden_layers
+        if speed == 0 and not output_all_logits:  # no sample can leave: the stock computation, one session run
+            return self._full_model.run(None, feed)[0], np.full(batch_size, num_layers, dtype=np.int64), None
+        hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
-        if not output_all_logits:  # (B,) the 1-based last column each sample needs
-            last_columns = ((mask != 0) * np.arange(1, seq_length + 1)).max(axis=1)
+        last_columns = ((mask != 0) * np.arange(1, seq_length + 1)).max(axis=1)  # (B,) last column each one needs
         student_logits, rule_state = [], None
         # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
         graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
@@ -343,7 +353,7 @@ class ORTFastBertForSequenceClassification:
                 logits[rows] = teacher_logits
                 break
             hidden, branch_logits, uncertainty = self._layers[index].run(None, feed)  # (b, T', H), (b, C), (b,)
-            if output_all_logits:  # every layer runs on every sample; the exits are selected at the end
+            if output_all_logits:
                 student_logits.append(branch_logits)
                 continue
             if exit_rule == "entropy" and graph_uncertainty:
@@ -368,17 +378,9 @@ class ORTFastBertForSequenceClassification:
             mask = np.ascontiguousarray(mask[stay, :used_columns])
             if rule_state is not None:
                 rule_state = tuple(value[torch.from_numpy(stay)] for value in rule_state)
-
-        all_logits = None
-        result_logits, result_exits = torch.from_numpy(logits), torch.from_numpy(exit_layers)
         if output_all_logits:
-            all_logits = torch.from_numpy(np.stack(student_logits + [teacher_logits], axis=1))  # (B, L, C)
-            result_logits, result_exits = select_exits(all_logits, speed, self.config, exit_rule)
-        # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
-        flops = self._numpy_sample_flops(seq_lengths, result_exits.numpy(), speed > 0, seq_length)
-        return FastBertSequenceClassifierOutput(
-            logits=result_logits, exit_layers=result_exits, flops=flops, all_logits=all_logits
-        )
+            return logits, exit_layers, np.stack(student_logits + [teacher_logits], axis=1)  # (B, L, C)
+        return logits, exit_layers, None
 
     def _numpy_sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length) -> torch.Tensor:
         """`_sample_flops` from (B,) numpy lengths and exit layers, read from its table without a torch operator."""
