@@ -248,6 +248,13 @@ def test_missing_or_foreign_onnx_folders_are_refused_at_load(exported, tmp_path)
     (whole / "onnx" / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="model.onnx is not a valid ONNX model"):
         ORTFastBertForSequenceClassification.from_pretrained(whole)
+    # An export of an older format (2: the students in graphs of their own) asks to be exported again.
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    manifest = json.loads((older / "onnx" / MANIFEST).read_text())
+    (older / "onnx" / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match="another hf-fastbert ONNX format .*export the model again"):
+        ORTFastBertForSequenceClassification.from_pretrained(older)
 
 
 def test_inference_copies_are_refused_and_nothing_is_written(tmp_path):

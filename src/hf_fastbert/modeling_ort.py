@@ -108,9 +108,9 @@ def check_onnx_folder(folder, config) -> dict:
     stages = stage_names(config.num_hidden_layers)
     if manifest.get("stages") != stages:
         raise ValueError(f"{onnx_dir}: the manifest lists {manifest.get('stages')}, expected {stages}.")
-    if manifest.get("full_model") != FULL_MODEL:
-        raise ValueError(f"{onnx_dir}: the manifest names the full model {manifest.get('full_model')!r}, expected "
-                         f"{FULL_MODEL!r}.")  # fmt: skip
+    full_model = manifest.get("full_model")
+    if full_model != FULL_MODEL:
+        raise ValueError(f"{onnx_dir}: the manifest names the full model {full_model!r}, expected {FULL_MODEL!r}.")
     missing = [name for name in stages + [FULL_MODEL] if not (onnx_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{onnx_dir} lacks {', '.join(missing)}: export the model again.")
