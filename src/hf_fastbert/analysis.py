@@ -135,7 +135,11 @@ def _confidence_margin(rows, confidence, max_accuracy_drop) -> list[float]:
     if max_accuracy_drop is None:
         raise ValueError("confidence bounds an accuracy budget: give it with max_accuracy_drop.")
     if any(row.get("accuracy_drop_se") is None for row in rows):
-        raise ValueError("confidence needs each result's accuracy_drop_se (labelled data, `metrics_at_speeds`).")
+        raise ValueError(
+            "confidence needs each result's accuracy_drop_se, which a row lacks (`metrics_at_speeds` measures it on "
+            "labelled data; for a speed curve written before hf-fastbert measured it, run `hf-fastbert sweep MODEL` "
+            "again)."
+        )
     return [z * row["accuracy_drop_se"] for row in rows]
 
 

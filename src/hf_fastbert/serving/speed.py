@@ -104,11 +104,6 @@ def speed_ladder(
         raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}.")
     validate_speed(min_speed, "min_speed")
     rows = sorted(curve, key=_speed_key)
-    if confidence is not None and any(row.get("accuracy_drop_se") is None for row in rows):
-        raise ValueError(
-            "a confidence on the accuracy floor needs the curve's accuracy_drop_se, which this curve lacks (written "
-            "before hf-fastbert measured it): run `hf-fastbert sweep MODEL` again."
-        )
     margins = _confidence_margin(rows, confidence, max_accuracy_drop)  # all 0.0 without `confidence`
     reference = [row for row in rows if row["speed"] == 0]
     if not reference:
