@@ -286,7 +286,7 @@ def test_push_uploads_the_onnx_stages_and_they_load_from_the_repo_id(tmp_path):
     with HubServer(tokens={TOKEN: "alice"}) as hub:  # its own Hub: the other tests count the shared one's repos
         result = run_client(hub, "onnx", tmp_path)
         files = hub.files(ONNX_REPO)
-    stages = {f"onnx/layer_{index}.onnx" for index in range(NUM_LAYERS)} | {"onnx/embeddings.onnx"}
+    stages = {f"onnx/layer_{index}.onnx" for index in range(NUM_LAYERS)} | {"onnx/model.onnx"}
     assert stages | {"onnx/fastbert_onnx.json", "model.safetensors", "config.json"} <= files.keys()
     assert not any(name.startswith("onnx/.") for name in files)
     readme = files["README.md"].decode()

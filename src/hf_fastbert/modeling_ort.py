@@ -128,8 +128,8 @@ class ORTFastBertForSequenceClassification:
             int8 exports, whose activations are quantized per run: a sample's answer is then the same in any batch;
             set it to False to run int8 batches together, faster at large batches but batch-dependent).
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
-            (`embeddings.onnx`, `layer_<i>.onnx` with its student, and `model.onnx`, the whole model, which speed 0
-            runs in one session run).
+            (`layer_<i>.onnx` with its student, the first from the token ids, and `model.onnx`, the whole model,
+            which speed 0 runs in one session run).
     """
 
     main_input_name = "input_ids"
@@ -144,7 +144,6 @@ class ORTFastBertForSequenceClassification:
         # int8 stages quantize activations per run: each sample runs alone, so its answer is the same in any batch.
         self.int8_per_sample = bool(manifest.get("int8"))
         layers = config.num_hidden_layers
-        self._embeddings = sessions["embeddings.onnx"]
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
         self._full_model = sessions[FULL_MODEL]  # speed 0: one run of the whole model
         for key, value in (manifest.get("calibration") or {}).items():
@@ -338,7 +337,6 @@ class ORTFastBertForSequenceClassification:
         num_layers = self.config.num_hidden_layers
         if speed == 0 and not output_all_logits:  # no sample can leave: the stock computation, one session run
             return self._full_model.run(None, feed)[0], np.full(batch_size, num_layers, dtype=np.int64), None
-        hidden = self._embeddings.run(None, feed)[0]  # (B, T, H)
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
@@ -346,8 +344,7 @@ class ORTFastBertForSequenceClassification:
         student_logits, rule_state = [], None
         # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
         graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
-        for index in range(num_layers):
-            feed = {"hidden_states": hidden, "attention_mask": mask}
+        for index in range(num_layers):  # `feed`: layer 0 reads the token ids (the embeddings are in its graph)
             if index == num_layers - 1:
                 teacher_logits = self._layers[index].run(None, feed)[0]  # (b, C)
                 logits[rows] = teacher_logits
@@ -355,29 +352,29 @@ class ORTFastBertForSequenceClassification:
             hidden, branch_logits, uncertainty = self._layers[index].run(None, feed)  # (b, T', H), (b, C), (b,)
             if output_all_logits:
                 student_logits.append(branch_logits)
-                continue
-            if exit_rule == "entropy" and graph_uncertainty:
-                exits = uncertainty < speed  # (b,)
             else:
-                exits, rule_state = exits_at_layer(
-                    self.config, speed, index, torch.from_numpy(branch_logits), rule_state, exit_rule
-                )
-                exits = exits.numpy()
-            num_exits = int(exits.sum())
-            if num_exits == 0:
-                continue
-            leave = np.flatnonzero(exits)
-            logits[rows[leave]] = branch_logits[leave]
-            exit_layers[rows[leave]] = index + 1
-            if num_exits == len(exits):
-                break
-            stay = np.flatnonzero(~exits)
-            used_columns = int(last_columns[stay].max()) or mask.shape[1]  # all-zero masks staying: keep every column
-            rows, last_columns = rows[stay], last_columns[stay]
-            hidden = np.ascontiguousarray(hidden[stay, :used_columns])
-            mask = np.ascontiguousarray(mask[stay, :used_columns])
-            if rule_state is not None:
-                rule_state = tuple(value[torch.from_numpy(stay)] for value in rule_state)
+                if exit_rule == "entropy" and graph_uncertainty:
+                    exits = uncertainty < speed  # (b,)
+                else:
+                    exits, rule_state = exits_at_layer(
+                        self.config, speed, index, torch.from_numpy(branch_logits), rule_state, exit_rule
+                    )
+                    exits = exits.numpy()
+                num_exits = int(exits.sum())
+                if num_exits:
+                    leave = np.flatnonzero(exits)
+                    logits[rows[leave]] = branch_logits[leave]
+                    exit_layers[rows[leave]] = index + 1
+                    if num_exits == len(exits):
+                        break
+                    stay = np.flatnonzero(~exits)
+                    used_columns = int(last_columns[stay].max()) or mask.shape[1]  # all-zero masks: every column
+                    rows, last_columns = rows[stay], last_columns[stay]
+                    hidden = np.ascontiguousarray(hidden[stay, :used_columns])
+                    mask = np.ascontiguousarray(mask[stay, :used_columns])
+                    if rule_state is not None:
+                        rule_state = tuple(value[torch.from_numpy(stay)] for value in rule_state)
+            feed = {"hidden_states": hidden, "attention_mask": mask}
         if output_all_logits:
             return logits, exit_layers, np.stack(student_logits + [teacher_logits], axis=1)  # (B, L, C)
         return logits, exit_layers, None

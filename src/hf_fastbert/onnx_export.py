@@ -2,14 +2,16 @@
 deployed with.
 
 ONNX Runtime cannot leave a session half-way (its maintainers say so; `If`/`Loop` subgraphs miss the fusion passes), so
-the model is cut where the exits are: one graph for the embeddings, then per layer one graph for the layer and its
-student (the student's logits and its exit measure, the normalized entropy). Between two session runs the host reads a
-few numbers per sample and drops the rows that left ([`hf_fastbert.modeling_ort`]). Every fusion of a layer
-(Attention, SkipLayerNormalization, BiasGelu) lies inside its graph; only cross-layer memory planning is lost. Speed 0,
-where no sample can leave, runs a third kind of graph: the whole model in one (`model.onnx`, the stock classifier's
-computation), so that it neither runs the students nor pays a session run per layer. (A session computes every output
-it has, whatever the caller asks for; students in their own graphs, the format before, cost a second session run per
-layer at every other speed.)
+the model is cut where the exits are: one graph per layer, for the layer and its student (the student's logits and its
+exit measure, the normalized entropy); the first layer's graph starts from the token ids (the embeddings inside it).
+Between two session runs the host reads a few numbers per sample and drops the rows that left
+([`hf_fastbert.modeling_ort`]). Every fusion of a layer (Attention, SkipLayerNormalization, BiasGelu) lies inside its
+graph; only cross-layer memory planning is lost. Speed 0, where no sample can leave, runs another graph: the whole
+model in one (`model.onnx`, the stock classifier's computation), so that it neither runs the students nor pays a
+session run per layer. Each session run costs more than its operators (the session's threads are woken, its weights
+read into the cache), so the format runs as few as it can: a session computes every output it has, whatever the caller
+asks for, so the students are inside their layer's graph (format 2 had graphs of their own: a second run per layer),
+and the embeddings inside the first layer's (format 3 had a graph of its own: a run more per sample).
 
 Toolchain: `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's torchlib), onnxscript's ONNX Runtime
 rewriter (`onnxscript.rewriter.ort_fusions`, which fuses graphs from the dynamo exporter; the older
@@ -18,8 +20,8 @@ transformers < 4.58; transformers' own `exporters` export whole models, not a mo
 
 Layout, beside the model's `config.json` (Optimum's habit: ONNX files under `onnx/`):
 
-    onnx/embeddings.onnx   input_ids, attention_mask[, token_type_ids] -> hidden_states
-    onnx/layer_<i>.onnx    hidden_states, attention_mask -> next_hidden_states, logits, uncertainty (i < L - 1)
+    onnx/layer_0.onnx      input_ids, attention_mask[, token_type_ids] -> next_hidden_states, logits, uncertainty
+    onnx/layer_<i>.onnx    hidden_states, attention_mask -> next_hidden_states, logits, uncertainty (0 < i < L - 1)
     onnx/layer_<L-1>.onnx  hidden_states, attention_mask -> logits (the teacher)
     onnx/model.onnx        input_ids, attention_mask[, token_type_ids] -> logits (the teacher; what speed 0 runs)
     onnx/fastbert_onnx.json  what the files were exported from, checked at load
@@ -47,8 +49,9 @@ logger = logging.getLogger(__name__)
 ONNX_FOLDER = "onnx"
 MANIFEST = "fastbert_onnx.json"
 FULL_MODEL = "model.onnx"  # the whole model in one graph: speed 0 runs it, as the stock classifier runs
-# 1: students inside the layer graphs, no whole-model graph; 2: students in graphs of their own, beside the whole model
-FORMAT_VERSION = 3
+# 1: students inside the layer graphs, no whole-model graph; 2: students in graphs of their own, beside the whole
+# model; 3: students inside the layer graphs, embeddings in a graph of their own; 4: embeddings inside layer 0's graph
+FORMAT_VERSION = 4
 OPSET = 18
 # The fused operators every layer of these families must have after the rewriter (checked at export and in tests):
 # a version of onnxscript or torch that silently stops fusing fails loudly instead of running slower.
@@ -88,14 +91,18 @@ class EmbeddingStage(nn.Module):
 
 
 class LayerStage(nn.Module):
-    """Layer `index` of a FastBERT model, with its student and exit measure (the teacher after the last layer)."""
+    """
+    Layer `index` of a FastBERT model, with its student and exit measure (the teacher after the last layer). Layer 0
+    starts from the token ids (`embeddings` is its [`EmbeddingStage`]), the others from the previous layer's output.
+    """
 
-    def __init__(self, model, index: int):
+    def __init__(self, model, index: int, embeddings: EmbeddingStage | None = None):
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.index, self.embeddings = model, index, embeddings
 
-    def forward(self, hidden_states, attention_mask):
+    def forward(self, inputs, attention_mask, token_type_ids=None):
         model, backbone = self.model, self.model.backbone
+        hidden_states = inputs if self.embeddings is None else self.embeddings(inputs, attention_mask, token_type_ids)
         state = backbone.prepare(model, hidden_states, attention_mask)
         # At layer 0 the input is the embeddings (DeBERTa's convolution after the first layer reads them).
         hidden = backbone.run_layer(model, self.index, hidden_states, state, attention_mask, hidden_states)
@@ -261,8 +268,9 @@ def _quantize(source: Path, target: Path, exclude: list[str]):
 
 def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students: bool = False, check: bool = True):
     """
-    Export a FastBERT model as ONNX Runtime stages into `<output_dir>/onnx/`: the embeddings, each layer and its
-    student, and the whole model in one graph (`model.onnx`, what speed 0 runs: the stock classifier's computation).
+    Export a FastBERT model as ONNX Runtime stages into `<output_dir>/onnx/`: each layer and its student (the first
+    with the embeddings), and the whole model in one graph (`model.onnx`, what speed 0 runs: the stock classifier's
+    computation).
 
     Args:
         model ([`FastBertForSequenceClassification`] or `str`):
@@ -334,30 +342,21 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
         embedding_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
         args = (input_ids, attention_mask) + ((torch.zeros_like(input_ids),) if token_types else ())
         try:
-            graph = _export_stage(
-                EmbeddingStage(model, token_types).eval(),
-                args,
-                embedding_inputs,
-                ["hidden_states"],
-                tuple(axes for _ in args),
-            )
-            with torch.no_grad():
-                hidden = EmbeddingStage(model, token_types).eval()(*args)
-            stages.append(("embeddings.onnx", graph))
             full = FullModelStage(model, token_types).eval()
             graph = _export_stage(full, args, embedding_inputs, ["logits"], tuple(axes for _ in args))
             stages.append((FULL_MODEL, graph))
+            stage_args, input_names = args, embedding_inputs  # layer 0 reads the token ids
             for index in range(config.num_hidden_layers):
                 last = index == config.num_hidden_layers - 1
                 outputs = ["logits"] if last else ["next_hidden_states", "logits", "uncertainty"]
-                stage = LayerStage(model, index).eval()
-                graph = _export_stage(
-                    stage, (hidden, attention_mask), ["hidden_states", "attention_mask"], outputs, (axes, axes)
-                )
+                embeddings = EmbeddingStage(model, token_types) if index == 0 else None
+                stage = LayerStage(model, index, embeddings).eval()
+                graph = _export_stage(stage, stage_args, input_names, outputs, tuple(axes for _ in stage_args))
                 stages.append((f"layer_{index}.onnx", graph))
                 if not last:
                     with torch.no_grad():
-                        hidden = stage(hidden, attention_mask)[0]
+                        stage_args = (stage(*stage_args)[0], attention_mask)
+                    input_names = ["hidden_states", "attention_mask"]
         except Exception as error:  # the exporter's errors are long; name the family and the reason first
             reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise ValueError(
@@ -429,8 +428,8 @@ def export_onnx(model, output_dir=None, *, int8: bool = False, quantize_students
 
 
 def stage_names(num_layers: int) -> list[str]:
-    """The files an early exit runs, in order: the embeddings, then each layer with its student."""
-    return ["embeddings.onnx"] + [f"layer_{index}.onnx" for index in range(num_layers)]
+    """The files an early exit runs, in order: each layer with its student (the first with the embeddings)."""
+    return [f"layer_{index}.onnx" for index in range(num_layers)]
 
 
 def copy_onnx_stages(source, target, config) -> None:

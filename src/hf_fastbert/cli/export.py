@@ -69,6 +69,6 @@ def run_export(args):
         AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
     seconds = time.perf_counter() - started
     print(
-        f"exported {config.num_hidden_layers + 1} {'int8' if args.int8 else 'float32'} ONNX stages to {folder} in "
+        f"exported {config.num_hidden_layers} {'int8' if args.int8 else 'float32'} ONNX stages to {folder} in "
         f"{seconds:.0f} s; run it with `{PROG} predict {output_dir} TEXT --backend onnx`"
     )
