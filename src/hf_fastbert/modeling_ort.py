@@ -344,7 +344,8 @@ class ORTFastBertForSequenceClassification:
         student_logits, rule_state = [], None
         # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
         graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
-        for index in range(num_layers):  # `feed`: layer 0 reads the token ids (the embeddings are in its graph)
+        # Layer 0 reads the caller's token ids (the embeddings are in its graph), the others the hidden states.
+        for index in range(num_layers):
             if index == num_layers - 1:
                 teacher_logits = self._layers[index].run(None, feed)[0]  # (b, C)
                 logits[rows] = teacher_logits
