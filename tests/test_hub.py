@@ -134,6 +134,11 @@ def client_onnx(workdir: Path) -> dict:
     tokenizer.save_pretrained(folder)
     local = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     torch.save(model_outputs(local, tokenizer), workdir / "onnx_local.pt")
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the repo already holds a stage of an older export format, which the push must remove
+    api.create_repo(ONNX_REPO, exist_ok=True)
+    api.upload_file(path_or_fileobj=b"an older stage", path_in_repo="onnx/embeddings.onnx", repo_id=ONNX_REPO)
     assert main(["push", str(folder), ONNX_REPO]) == 0
     loaded = ORTFastBertForSequenceClassification.from_pretrained(ONNX_REPO, threads=1)
     torch.save(model_outputs(loaded, tokenizer), workdir / "onnx_hub.pt")
@@ -288,6 +293,7 @@ def test_push_uploads_the_onnx_stages_and_they_load_from_the_repo_id(tmp_path):
         files = hub.files(ONNX_REPO)
     stages = {f"onnx/layer_{index}.onnx" for index in range(NUM_LAYERS)} | {"onnx/model.onnx"}
     assert stages | {"onnx/fastbert_onnx.json", "model.safetensors", "config.json"} <= files.keys()
+    assert "onnx/embeddings.onnx" not in files  # the older export's stage, replaced by the push
     assert not any(name.startswith("onnx/.") for name in files)
     readme = files["README.md"].decode()
     assert "## ONNX Runtime" in readme

@@ -151,17 +151,18 @@ def test_int8_stages_are_quantized_with_float_students(exported):
     model, folder = exported("bert", layers=4, int8=True)
     manifest = json.loads((folder / "onnx" / MANIFEST).read_text())
     assert manifest["int8"] is True and manifest["quantize_students"] is False
-    graph = onnx.load(folder / "onnx" / "layer_1.onnx")
-    operators = {node.op_type for node in graph.graph.node}
-    assert {"QAttention", "DynamicQuantizeMatMul"} & operators or "MatMulInteger" in operators, operators
-    student_weights = [init for init in graph.graph.initializer if "branches.1.classifier" in init.name]
-    assert student_weights and all(init.data_type == onnx.TensorProto.FLOAT for init in student_weights)
-    # Its input projection sees every token (the layer's output), like a layer's matrices, and is quantized.
-    quantized_inputs = {
-        name for node in graph.graph.node if node.op_type in ("DynamicQuantizeMatMul", "MatMulInteger")
-        for name in node.input
-    }  # fmt: skip
-    assert {"next_hidden_states", "next_hidden_states_quantized"} & quantized_inputs, quantized_inputs
+    for index in (0, 1):  # layer 0's graph also holds the embeddings
+        graph = onnx.load(folder / "onnx" / f"layer_{index}.onnx")
+        operators = {node.op_type for node in graph.graph.node}
+        assert {"QAttention", "DynamicQuantizeMatMul"} & operators or "MatMulInteger" in operators, operators
+        student_weights = [init for init in graph.graph.initializer if f"branches.{index}.classifier" in init.name]
+        assert student_weights and all(init.data_type == onnx.TensorProto.FLOAT for init in student_weights)
+        # Its input projection sees every token (the layer's output), like a layer's matrices, and is quantized.
+        quantized_inputs = {
+            name for node in graph.graph.node if node.op_type in ("DynamicQuantizeMatMul", "MatMulInteger")
+            for name in node.input
+        }  # fmt: skip
+        assert {"next_hidden_states", "next_hidden_states_quantized"} & quantized_inputs, quantized_inputs
     ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     input_ids, attention_mask = random_batch(batch_size=16, seed=1)
     got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.0)
@@ -252,13 +253,15 @@ def test_missing_or_foreign_onnx_folders_are_refused_at_load(exported, tmp_path)
     (whole / "onnx" / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="model.onnx is not a valid ONNX model"):
         ORTFastBertForSequenceClassification.from_pretrained(whole)
-    # An export of an older format (2: the students in graphs of their own) asks to be exported again.
+    # An export of an older format (2: the students in graphs of their own; 3: the embeddings in a graph of their own)
+    # asks to be exported again.
     older = tmp_path / "older"
     shutil.copytree(folder, older)
     manifest = json.loads((older / "onnx" / MANIFEST).read_text())
-    (older / "onnx" / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(ValueError, match="another hf-fastbert ONNX format .*export the model again"):
-        ORTFastBertForSequenceClassification.from_pretrained(older)
+    for version in (2, 3):
+        (older / "onnx" / MANIFEST).write_text(json.dumps({**manifest, "format_version": version}))
+        with pytest.raises(ValueError, match="another hf-fastbert ONNX format .*export the model again"):
+            ORTFastBertForSequenceClassification.from_pretrained(older)
 
 
 def test_inference_copies_are_refused_and_nothing_is_written(tmp_path):

@@ -297,9 +297,9 @@ def _onnx_usage(repo_id: str, config, manifest: dict) -> str:
     chosen = "calibrated on the runtime's own outputs" if calibration else "the model's"
     return f"""## ONNX Runtime
 
-`onnx/` holds this model as ONNX Runtime stages ({precision}): the embeddings, then one graph per layer with its
-student, so that each input still leaves at the first confident layer, and `model.onnx`, the whole model, for speed
-0. Default on the runtime: speed {speed:g}, exit rule `{rule}` ({chosen}).
+`onnx/` holds this model as ONNX Runtime stages ({precision}): one graph per layer with its student (the first also
+computes the embeddings), so that each input still leaves at the first confident layer, and `model.onnx`, the whole
+model, for speed 0. Default on the runtime: speed {speed:g}, exit rule `{rule}` ({chosen}).
 
 ```python
 import hf_fastbert  # noqa: F401  (pip install 'hf-fastbert[onnx]')
@@ -475,6 +475,8 @@ def push_model_to_hub(
             write_model_card(work_dir, model, repo_id=created, **card)
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id=created, branch=revision, exist_ok=True)
+        # Pushed ONNX stages replace the repo's `onnx/`: files of an older export would be downloaded with them.
+        stale = ["onnx/*"] if (Path(work_dir) / "onnx").is_dir() else None
         return api.upload_folder(
             repo_id=created,
             folder_path=work_dir,
@@ -482,6 +484,7 @@ def push_model_to_hub(
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
+            delete_patterns=stale,
         )
 
 

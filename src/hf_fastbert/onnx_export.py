@@ -8,10 +8,10 @@ Between two session runs the host reads a few numbers per sample and drops the r
 ([`hf_fastbert.modeling_ort`]). Every fusion of a layer (Attention, SkipLayerNormalization, BiasGelu) lies inside its
 graph; only cross-layer memory planning is lost. Speed 0, where no sample can leave, runs another graph: the whole
 model in one (`model.onnx`, the stock classifier's computation), so that it neither runs the students nor pays a
-session run per layer. Each session run costs more than its operators (the session's threads are woken, its weights
-read into the cache), so the format runs as few as it can: a session computes every output it has, whatever the caller
-asks for, so the students are inside their layer's graph (format 2 had graphs of their own: a second run per layer),
-and the embeddings inside the first layer's (format 3 had a graph of its own: a run more per sample).
+session run per layer. Each session run costs more than its operators (its own workers to wake, its memory planned
+apart from the other sessions'), so the format runs as few as it can. A session computes every output it has,
+whatever the caller asks for, so the students are inside their layer's graph (format 2 had graphs of their own: a
+second run per layer), and the embeddings inside the first layer's (format 3 had a graph of their own: one run more).
 
 Toolchain: `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's torchlib), onnxscript's ONNX Runtime
 rewriter (`onnxscript.rewriter.ort_fusions`, which fuses graphs from the dynamo exporter; the older

@@ -22,10 +22,10 @@ def register(commands):
     export = commands.add_parser(
         "export",
         help="Write the model as ONNX Runtime stages (onnx/ in its folder), fp32 or int8, for --backend onnx.",
-        description="Exports the embeddings, one graph per layer (the layer, its student, the student's logits "
-        "and its uncertainty) and the whole model in one graph (what speed 0 runs) with torch.onnx's dynamo "
-        "exporter, fuses them for ONNX Runtime (Attention, "
-        "SkipLayerNormalization, Gelu) and, with --int8, quantizes each stage dynamically. Written to "
+        description="Exports one graph per layer (the layer, its student, the student's logits and its "
+        "uncertainty; the first also computes the embeddings) and the whole model in one graph (what speed 0 runs) "
+        "with torch.onnx's dynamo exporter, fuses them for ONNX Runtime (Attention, SkipLayerNormalization, Gelu) "
+        "and, with --int8, quantizes each stage dynamically. Written to "
         "<output-dir>/onnx/, replacing an existing export only once complete. Then `predict`, `evaluate`, `sweep`, "
         "`calibrate` and `serve` take --backend onnx; `calibrate --backend onnx --save` picks the exit rule and "
         "speed on the runtime's own outputs. Needs pip install 'hf-fastbert[onnx]'.",
