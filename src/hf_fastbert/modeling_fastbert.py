@@ -89,6 +89,15 @@ def stack_sample_outputs(outputs: list) -> "FastBertSequenceClassifierOutput":
     return FastBertSequenceClassifierOutput(**stacked)
 
 
+def sample_columns(mask_row):
+    """
+    (T,) padding mask of one sample (torch or numpy) -> (T,) boolean: the columns it keeps when it runs alone (the
+    int8 paths), its real tokens; an all-padding row keeps every column, as the batched engine runs it.
+    """
+    keep = mask_row != 0
+    return keep if keep.any() else keep | True
+
+
 def last_needed_columns(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) padding mask -> (B,) the 1-based last column each sample needs (0 for an all-zero mask)."""
     return ((mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
@@ -699,9 +708,7 @@ class FastBertModelMixin(EarlyExitEngineMixin):
         """
         outputs = []
         for row in range(attention_mask.shape[0]):
-            keep = attention_mask[row] != 0
-            if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
-                keep = torch.ones_like(keep)
+            keep = sample_columns(attention_mask[row])
             sample = {name: None if value is None else value[row : row + 1, keep] for name, value in inputs.items()}
             outputs.append(
                 self(

@@ -32,7 +32,7 @@ import torch
 from .configuration_fastbert import validate_speed
 from .exit_rules import check_exit_rule, exits_at_layer, select_exits
 from .files import atomic_path
-from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput
+from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, sample_columns
 from .onnx_export import (
     FORMAT_VERSION,
     FULL_MODEL,
@@ -306,9 +306,7 @@ class ORTFastBertForSequenceClassification:
             # its answer does not depend on the other samples of the batch.
             parts = []
             for row in range(batch_size):
-                keep = mask[row] != 0
-                if not keep.any():  # an all-padding row: as the batched engine runs it, on every column
-                    keep = np.ones_like(keep)
+                keep = sample_columns(mask[row])
                 sample = {name: np.ascontiguousarray(value[row : row + 1, keep]) for name, value in feed.items()}
                 parts.append(self._run(sample, speed, output_all_logits, exit_rule))
             logits, exit_layers, all_logits = (
