@@ -164,6 +164,23 @@ def test_predict_bad_input(fastbert_dir, bert_dir, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_a_command_destroys_the_process_group_it_ran_under(fastbert_dir, tmp_path, capsys):
+    # Under torchrun a process that exits with gloo's group alive can abort (SIGABRT) and fail the whole run.
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert main(["predict", str(fastbert_dir), "a good movie"]) == 0
+        assert not torch.distributed.is_initialized()
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        assert main(["predict", str(tmp_path / "missing"), "x"]) == 1  # a failing command too
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    capsys.readouterr()
+
+
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory):
     return write_csv(tmp_path_factory.mktemp("data") / "dev.csv", sentences(40))

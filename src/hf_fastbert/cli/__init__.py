@@ -89,6 +89,19 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """
+    Destroy the process group a command ran under (torchrun/accelerate launch), before the interpreter exits: gloo's
+    worker threads still alive during interpreter shutdown abort the process (SIGABRT), and torchrun then fails the
+    whole run.
+    """
+    distributed = sys.modules.get("torch.distributed")  # not imported: no process group (and no torch import here)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _is_network_error(error: BaseException) -> bool:

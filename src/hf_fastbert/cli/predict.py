@@ -202,23 +202,17 @@ def run_predict_file(args):
                 print(f"{row['label']}\t{row['score']:.4f}\t{row['exit_layer']}\t{text}")
 
     spec = InputSpec(args.text_column, args.text_pair_column, args.pair_separator)
-    try:
-        count = predict_file(
-            model,
-            tokenizer,
-            args.file,
-            args.output,
-            spec=spec,
-            speed=args.speed,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            max_length=args.max_length,
-            emit=emit,
-        )
-    finally:
-        import torch.distributed
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    count = predict_file(
+        model,
+        tokenizer,
+        args.file,
+        args.output,
+        spec=spec,
+        speed=args.speed,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        max_length=args.max_length,
+        emit=emit,
+    )
     if args.output is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"{count} predictions written to {args.output}", file=sys.stderr)

@@ -579,6 +579,8 @@ def train_fastbert(
                 hub_repo_id,
             )
             raise
+    # Every process returns once the main one has published (and pushed) the model: `output_dir` is then complete.
+    distiller.accelerator.wait_for_everyone()
     return FastBertTrainingOutput(
         model=model,
         tokenizer=tokenizer,
