@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from tiny_models import FAMILIES, family_model, random_batch, sentiment_fastbert
-from tolerances import LOGITS_ATOL, assert_exits_clear, assert_same_predictions
+from tolerances import LOGITS_ATOL, assert_exits_clear, assert_rule_clear, assert_same_predictions
 
 from hf_fastbert import fastbert_flops, fold_students
 from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
@@ -138,7 +138,9 @@ def test_every_exit_rule_as_in_pytorch(exported, rule):
         ort_model.config.exit_thresholds = model.config.exit_thresholds
         ort_model.config.exit_heads = model.config.exit_heads
     seen = set()
+    all_logits = run(model, input_ids, attention_mask, output_all_logits=True).all_logits
     for speed in (0.02, 0.2, 0.6, 0.9):
+        assert_rule_clear(all_logits, speed, model.config, rule, margin=2 * ORT_ATOL)
         expected = run(model, input_ids, attention_mask, speed=speed, exit_rule=rule)
         got = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=speed, exit_rule=rule)
         assert got.exit_layers.tolist() == expected.exit_layers.tolist(), (rule, speed)

@@ -668,19 +668,22 @@ def test_tokenizing_a_request_does_not_block_the_event_loop(model_and_tokenizer,
     server = app.state.server
     encode = server.encode
 
-    def slow_encode(request):  # a 2 MB body's tokenization, in time
-        time.sleep(3)
+    entered, release, blocked = threading.Event(), threading.Event(), []
+
+    def slow_encode(request):  # a 2 MB body's tokenization, in time: it lasts until /health has answered
+        entered.set()
+        blocked.append(not release.wait(timeout=30))  # True: /health never answered while this ran
         return encode(request)
 
     monkeypatch.setattr(server, "encode", slow_encode)
     with running(app) as (url, _):
         slow = threading.Thread(target=post, args=(f"{url}/predict", {"inputs": "a gem"}))
         slow.start()
-        time.sleep(0.5)
-        started = time.monotonic()
+        assert entered.wait(timeout=30)
         assert get(f"{url}/health")[0] == 200
-        assert time.monotonic() - started < 2  # answered while the request is still being tokenized
+        release.set()
         slow.join()
+    assert blocked == [False]  # answered while the request was still being tokenized
 
 
 def test_serve_options_are_the_serving_options_fields_declared_once(capsys):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from tiny_models import tiny_config
+from tolerances import clear_speed
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -390,13 +391,15 @@ def test_train_fastbert_runs_both_stages_and_its_checkpoints_load(tmp_path, base
     # Checkpoints of both stages load with the Auto classes (plugin) and with trust_remote_code (no plugin).
     stages = {"stage2": str(tmp_path / "out" / "_finetune" / "checkpoint-16"), "stage3": str(tmp_path / "out")}
     batch = dict(tokenizer(["good movie", "the plot was awful", "fine"], padding=True))
-    expected = {}
+    expected, speeds = {}, {}
     for stage, path in stages.items():
         loaded = AutoModelForSequenceClassification.from_pretrained(path).eval()
         assert isinstance(loaded, FastBertForSequenceClassification)
         assert loaded.config.branches_distilled is (stage == "stage3")
+        inputs = {key: torch.tensor(value) for key, value in batch.items()}
+        speeds[stage] = clear_speed(loaded, inputs["input_ids"], inputs["attention_mask"], near=0.3)  # trained
         with torch.no_grad():
-            out = loaded(**{key: torch.tensor(value) for key, value in batch.items()}, speed=0.3)
+            out = loaded(**inputs, speed=speeds[stage])
         expected[stage] = {"logits": out.logits.tolist(), "exits": out.exit_layers.tolist()}
     script = f"""
 import sys
@@ -408,11 +411,12 @@ result = {{}}
 for stage, path in {stages!r}.items():
     model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
     with torch.no_grad():
-        out = model(**batch, speed=0.3)
+        out = model(**batch, speed={speeds!r}[stage])
     result[stage] = {{"logits": out.logits.tolist(), "exits": out.exit_layers.tolist()}}
 print(json.dumps(result))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as this process runs
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     got = json.loads(result.stdout.strip().splitlines()[-1])
     for stage in stages:
         assert got[stage]["exits"] == expected[stage]["exits"]

@@ -4,7 +4,8 @@ Two computations of the same function (weights saved and reloaded, the stock mod
 process, another batch) agree to float32 rounding, not bit for bit: which kernel runs, its summation order and its
 vectorized tails depend on the CPU, the thread count and memory alignment. So they are compared within `LOGITS_ATOL`,
 and their exit layers exactly where the decisions are clear of their thresholds by far more than that
-(`assert_exits_clear`). Bit-for-bit equality is asserted only where it is a real property, and each such test says
+(`assert_exits_clear` for the entropy rule, `assert_rule_clear` for any rule; `clear_speed` picks such a speed for a
+trained model). Bit-for-bit equality is asserted only where it is a real property, and each such test says
 why (the same call repeated, values selected from the same tensor, bytes copied by `save_pretrained`).
 """
 
@@ -33,3 +34,29 @@ def assert_exits_clear(model, input_ids, attention_mask, speed, margin=EXIT_MARG
     uncertainties = model.uncertainty(all_logits[:, :-1].float())  # (B, L - 1)
     closest = (uncertainties - speed).abs().min().item()
     assert closest > margin, f"an uncertainty lies {closest:.2e} from speed {speed}: pick inputs clear of it"
+
+
+def clear_speed(model, input_ids, attention_mask, near, margin=EXIT_MARGIN):
+    """The speed nearest `near` (on a 0.01 grid) at which every student's uncertainty is at least `margin` away, for
+    a model whose uncertainties a test cannot know in advance (a trained one): see [`assert_exits_clear`]."""
+    with torch.no_grad():
+        all_logits = model(input_ids=input_ids, attention_mask=attention_mask, output_all_logits=True).all_logits
+    uncertainties = model.uncertainty(all_logits[:, :-1].float())
+    for step in range(50):
+        for speed in (near + step / 100, near - step / 100):
+            if 0 < speed <= 1 and (uncertainties - speed).abs().min().item() > margin:
+                return round(speed, 2)
+    raise AssertionError(f"no speed near {near} is clear of the students' uncertainties by {margin}")
+
+
+def assert_rule_clear(all_logits, speed, config, rule, margin=EXIT_MARGIN, draws=16):
+    """Under any exit rule: moving every logit by up to `margin` (random draws) changes no exit, so that two
+    computations agreeing within `LOGITS_ATOL` take the same exits under `rule` at `speed`."""
+    from hf_fastbert.exit_rules import select_exits
+
+    _, expected = select_exits(all_logits, speed, config, rule)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        noise = (torch.rand(all_logits.shape, generator=generator) * 2 - 1) * margin
+        _, exits = select_exits(all_logits + noise, speed, config, rule)
+        assert exits.tolist() == expected.tolist(), f"{rule} at speed {speed}: an exit hinges on rounding"
