@@ -13,9 +13,10 @@ With `--shared-thread-pool`, every session shares one global pool (the opt-in of
 too, as ONNX Runtime requires once the process has one).
 Also measured: the cost of one session run (an Identity graph on a batch of hidden states), the per-stage overhead.
 
-Accuracy is on `--accuracy-samples` test snippets (batch 32), times on the first `--samples`. The wall-time speed-up
-over the same backend's speed 0 is given beside the FLOPs speed-up (`wall / FLOPs`: 1.0 = the exits save all the time
-their FLOPs promise).
+Accuracy is on `--accuracy-samples` test snippets (batch 32), times on the first `--samples`. Each FastBERT ONNX
+Runtime row also gives its accuracy minus the stock graph's of the same precision, with a 95% interval (paired, on the
+same samples). The wall-time speed-up over the same backend's speed 0 is given beside the FLOPs speed-up (`wall /
+FLOPs`: 1.0 = the exits save all the time their FLOPs promise).
 
     make demo
     python benchmarks/bench_onnx.py --model outputs/fastbert-demo --threads 1
@@ -82,6 +83,18 @@ def stock_onnx(stock, work_dir: Path):
     _save(graph, fp32)
     _quantize(fp32, int8, [])
     return fp32, int8, counts
+
+
+def paired_difference(correct, reference, z=1.96):
+    """
+    Accuracy of `correct` minus that of `reference` (per-sample 0/1 on the same samples) with its 95% interval: the
+    normal approximation of the mean of the per-sample differences, which only the samples where the two disagree
+    move.
+    """
+    difference = correct - reference
+    mean = difference.mean().item()
+    half = z * difference.std().item() / len(difference) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "disagreements": int(difference.abs().sum())}
 
 
 def session_run_cost(options, hidden_size, batch_size, length, runs=2000):
@@ -239,12 +252,13 @@ def main(argv=None):
     def logits_of(output):
         return getattr(output, "logits", output)
 
-    scores, flops = {}, {}
+    scores, flops, correct = {}, {}, {}
     with torch.inference_mode():
         for name, call, _ in variants:
             outputs = [call(batch) for batch in accuracy_batches]
             predictions = torch.cat([logits_of(output).argmax(dim=-1) for output in outputs])
-            scores[name] = (predictions == accuracy_labels).double().mean().item()
+            correct[name] = (predictions == accuracy_labels).double()
+            scores[name] = correct[name].mean().item()
             if hasattr(outputs[0], "flops"):
                 flops[name] = torch.cat([output.flops for output in outputs]).double().sum().item()
 
@@ -277,6 +291,9 @@ def main(argv=None):
                 zero = f"FastBERT ONNX Runtime {precision} s0"
                 stock_precision = precision.split("-")[0]
                 row["x_stock_onnx_same_precision"] = over(f"stock ONNX Runtime {stock_precision} b{batch_size}", key)
+                row["accuracy_vs_stock_onnx"] = paired_difference(
+                    correct[name], correct[f"stock ONNX Runtime {stock_precision}"]
+                )
                 if speed:
                     row["wall_speedup_over_speed0"] = over(f"{zero} b{batch_size}", key)
                     row["flops_speedup_over_speed0"] = flops[zero] / flops[name]
@@ -319,12 +336,18 @@ def main(argv=None):
         + f". One session run (Identity graph, length 24): {run_costs[1]:.1f} us at batch 1, "
         f"{run_costs[32]:.1f} us at batch 32. Stock graph fusions: {result['stock_fusions']}.",
         "",
-        "| model | batch | accuracy | ms / sample | x stock PyTorch fp32 | x stock ONNX Runtime (same precision) "
-        "| wall / FLOPs speed-up over its speed 0 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | accuracy | accuracy - stock ONNX Runtime (same precision), 95% interval | ms / sample "
+        "| x stock PyTorch fp32 | x stock ONNX Runtime (same precision) | wall / FLOPs speed-up over its speed 0 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         same = f"{row['x_stock_onnx_same_precision']:.2f}x" if "x_stock_onnx_same_precision" in row else ""
+        difference = row.get("accuracy_vs_stock_onnx")
+        difference = (
+            f"{100 * difference['mean']:+.2f} [{100 * difference['low']:+.2f}, {100 * difference['high']:+.2f}]"
+            if difference
+            else ""
+        )
         ratio = (
             f"{row['wall_speedup_over_speed0']:.2f}x / {row['flops_speedup_over_speed0']:.2f}x = "
             f"{row['wall_over_flops']:.2f}"
@@ -332,7 +355,8 @@ def main(argv=None):
             else ""
         )
         lines.append(
-            f"| {row['model']} | {row['batch_size']} | {100 * row['accuracy']:.2f}% | {row['ms_per_sample']:.2f} | "
+            f"| {row['model']} | {row['batch_size']} | {100 * row['accuracy']:.2f}% | {difference} | "
+            f"{row['ms_per_sample']:.2f} | "
             f"{row['x_stock_pytorch_fp32']:.2f}x | {same} | {ratio} |"
         )
     table = "\n".join(lines) + "\n"
