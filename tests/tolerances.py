@@ -26,12 +26,17 @@ def assert_same_predictions(got, expected, atol=LOGITS_ATOL):
     assert got.exit_layers.tolist() == expected.exit_layers.tolist()
 
 
+def student_uncertainties(model, input_ids, attention_mask):
+    """(B, L - 1) every student's uncertainty (the entropy rule's measure) on the batch."""
+    with torch.no_grad():
+        all_logits = model(input_ids=input_ids, attention_mask=attention_mask, output_all_logits=True).all_logits
+    return model.uncertainty(all_logits[:, :-1].float())
+
+
 def assert_exits_clear(model, input_ids, attention_mask, speed, margin=EXIT_MARGIN):
     """Under the entropy rule at `speed`, every student's uncertainty is at least `margin` away from the threshold, so
     that two computations agreeing within `LOGITS_ATOL` take the same exits."""
-    with torch.no_grad():
-        all_logits = model(input_ids=input_ids, attention_mask=attention_mask, output_all_logits=True).all_logits
-    uncertainties = model.uncertainty(all_logits[:, :-1].float())  # (B, L - 1)
+    uncertainties = student_uncertainties(model, input_ids, attention_mask)
     closest = (uncertainties - speed).abs().min().item()
     assert closest > margin, f"an uncertainty lies {closest:.2e} from speed {speed}: pick inputs clear of it"
 
@@ -39,11 +44,9 @@ def assert_exits_clear(model, input_ids, attention_mask, speed, margin=EXIT_MARG
 def clear_speed(model, input_ids, attention_mask, near, margin=EXIT_MARGIN):
     """The speed nearest `near` (on a 0.01 grid) at which every student's uncertainty is at least `margin` away, for
     a model whose uncertainties a test cannot know in advance (a trained one): see [`assert_exits_clear`]."""
-    with torch.no_grad():
-        all_logits = model(input_ids=input_ids, attention_mask=attention_mask, output_all_logits=True).all_logits
-    uncertainties = model.uncertainty(all_logits[:, :-1].float())
+    uncertainties = student_uncertainties(model, input_ids, attention_mask)
     for step in range(50):
-        for speed in (near + step / 100, near - step / 100):
+        for speed in dict.fromkeys((near + step / 100, near - step / 100)):  # `near` itself once
             if 0 < speed <= 1 and (uncertainties - speed).abs().min().item() > margin:
                 return round(speed, 2)
     raise AssertionError(f"no speed near {near} is clear of the students' uncertainties by {margin}")
