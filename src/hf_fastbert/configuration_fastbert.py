@@ -25,6 +25,8 @@ TEACHER_HEADS = ("stock", "bert", "branch")
 
 def validate_speed(speed, name="speed") -> float:
     """`speed` as a float; a `ValueError` naming `name` unless it is a real number in [0, 1] (a `Fraction` too)."""
+    if type(speed) is float and 0.0 <= speed <= 1.0:  # the common case, without the `Real` ABC check (per call)
+        return speed
     if isinstance(speed, bool) or not isinstance(speed, Real) or math.isnan(speed) or not 0.0 <= speed <= 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1] (0 = full depth), got {speed!r}.")
     return float(speed)

@@ -57,7 +57,7 @@ def _as_numpy(value, dtype=np.int64):
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = value.numpy(force=True)  # one call: detached, on the CPU (shares memory when it can)
     return np.ascontiguousarray(value, dtype=dtype)
 
 
@@ -143,8 +143,8 @@ class ORTFastBertForSequenceClassification:
         self._token_types = manifest["token_type_ids"]
         # int8 stages quantize activations per run: each sample runs alone, so its answer is the same in any batch.
         self.int8_per_sample = bool(manifest.get("int8"))
-        layers = config.num_hidden_layers
-        self._layers = [sessions[f"layer_{index}.onnx"] for index in range(layers)]
+        self._num_layers = config.num_hidden_layers  # fixed by the graphs (checked at load)
+        self._layers = [sessions[f"layer_{index}.onnx"] for index in range(self._num_layers)]
         self._full_model = sessions[FULL_MODEL]  # speed 0: one run of the whole model
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
@@ -315,14 +315,17 @@ class ORTFastBertForSequenceClassification:
             )
         else:
             logits, exit_layers, all_logits = self._run(feed, speed, output_all_logits, exit_rule)
-        logits, exit_layers = torch.from_numpy(logits), torch.from_numpy(exit_layers)
         if all_logits is not None:  # every layer ran on every sample: the exits are selected here
             all_logits = torch.from_numpy(all_logits)
             logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)
+            exit_layers = exit_layers.numpy()
         # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
-        flops = self._numpy_sample_flops(mask.sum(axis=1), exit_layers.numpy(), speed > 0, seq_length)
+        flops = self._numpy_flops_table(speed > 0, seq_length)[mask.sum(axis=1), exit_layers - 1]  # (B,)
         return FastBertSequenceClassifierOutput(
-            logits=logits, exit_layers=exit_layers, flops=flops, all_logits=all_logits
+            logits=torch.as_tensor(logits),
+            exit_layers=torch.from_numpy(exit_layers),
+            flops=torch.from_numpy(flops),
+            all_logits=all_logits,
         )
 
     def _run(self, feed, speed, output_all_logits, exit_rule):
@@ -332,16 +335,21 @@ class ORTFastBertForSequenceClassification:
         """
         mask = feed["attention_mask"]
         batch_size, seq_length = mask.shape
-        num_layers = self.config.num_hidden_layers
+        num_layers = self._num_layers
         if speed == 0 and not output_all_logits:  # no sample can leave: the stock computation, one session run
             return self._full_model.run(None, feed)[0], np.full(batch_size, num_layers, dtype=np.int64), None
+        # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
+        graph_uncertainty = exit_rule == "entropy" and (
+            self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
+        )
+        if batch_size == 1 and graph_uncertainty and not output_all_logits:
+            logits, exit_layer = self._run_alone(feed, speed)
+            return logits, np.array([exit_layer], dtype=np.int64), None
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
         last_columns = ((mask != 0) * np.arange(1, seq_length + 1)).max(axis=1)  # (B,) last column each one needs
         student_logits, rule_state = [], None
-        # The layer graphs' `uncertainty` is the entropy rule's measure unless the config asks for another top-k.
-        graph_uncertainty = self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         # Layer 0 reads the caller's token ids (the embeddings are in its graph), the others the hidden states.
         for index in range(num_layers):
             if index == num_layers - 1:
@@ -352,7 +360,7 @@ class ORTFastBertForSequenceClassification:
             if output_all_logits:
                 student_logits.append(branch_logits)
             else:
-                if exit_rule == "entropy" and graph_uncertainty:
+                if graph_uncertainty:
                     exits = uncertainty < speed  # (b,)
                 else:
                     exits, rule_state = exits_at_layer(
@@ -378,10 +386,30 @@ class ORTFastBertForSequenceClassification:
             return logits, exit_layers, np.stack(student_logits + [teacher_logits], axis=1)  # (B, L, C)
         return logits, exit_layers, None
 
-    def _numpy_sample_flops(self, seq_lengths, exit_layers, branches_ran, seq_length) -> torch.Tensor:
-        """`_sample_flops` from (B,) numpy lengths and exit layers, read from its table without a torch operator."""
-        table = self._flops_table(torch.device("cpu"), branches_ran, seq_length).numpy()  # (size, L)
-        return torch.from_numpy(table[seq_lengths, exit_layers - 1])  # (B,)
+    def _run_alone(self, feed, speed) -> tuple:
+        """
+        One sample (batch 1) through the layers under the entropy rule on the graphs' `uncertainty`: `(logits (1, C),
+        1-based exit layer)`. The batched loop's work between two session runs, cut to one scalar comparison: at batch
+        1, and for every sample of an int8 model, that work runs once per layer, right after a session run has pushed
+        the interpreter's code and data out of the CPU caches, where each numpy call costs 10-20 times what it costs
+        warm (about 10% of an int8 sample's time on the demo model, `benchmarks/results/onnx.md`).
+        """
+        mask = feed["attention_mask"]
+        threshold = float(np.float32(speed))  # compared in float32, as the batched loop and the PyTorch engine do
+        for index in range(self._num_layers - 1):
+            hidden, logits, uncertainty = self._layers[index].run(None, feed)  # (1, T, H), (1, C), (1,)
+            if uncertainty.item() < threshold:
+                return logits, index + 1
+            feed = {"hidden_states": hidden, "attention_mask": mask}
+        return self._layers[-1].run(None, feed)[0], self._num_layers
+
+    def _numpy_flops_table(self, branches_ran, seq_length) -> np.ndarray:
+        """`_flops_table` as numpy, kept: (size, L) FLOPs of every length and exit layer."""
+        tables = self.__dict__.setdefault("_numpy_flops_tables", {})
+        table = tables.get(branches_ran)
+        if table is None or table.shape[0] <= seq_length:
+            table = tables[branches_ran] = self._flops_table(torch.device("cpu"), branches_ran, seq_length).numpy()
+        return table
 
 
 __all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder"]
