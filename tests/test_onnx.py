@@ -194,6 +194,16 @@ def test_int8_stages_are_quantized_with_float_students(exported):
             alone = ort_model(input_ids=input_ids[row : row + 1, :length], speed=speed)
             torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=LOGITS_ATOL)
             assert batched.exit_layers[row].item() == alone.exit_layers.item()
+    # Padded on the left, a sample keeps columns that are not its first ones (gathered, not sliced): same answers.
+    left_ids, left_mask = torch.zeros_like(input_ids), torch.zeros_like(attention_mask)
+    for row in range(16):
+        length = int(attention_mask[row].sum())
+        left_ids[row, -length:], left_mask[row, -length:] = input_ids[row, :length], 1
+    assert (left_mask != attention_mask).any()
+    left = ort_model(input_ids=left_ids, attention_mask=left_mask, speed=0.5)
+    right = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.5)
+    assert left.exit_layers.tolist() == right.exit_layers.tolist()
+    torch.testing.assert_close(left.logits, right.logits, rtol=0, atol=LOGITS_ATOL)
 
 
 @pytest.fixture(scope="module")
