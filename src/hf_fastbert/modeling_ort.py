@@ -9,8 +9,9 @@ exact FLOPs of every sample. The text-classification pipeline takes it with `spe
 The engine is the PyTorch one, on the runtime: after each layer's session run (the layer and its student), the samples
 whose exit rule fires leave the batch; the remaining rows (and the padding columns no remaining sample needs) go to
 the next layer's session. Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule
-reads the uncertainty each layer graph computes (one comparison per sample), the others the student's logits. Speed 0
-runs the whole model in one session run (`onnx/model.onnx`), without the students.
+reads the uncertainty each layer graph computes (one comparison per sample), the others the student's logits. A sample
+alone under the entropy rule (batch 1, and every sample of an int8 export) skips the batch bookkeeping: one scalar
+comparison per layer. Speed 0 runs the whole model in one session run (`onnx/model.onnx`), without the students.
 
 Example:
 
@@ -391,8 +392,8 @@ class ORTFastBertForSequenceClassification:
         One sample (batch 1) through the layers under the entropy rule on the graphs' `uncertainty`: `(logits (1, C),
         1-based exit layer)`. The batched loop's work between two session runs, cut to one scalar comparison: at batch
         1, and for every sample of an int8 model, that work runs once per layer, right after a session run has pushed
-        the interpreter's code and data out of the CPU caches, where each numpy call costs 10-20 times what it costs
-        warm (about 10% of an int8 sample's time on the demo model, `benchmarks/results/onnx.md`).
+        the interpreter's code and data out of the CPU caches, where numpy's calls run several times slower than warm
+        (the batched loop cost 5-10% of an early exit's time at batch 1 on the demo model: docs/onnx.md).
         """
         mask = feed["attention_mask"]
         threshold = float(np.float32(speed))  # compared in float32, as the batched loop and the PyTorch engine do
