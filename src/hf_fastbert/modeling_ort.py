@@ -189,11 +189,11 @@ class ORTFastBertForSequenceClassification:
                 Each session has its own pool, whose workers spin between the operators of a run and stop spinning
                 when it returns (`session.force_spinning_stop`): the stages run one after another, and workers left
                 spinning by the sessions that just ran took the cores from the next one (5-7x slower than the stock
-                graph), while workers put to sleep between operators are woken for each one (12-14% slower at speed
+                graph), while workers put to sleep between operators are woken for each one (14-16% slower at speed
                 0, batch 1, 2 threads: `benchmarks/results/onnx_threads.md`).
             session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
-                For one thread pool shared by every session (in that benchmark, int8 at an early-exit speed ran 1.78x
-                the stock graph's speed against 1.44x, fp32 1.88x against 1.96x): call
+                For one thread pool shared by every session (in that benchmark, int8 at an early-exit speed ran 1.98x
+                the stock graph's speed against 1.60x, fp32 2.24x against 2.01x): call
                 `onnxruntime.set_global_thread_pool_sizes(threads)` before the process creates any session, and pass
                 options with `use_per_session_threads = False` (every session of the process must then have them).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
