@@ -194,7 +194,7 @@ def test_int8_stages_are_quantized_with_float_students(exported):
             alone = ort_model(input_ids=input_ids[row : row + 1, :length], speed=speed)
             torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=LOGITS_ATOL)
             assert batched.exit_layers[row].item() == alone.exit_layers.item()
-    # Padded on the left, a sample keeps columns that are not its first ones (gathered, not sliced): same answers.
+    # Padded on the left, each sample still runs alone on its own tokens (not its first columns): same answers.
     left_ids, left_mask = torch.zeros_like(input_ids), torch.zeros_like(attention_mask)
     for row in range(16):
         length = int(attention_mask[row].sum())
