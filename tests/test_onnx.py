@@ -128,18 +128,18 @@ def test_batch_invariance_alone_padded_and_permuted(exported):
     torch.testing.assert_close(permuted.logits, batched.logits[order], rtol=0, atol=1e-5)
 
 
-def test_a_sample_alone_compares_its_uncertainty_in_float32_as_a_batch_does(exported):
-    # Alone, a sample's exit is decided by one Python comparison; in a batch, by a float32 one (as in PyTorch).
+def test_a_sample_alone_compares_its_uncertainty_in_float32(exported):
+    # Alone, a sample's exit is decided by one Python comparison; the batched loop and PyTorch compare in float32.
     model, folder = exported("bert", layers=4)
     ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     ids = random_batch(batch_size=1, seq_length=12)[0].numpy()
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     uncertainty = ort_model._layers[0].run(None, feed)[2][0]  # the first student's, float32
-    speed = float(np.nextafter(np.float64(uncertainty), 1.0))  # above it in float64, equal to it in float32
-    assert np.float32(speed) == uncertainty
-    alone = ort_model(input_ids=ids, speed=speed)
-    pair = ort_model(input_ids=np.repeat(ids, 2, axis=0), speed=speed)
-    assert alone.exit_layers.item() == pair.exit_layers[0].item() > 1
+    equal = float(np.nextafter(np.float64(uncertainty), 1.0))  # above it in float64, equal to it in float32
+    above = float(np.nextafter(uncertainty, np.float32(1.0)))  # the next float32 up
+    assert np.float32(equal) == uncertainty < np.float32(above)
+    assert ort_model(input_ids=ids, speed=equal).exit_layers.item() > 1  # not below the speed: the sample stays
+    assert ort_model(input_ids=ids, speed=above).exit_layers.item() == 1
 
 
 @pytest.mark.parametrize("rule", ["entropy", "patience", "thresholds", "learned"])

@@ -10,8 +10,9 @@ The engine is the PyTorch one, on the runtime: after each layer's session run (t
 whose exit rule fires leave the batch; the remaining rows (and the padding columns no remaining sample needs) go to
 the next layer's session. Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule
 reads the uncertainty each layer graph computes (one comparison per sample), the others the student's logits. A sample
-alone under the entropy rule (batch 1, and every sample of an int8 export) skips the batch bookkeeping: one scalar
-comparison per layer. Speed 0 runs the whole model in one session run (`onnx/model.onnx`), without the students.
+alone (batch 1, and every sample of an int8 export) under the entropy rule on the graphs' own uncertainty, without
+`output_all_logits`, skips the batch bookkeeping: one scalar comparison per layer. Speed 0 runs the whole model in one
+session run (`onnx/model.onnx`), without the students.
 
 Example:
 
