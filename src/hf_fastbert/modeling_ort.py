@@ -322,7 +322,8 @@ class ORTFastBertForSequenceClassification:
             logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)
             exit_layers = exit_layers.numpy()
         # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
-        flops = self._numpy_flops_table(speed > 0, seq_length)[mask.sum(axis=1), exit_layers - 1]  # (B,)
+        table = self._flops_table(torch.device("cpu"), speed > 0, seq_length).numpy()  # (size, L), kept
+        flops = table[mask.sum(axis=1), exit_layers - 1]  # (B,)
         return FastBertSequenceClassifierOutput(
             logits=torch.as_tensor(logits),
             exit_layers=torch.from_numpy(exit_layers),
@@ -404,14 +405,6 @@ class ORTFastBertForSequenceClassification:
                 return logits, index + 1
             feed = {"hidden_states": hidden, "attention_mask": mask}
         return self._layers[-1].run(None, feed)[0], self._num_layers
-
-    def _numpy_flops_table(self, branches_ran, seq_length) -> np.ndarray:
-        """`_flops_table` as numpy, kept: (size, L) FLOPs of every length and exit layer."""
-        tables = self.__dict__.setdefault("_numpy_flops_tables", {})
-        table = tables.get(branches_ran)
-        if table is None or table.shape[0] <= seq_length:
-            table = tables[branches_ran] = self._flops_table(torch.device("cpu"), branches_ran, seq_length).numpy()
-        return table
 
 
 __all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder"]
