@@ -52,7 +52,15 @@ from hf_fastbert.analysis import calibrate
 from hf_fastbert.data import prepare_dataset
 from hf_fastbert.demo_data import load_reuters, load_rotten_tomatoes
 from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
-from hf_fastbert.onnx_export import _export_stage, _fuse, _operator_counts, _quantize, _save, export_onnx
+from hf_fastbert.onnx_export import (
+    EARLY_EXIT,
+    _export_stage,
+    _fuse,
+    _operator_counts,
+    _quantize,
+    _save,
+    export_onnx,
+)
 from hf_fastbert.quantization import quantize_int8
 
 
@@ -139,6 +147,44 @@ def host_step_cost(session, feed, runs=200):
             int((uncertainty < 0.5).sum())
             times.append(time.perf_counter() - start)
     return 1e6 * statistics.median(cold), 1e6 * statistics.median(warm)
+
+
+def nested_against_chained(model, feeds, speed, rounds):
+    """
+    A sample alone run as the engine runs it, its layers nested in one session (`early_exit_graph`), against the same
+    layer sessions chained by the host, one scalar comparison between two runs (the engine before it). Session runs
+    only, on each of `feeds` (batch-1 numpy inputs) at `speed`, in interleaved rounds: `(nested ms, chained ms, median
+    of per-round chained / nested)`. The exit layers are checked to be the same.
+    """
+    threshold = np.float32(speed)
+    layers, nested = model._layers, model.sessions[EARLY_EXIT]
+    names = {value.name for value in layers[0].get_inputs()}
+    feeds = [{name: value for name, value in feed.items() if name in names} for feed in feeds]
+
+    def chained(feed):
+        mask = feed["attention_mask"]
+        for index in range(len(layers) - 1):
+            hidden, logits, uncertainty = layers[index].run(None, feed)
+            if uncertainty.item() < threshold:
+                return index + 1
+            feed = {"hidden_states": hidden, "attention_mask": mask}
+        layers[-1].run(None, feed)
+        return len(layers)
+
+    def in_one(feed):
+        return int(nested.run(None, {**feed, "speed": np.array(threshold)})[1][0])
+
+    if [chained(feed) for feed in feeds] != [in_one(feed) for feed in feeds]:
+        raise RuntimeError("The nested graph and the chained layer sessions disagree on an exit.")
+    times = {"nested": [], "chained": []}
+    for _ in range(rounds):
+        for name, call in (("nested", in_one), ("chained", chained)):
+            start = time.perf_counter()
+            for feed in feeds:
+                call(feed)
+            times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(a / b for a, b in zip(times["chained"], times["nested"], strict=True))
+    return tuple(1e3 * statistics.median(times[name]) / len(feeds) for name in times) + (ratio,)
 
 
 def main(argv=None):
@@ -335,6 +381,15 @@ def main(argv=None):
         if key in {i.name for i in layer_session.get_inputs()}
     }
     host_cold, host_warm = host_step_cost(layer_session, first)
+    alone = {
+        precision: nested_against_chained(
+            model,
+            [{key: value.numpy() for key, value in batch.items()} for batch in batches[1]],
+            calibrated[precision]["speed"],
+            args.rounds,
+        )
+        for precision, model in ort.items()
+    }
     result = {
         "command": "python benchmarks/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -352,6 +407,10 @@ def main(argv=None):
         "stock_fusions": {op: n for op, n in stock_fusions.items() if op[0].isupper() and op in FUSED},
         "session_run_us": run_costs,
         "host_step_us": {"after_a_session_run": host_cold, "warm": host_warm},
+        "alone_nested_vs_chained": {
+            precision: {"nested_ms": nested, "chained_ms": chained, "chained_over_nested": ratio}
+            for precision, (nested, chained, ratio) in alone.items()
+        },
         "rows": rows,
         "wall_s": time.time() - started,
     }
@@ -368,8 +427,11 @@ def main(argv=None):
         + ", ".join(f"ONNX Runtime {p} {c['speed']:g}" for p, c in calibrated.items())
         + f". One session run (Identity graph, length 24): {run_costs[1]:.1f} us at batch 1, "
         f"{run_costs[32]:.1f} us at batch 32. The batched engine's numpy work between two layers at batch 1 (compare, "
-        f"count): {host_cold:.1f} us right after a layer's session run, {host_warm:.1f} us warm (the engine runs a "
-        f"sample alone with one scalar comparison instead). Stock graph fusions: {result['stock_fusions']}.",
+        f"count): {host_cold:.1f} us right after a layer's session run, {host_warm:.1f} us warm. A sample alone "
+        "(batch 1, session runs only, at the calibrated speed): its layers nested in one session against the layer "
+        "sessions chained by the host, "
+        + ", ".join(f"{p} {n:.2f} ms against {c:.2f} ({r:.2f}x)" for p, (n, c, r) in alone.items())
+        + f". Stock graph fusions: {result['stock_fusions']}.",
         "",
         "| model | batch | accuracy | accuracy - stock ONNX Runtime (same precision and batch), 95% interval "
         "| ms / sample "

@@ -12,8 +12,9 @@ Each session has its own pool of `--threads` threads. The choices:
 workers of the sessions that had just run kept spinning. It is left out: it would slow the contenders after it.)
 
 Real held-out snippets one at a time; contenders: the stock graph (same fusions, `bench_onnx.stock_onnx`) and
-FastBERT at speed 0 (one run of `onnx/model.onnx`) and at `--speed` (the stages), fp32 and int8; medians of
-interleaved rounds. Times are compared within one process only (the pair of processes is run one after the other).
+FastBERT at speed 0 (one run of `onnx/model.onnx`) and at `--speed` (one run of the layer graphs nested in one,
+`early_exit_graph`; before it, one run per layer reached), fp32 and int8; medians of interleaved rounds. Times are
+compared within one process only (the pair of processes is run one after the other).
 
     python benchmarks/bench_onnx_threads.py --model outputs/demo-seed-42 --threads 2 --speed 0.75
 """

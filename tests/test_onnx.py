@@ -14,7 +14,7 @@ from tolerances import LOGITS_ATOL, assert_exits_clear, assert_rule_clear, asser
 
 from hf_fastbert import fastbert_flops, fold_students
 from hf_fastbert.modeling_ort import ORTFastBertForSequenceClassification
-from hf_fastbert.onnx_export import EXPECTED_FUSIONS, MANIFEST, export_onnx
+from hf_fastbert.onnx_export import EXPECTED_FUSIONS, MANIFEST, early_exit_graph, export_onnx
 
 
 # ONNX Runtime's kernels (fused attention, other GEMMs) against PyTorch's: the same function within float32 rounding.
@@ -61,6 +61,10 @@ def test_every_family_answers_as_pytorch(exported, family):
         assert torch.equal(got.flops, expected.flops)
         students = fastbert_flops(model.config, attention_mask.sum(dim=1), got.exit_layers, branches_ran=speed > 0)
         assert torch.equal(got.flops, students)
+        for row in range(8):  # alone: its layers nested in one session
+            alone = ort_model(input_ids=input_ids[row : row + 1, : int(attention_mask[row].sum())], speed=speed)
+            assert alone.exit_layers.item() == expected.exit_layers[row].item(), (family, speed, row)
+            torch.testing.assert_close(alone.logits[0], expected.logits[row], rtol=0, atol=ORT_ATOL)
     if family == "bert":  # the mixed speed really mixes: some samples leave after the student, some run on
         assert set(run(model, input_ids, attention_mask, speed=0.5).exit_layers.tolist()) == {1, 2}
     full = ort_model(input_ids=input_ids, attention_mask=attention_mask, speed=0.5, output_all_logits=True)
@@ -128,8 +132,70 @@ def test_batch_invariance_alone_padded_and_permuted(exported):
     torch.testing.assert_close(permuted.logits, batched.logits[order], rtol=0, atol=1e-5)
 
 
+class CountingSession:
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_sample_alone_runs_its_layers_nested_in_one_session(exported, int8):
+    # After each layer but the last, an If: the student's answer, or the next layers in the else-branch.
+    _, folder = exported("bert", layers=4, int8=int8)
+    layers = [onnx.load(folder / "onnx" / f"layer_{index}.onnx") for index in range(4)]
+    graph, depth, counts = early_exit_graph(layers).graph, 0, {}
+    while graph is not None:
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        branches = [node for node in graph.node if node.op_type == "If"]
+        graph = next(a.g for a in branches[0].attribute if a.name == "else_branch") if branches else None
+        depth += len(branches)
+    assert depth == 3 and counts["Less"] == 3
+    if not int8:  # every layer keeps its fusions inside the branches (int8 quantizes them into other operators)
+        assert {op: counts.get(op) for op in EXPECTED_FUSIONS["bert"]} == {
+            op: 4 * count for op, count in EXPECTED_FUSIONS["bert"].items()
+        }
+    ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    layer_sessions = list(ort_model._layers)
+    input_ids, attention_mask = random_batch(batch_size=16, seed=5)
+    seen = set()
+    for speed in (0.1, 0.3, 0.5, 0.7, 0.9):
+        for row in range(16):
+            ids = input_ids[row : row + 1, : int(attention_mask[row].sum())].numpy()
+            # The reference: the layer sessions chained by hand, each uncertainty compared in float32.
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+            for index, session in enumerate(layer_sessions):
+                outputs = session.run(None, feed)
+                if index == 3:
+                    break
+                assert abs(outputs[2].item() - speed) > 1e-5, "a speed too close to a sample's uncertainty"
+                if outputs[2].item() < np.float32(speed):
+                    break
+                feed = {"hidden_states": outputs[0], "attention_mask": feed["attention_mask"]}
+            early_exit = ort_model._early_exit = CountingSession(ort_model.sessions["early_exit"])
+            ort_model._layers = [CountingSession(session) for session in layer_sessions]
+            alone = ort_model(input_ids=ids, speed=speed)
+            assert early_exit.runs == 1 and all(session.runs == 0 for session in ort_model._layers)
+            assert alone.exit_layers.item() == index + 1, (speed, row)
+            torch.testing.assert_close(
+                alone.logits, torch.from_numpy(outputs[1 if index < 3 else 0]), rtol=0, atol=1e-5
+            )
+            seen.add(index + 1)
+    assert seen == {1, 2, 3, 4}
+    # A batch runs the layer sessions, with rows leaving between them (int8: each sample alone, nested).
+    ort_model(input_ids=input_ids[:2], attention_mask=attention_mask[:2], speed=0.5)
+    if int8:
+        assert early_exit.runs == 3 and not any(session.runs for session in ort_model._layers)
+    else:
+        assert early_exit.runs == 1 and ort_model._layers[0].runs == 1
+
+
 def test_a_sample_alone_compares_its_uncertainty_in_float32(exported):
-    # Alone, a sample's exit is decided by one Python comparison; the batched loop and PyTorch compare in float32.
+    # Alone, a sample's exit is decided inside its graph (`Less`, float32), as the batched loop and PyTorch decide.
+    # Its layer 0 is the same graph as the layer session's, run by the same kernels: the same uncertainty.
     model, folder = exported("bert", layers=4)
     ort_model = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
     ids = random_batch(batch_size=1, seq_length=12)[0].numpy()

@@ -11,8 +11,9 @@ whose exit rule fires leave the batch; the remaining rows (and the padding colum
 the next layer's session. Exit decisions are those of `hf_fastbert.exit_rules` on the stage's outputs: the entropy rule
 reads the uncertainty each layer graph computes (one comparison per sample), the others the student's logits. A sample
 alone (batch 1, and every sample of an int8 export) under the entropy rule on the graphs' own uncertainty, without
-`output_all_logits`, skips the batch bookkeeping: one scalar comparison per layer. Speed 0 runs the whole model in one
-session run (`onnx/model.onnx`), without the students.
+`output_all_logits`, runs one session instead: the layer graphs nested in `If`s, built at load
+([`hf_fastbert.onnx_export.early_exit_graph`]), which decides each exit in the graph, in float32 as the batched loop
+does. Speed 0 runs the whole model in one session run (`onnx/model.onnx`), without the students.
 
 Example:
 
@@ -26,6 +27,7 @@ Example:
 """
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +38,25 @@ from .exit_rules import check_exit_rule, exits_at_layer, select_exits
 from .files import atomic_path
 from .modeling_fastbert import FastBertModelMixin, FastBertSequenceClassifierOutput, sample_columns
 from .onnx_export import (
+    EARLY_EXIT,
     FORMAT_VERSION,
     FULL_MODEL,
     MANIFEST,
     ONNX_EXTRA_HINT,
     ONNX_FOLDER,
     config_signature,
+    early_exit_graph,
     stage_names,
     weights_fingerprint,
 )
 
 
+_CPU = torch.device("cpu")
+
+
 def _import_onnxruntime():
     try:
+        import onnx  # noqa: F401 (`early_exit_graph` reads the layer graphs with it)
         import onnxruntime
     except ImportError:
         raise ImportError(f"The ONNX Runtime backend needs the [onnx] extra: {ONNX_EXTRA_HINT}") from None
@@ -61,6 +69,25 @@ def _as_numpy(value, dtype=np.int64):
     if isinstance(value, torch.Tensor):
         value = value.numpy(force=True)  # one call: detached, on the CPU (shares memory when it can)
     return np.ascontiguousarray(value, dtype=dtype)
+
+
+def _early_exit_session(ort, folder, stages, session_options, provider):
+    """
+    The session a sample alone runs: the layer graphs of `folder` nested in one (`early_exit_graph`), built at load so
+    that the folder keeps one copy of the layers. Its weights reach ONNX Runtime through a temporary external-data
+    file: given inline, a subgraph's initializers are kept twice (2.2x-2.6x their size on the demo model, against 1x
+    from a file; ONNX Runtime's own beam-search tools move them out of subgraphs for the same reason).
+    """
+    import onnx
+
+    layers = [onnx.load(str(folder / ONNX_FOLDER / name)) for name in stages]
+    with tempfile.TemporaryDirectory(prefix="hf-fastbert-", ignore_cleanup_errors=True) as work:
+        path = Path(work) / "early_exit.onnx"
+        graph = early_exit_graph(layers)
+        del layers
+        onnx.save_model(graph, path, save_as_external_data=True, location="early_exit.data", size_threshold=1024)
+        del graph
+        return ort.InferenceSession(str(path), session_options, providers=[provider])
 
 
 def check_onnx_folder(folder, config) -> dict:
@@ -131,7 +158,9 @@ class ORTFastBertForSequenceClassification:
             set it to False to run int8 batches together, faster at large batches but batch-dependent).
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
             (`layer_<i>.onnx` with its student, the first from the token ids, and `model.onnx`, the whole model,
-            which speed 0 runs in one session run).
+            which speed 0 runs in one session run), and `early_exit`: the layer graphs nested in one, which a sample
+            alone runs to its exit (built at load, not stored: it holds a second copy of the layers' weights in
+            memory).
     """
 
     main_input_name = "input_ids"
@@ -148,6 +177,7 @@ class ORTFastBertForSequenceClassification:
         self._num_layers = config.num_hidden_layers  # fixed by the graphs (checked at load)
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(self._num_layers)]
         self._full_model = sessions[FULL_MODEL]  # speed 0: one run of the whole model
+        self._early_exit = sessions[EARLY_EXIT]  # a sample alone: one run to its exit
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
@@ -243,6 +273,7 @@ class ORTFastBertForSequenceClassification:
                 sessions[name] = ort.InferenceSession(str(path), session_options, providers=[provider])
             except Exception as error:  # ONNX Runtime's errors for a corrupted or foreign file
                 raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
+        sessions[EARLY_EXIT] = _early_exit_session(ort, folder, manifest["stages"], session_options, provider)
         return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
 
     # What the pipeline and the `Trainer`-free evaluation code read of a model.
@@ -286,7 +317,7 @@ class ORTFastBertForSequenceClassification:
         Same arguments and outputs as [`FastBertForSequenceClassification.forward`] (no labels, no `inputs_embeds`):
         `input_ids`, `attention_mask`, `token_type_ids` as torch tensors or numpy arrays.
         """
-        unexpected = {name for name, value in kwargs.items() if value is not None} - {"return_dict"}
+        unexpected = kwargs and {name for name, value in kwargs.items() if value is not None} - {"return_dict"}
         if unexpected:
             raise ValueError(f"The ONNX Runtime model takes no {', '.join(sorted(unexpected))}.")
         if input_ids is None:
@@ -322,7 +353,7 @@ class ORTFastBertForSequenceClassification:
             logits, exit_layers = select_exits(all_logits, speed, self.config, exit_rule)
             exit_layers = exit_layers.numpy()
         # As the PyTorch model counts them: with the students at speed > 0, without at speed 0.
-        table = self._flops_table(torch.device("cpu"), speed > 0, seq_length).numpy()  # (size, L), kept
+        table = self._flops_table(_CPU, speed > 0, seq_length).numpy()  # (size, L), kept
         flops = table[mask.sum(axis=1), exit_layers - 1]  # (B,)
         return FastBertSequenceClassifierOutput(
             logits=torch.as_tensor(logits),
@@ -345,9 +376,9 @@ class ORTFastBertForSequenceClassification:
         graph_uncertainty = exit_rule == "entropy" and (
             self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         )
-        if batch_size == 1 and graph_uncertainty and not output_all_logits:
-            logits, exit_layer = self._run_alone(feed, speed)
-            return logits, np.array([exit_layer], dtype=np.int64), None
+        if batch_size == 1 and graph_uncertainty and not output_all_logits:  # compared in float32, as below
+            logits, exit_layer = self._early_exit.run(None, {**feed, "speed": np.array(speed, dtype=np.float32)})
+            return logits, exit_layer, None
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)
         exit_layers = np.full(batch_size, num_layers, dtype=np.int64)  # (B,)
         rows = np.arange(batch_size)  # caller's index of each remaining sample
@@ -388,23 +419,6 @@ class ORTFastBertForSequenceClassification:
         if output_all_logits:
             return logits, exit_layers, np.stack(student_logits + [teacher_logits], axis=1)  # (B, L, C)
         return logits, exit_layers, None
-
-    def _run_alone(self, feed, speed) -> tuple:
-        """
-        One sample (batch 1) through the layers under the entropy rule on the graphs' `uncertainty`: `(logits (1, C),
-        1-based exit layer)`. The batched loop's work between two session runs, cut to one scalar comparison: at batch
-        1, and for every sample of an int8 model, that work runs once per layer, right after a session run has pushed
-        the interpreter's code and data out of the CPU caches, where numpy's calls run several times slower than warm
-        (the batched loop cost 5-10% of an early exit's time at batch 1 on the demo model: docs/onnx.md).
-        """
-        mask = feed["attention_mask"]
-        threshold = float(np.float32(speed))  # compared in float32, as the batched loop and the PyTorch engine do
-        for index in range(self._num_layers - 1):
-            hidden, logits, uncertainty = self._layers[index].run(None, feed)  # (1, T, H), (1, C), (1,)
-            if uncertainty.item() < threshold:
-                return logits, index + 1
-            feed = {"hidden_states": hidden, "attention_mask": mask}
-        return self._layers[-1].run(None, feed)[0], self._num_layers
 
 
 __all__ = ["ORTFastBertForSequenceClassification", "check_onnx_folder"]

@@ -1,17 +1,20 @@
 """Export a FastBERT model to ONNX Runtime as stages, so that its early exits run on the runtime BERT classifiers are
 deployed with.
 
-ONNX Runtime cannot leave a session half-way (its maintainers say so; `If`/`Loop` subgraphs miss the fusion passes), so
-the model is cut where the exits are: one graph per layer, for the layer and its student (the student's logits and its
-exit measure, the normalized entropy); the first layer's graph starts from the token ids (the embeddings inside it).
-Between two session runs the host reads a few numbers per sample and drops the rows that left
-([`hf_fastbert.modeling_ort`]). Every fusion of a layer (Attention, SkipLayerNormalization, BiasGelu) lies inside its
-graph; only cross-layer memory planning is lost. Speed 0, where no sample can leave, runs another graph: the whole
-model in one (`model.onnx`, the stock classifier's computation), so that it neither runs the students nor pays a
-session run per layer. Each session run costs more than its operators (its own workers to wake, its memory planned
-apart from the other sessions'), so the format runs as few as it can. A session computes every output it has,
-whatever the caller asks for, so the students are inside their layer's graph (format 2 had graphs of their own: a
-second run per layer), and the embeddings inside the first layer's (format 3 had a graph of their own: one run more).
+A batch cannot leave a session half-way (its rows leave at different layers; ONNX Runtime's maintainers say the
+runtime has no early exit), so the model is cut where the exits are: one graph per layer, for the layer and its student
+(the student's logits and its exit measure, the normalized entropy); the first layer's graph starts from the token ids
+(the embeddings inside it). Between two session runs the host reads a few numbers per sample and drops the rows that
+left ([`hf_fastbert.modeling_ort`]). A sample alone can stop half-way through one graph: at load, the runtime nests the
+layer graphs in `If`s ([`early_exit_graph`]), one session run per sample. The layers are fused before they are cut and
+nested (`If`/`Loop` subgraphs miss the fusion passes): every fusion of a layer (Attention, SkipLayerNormalization,
+BiasGelu) lies inside its graph; only cross-layer memory planning is lost. Speed 0, where no sample can leave, runs
+another graph: the whole model in one (`model.onnx`, the stock classifier's computation), so that it neither runs the
+students nor pays a session run per layer. Each session run costs more than its operators (its own workers to wake,
+its memory planned apart from the other sessions'), so the format runs as few as it can. A session computes every
+output it has, whatever the caller asks for, so the students are inside their layer's graph (format 2 had graphs of
+their own: a second run per layer), and the embeddings inside the first layer's (format 3 had a graph of their own:
+one run more).
 
 Toolchain: `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's torchlib), onnxscript's ONNX Runtime
 rewriter (`onnxscript.rewriter.ort_fusions`, which fuses graphs from the dynamo exporter; the older
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 ONNX_FOLDER = "onnx"
 MANIFEST = "fastbert_onnx.json"
 FULL_MODEL = "model.onnx"  # the whole model in one graph: speed 0 runs it, as the stock classifier runs
+EARLY_EXIT = "early_exit"  # the layer graphs nested in one, built at load (`early_exit_graph`): a sample alone
 # 1: students inside the layer graphs, no whole-model graph; 2: students in graphs of their own, beside the whole
 # model; 3: students inside the layer graphs, embeddings in a graph of their own; 4: embeddings inside layer 0's graph
 FORMAT_VERSION = 4
@@ -432,6 +436,99 @@ def stage_names(num_layers: int) -> list[str]:
     return [f"layer_{index}.onnx" for index in range(num_layers)]
 
 
+def early_exit_graph(layers: list):
+    """
+    The layer graphs (`onnx.ModelProto`s, in order, as exported) nested in one `onnx.ModelProto` that runs a sample
+    alone to its exit under the entropy rule: after each layer but the last, an `If` on `uncertainty < speed` returns
+    the student's logits, or runs the next layers in its else-branch. Inputs: the first layer's, and `speed` (a
+    float32 scalar); outputs: `logits` (1, C) and `exit_layer` (1,), 1-based. One session run per sample instead of
+    one per layer: no host work between two layers, and the session's one thread pool stays awake from one layer to
+    the next. The layers are fused before they are nested, so each keeps its fusions. Batch 1 only: an `If` reads one
+    condition.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    def add_layer(graph, index):
+        """Add layer `index`'s nodes and initializers to `graph`, names prefixed; its inputs read the outer values."""
+        prefix = f"layer_{index}/"
+        outer = {name: name for name in ("input_ids", "attention_mask", "token_type_ids")}
+        if index:
+            outer["hidden_states"] = f"layer_{index - 1}/next_hidden_states"
+
+        def rename(name):
+            return name and outer.get(name, prefix + name)
+
+        for number, node in enumerate(layers[index].graph.node):
+            if any(
+                attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for attribute in node.attribute
+            ):
+                raise ValueError(
+                    f"Layer {index}'s graph has subgraphs of its own ({node.op_type}): it cannot be nested."
+                )
+            copy = graph.node.add()
+            copy.CopyFrom(node)
+            copy.name = prefix + (node.name or str(number))
+            copy.input[:] = [rename(name) for name in node.input]
+            copy.output[:] = [rename(name) for name in node.output]
+        for initializer in layers[index].graph.initializer:
+            copy = graph.initializer.add()
+            copy.CopyFrom(initializer)
+            copy.name = rename(initializer.name)
+        return prefix
+
+    def add_outputs(graph, logits, layer, names):
+        graph.node.extend(
+            [
+                helper.make_node("Identity", [logits], [names[0]]),
+                helper.make_node("Identity", [layer], [names[1]]),
+            ]
+        )
+        graph.output.extend(
+            [
+                helper.make_value_info(names[0], layers[-1].graph.output[0].type),  # the teacher's logits, (B, C)
+                helper.make_tensor_value_info(names[1], TensorProto.INT64, [1]),
+            ]
+        )
+
+    def add_from_layer(graph, index):
+        """Add layer `index`, then the next ones unless its student lets the sample leave: (logits, exit layer)."""
+        prefix = add_layer(graph, index)
+        own = f"exit_{index}/"  # the names this function adds, apart from the layer's own
+        exit_layer = helper.make_tensor(own + "exit_layer", TensorProto.INT64, [1], [index + 1])
+        if index == len(layers) - 1:  # the teacher
+            graph.node.append(helper.make_node("Constant", [], [own + "exit_layer"], value=exit_layer))
+            return prefix + "logits", own + "exit_layer"
+        graph.node.append(helper.make_node("Less", [prefix + "uncertainty", "speed"], [own + "leaves"]))
+        # The branches are built in place: a graph attribute made apart would be copied, weights and all, per level.
+        exit_node = graph.node.add(op_type="If", name=own + "if", input=[own + "leaves"])
+        exit_node.output.extend([own + "logits", own + "layer"])
+        leave = exit_node.attribute.add(name="then_branch", type=onnx.AttributeProto.GRAPH).g
+        leave.name = own + "leave"
+        leave.node.append(helper.make_node("Constant", [], [own + "exit_layer"], value=exit_layer))
+        add_outputs(leave, prefix + "logits", own + "exit_layer", [own + "leave_logits", own + "leave_layer"])
+        stay = exit_node.attribute.add(name="else_branch", type=onnx.AttributeProto.GRAPH).g
+        stay.name = own + "stay"
+        logits, layer = add_from_layer(stay, index + 1)
+        add_outputs(stay, logits, layer, [own + "stay_logits", own + "stay_layer"])
+        return own + "logits", own + "layer"
+
+    model = onnx.ModelProto(ir_version=max(layer.ir_version for layer in layers))
+    opsets = {}
+    for layer in layers:
+        for opset in layer.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    graph = model.graph
+    graph.name = "fastbert_early_exit"
+    graph.input.extend(layers[0].graph.input)
+    graph.input.append(helper.make_tensor_value_info("speed", TensorProto.FLOAT, []))
+    logits, exit_layer = add_from_layer(graph, 0)
+    add_outputs(graph, logits, exit_layer, ["logits", "exit_layer"])
+    return model
+
+
 def copy_onnx_stages(source, target, config) -> None:
     """
     Copy the `onnx/` stages of the model folder `source` into `target`, where the same model was just saved (a push):
@@ -467,11 +564,13 @@ FUSED_OPERATORS = (
 
 
 __all__ = [
+    "EARLY_EXIT",
     "EXPECTED_FUSIONS",
     "MANIFEST",
     "FULL_MODEL",
     "ONNX_FOLDER",
     "copy_onnx_stages",
+    "early_exit_graph",
     "export_onnx",
     "require_onnx",
     "stage_names",
