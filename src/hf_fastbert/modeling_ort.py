@@ -159,8 +159,8 @@ class ORTFastBertForSequenceClassification:
         sessions (`dict[str, onnxruntime.InferenceSession]`): one per file of the `onnx/` folder, by file name
             (`layer_<i>.onnx` with its student, the first from the token ids, and `model.onnx`, the whole model,
             which speed 0 runs in one session run), and `early_exit`: the layer graphs nested in one, which a sample
-            alone runs to its exit (built at load, not stored: it holds a second copy of the layers' weights in
-            memory).
+            alone runs to its exit (built at load, not written to the folder; it holds one more copy of the layers'
+            weights in memory).
     """
 
     main_input_name = "input_ids"
@@ -220,13 +220,14 @@ class ORTFastBertForSequenceClassification:
                 Each session has its own pool, whose workers spin between the operators of a run and stop spinning
                 when it returns (`session.force_spinning_stop`): the stages run one after another, and workers left
                 spinning by the sessions that just ran took the cores from the next one (5-7x slower than the stock
-                graph), while workers put to sleep between operators are woken for each one (14-16% slower at speed
+                graph), while workers put to sleep between operators are woken for each one (16-21% slower at speed
                 0, batch 1, 2 threads: `benchmarks/results/onnx_threads.md`).
             session_options (`onnxruntime.SessionOptions`, *optional*): used as given (then `threads` must be None).
-                For one thread pool shared by every session (in that benchmark, int8 at an early-exit speed ran 1.98x
-                the stock graph's speed against 1.60x, fp32 2.24x against 2.01x): call
-                `onnxruntime.set_global_thread_pool_sizes(threads)` before the process creates any session, and pass
-                options with `use_per_session_threads = False` (every session of the process must then have them).
+                For one thread pool shared by every session (for batches, whose rows run one session per layer; a
+                sample alone runs one session, and in that benchmark int8 early exit ran 1.87x the stock graph's
+                speed with it, 1.85x without): call `onnxruntime.set_global_thread_pool_sizes(threads)` before the
+                process creates any session, and pass options with `use_per_session_threads = False` (every session
+                of the process must then have them).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
             config (*optional*): the FastBERT config, when not read from the folder.
             kwargs: passed to `huggingface_hub.snapshot_download` for a Hub repo (`revision`, `token`, ...).
