@@ -186,11 +186,36 @@ def test_a_sample_alone_runs_its_layers_nested_in_one_session(exported, int8):
             seen.add(index + 1)
     assert seen == {1, 2, 3, 4}
     # A batch runs the layer sessions, with rows leaving between them (int8: each sample alone, nested).
+    early_exit = ort_model._early_exit = CountingSession(ort_model.sessions["early_exit"])
+    ort_model._layers = [CountingSession(session) for session in layer_sessions]
     ort_model(input_ids=input_ids[:2], attention_mask=attention_mask[:2], speed=0.5)
     if int8:
-        assert early_exit.runs == 3 and not any(session.runs for session in ort_model._layers)
+        assert early_exit.runs == 2 and not any(session.runs for session in ort_model._layers)
     else:
-        assert early_exit.runs == 1 and ort_model._layers[0].runs == 1
+        assert early_exit.runs == 0 and ort_model._layers[0].runs == 1
+
+
+def test_without_the_nested_session_a_sample_alone_runs_the_layer_sessions(exported, monkeypatch, caplog):
+    _, folder = exported("bert", layers=4)
+    nested = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    plain = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1, nested_session=False)
+    assert "early_exit" not in plain.sessions
+
+    def no_temporary_folder(*args, **kwargs):
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr("tempfile.TemporaryDirectory", no_temporary_folder)
+    with caplog.at_level("WARNING", logger="hf_fastbert.modeling_ort"):
+        fallback = ORTFastBertForSequenceClassification.from_pretrained(folder, threads=1)
+    assert "early_exit" not in fallback.sessions and "TMPDIR" in caplog.text  # loaded, and says why and what to do
+    input_ids, attention_mask = random_batch(batch_size=8, seq_length=12, seed=5)
+    for row in range(8):
+        ids = input_ids[row : row + 1, : int(attention_mask[row].sum())]
+        expected = nested(input_ids=ids, speed=0.5)
+        for model in (plain, fallback):
+            got = model(input_ids=ids, speed=0.5)
+            assert got.exit_layers.tolist() == expected.exit_layers.tolist()
+            torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
 
 
 def test_a_sample_alone_compares_its_uncertainty_in_float32(exported):

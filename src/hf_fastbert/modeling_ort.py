@@ -1,5 +1,5 @@
 """FastBERT on ONNX Runtime: the stages written by [`hf_fastbert.onnx_export.export_onnx`], run with batched per-sample
-early exit between them.
+early exit between them, or nested in one session for a sample alone.
 
 [`ORTFastBertForSequenceClassification`] loads like Optimum's `ORTModelForSequenceClassification` (a model folder with
 an `onnx/` sub-folder), takes the arguments of [`FastBertForSequenceClassification`] (`speed`, `exit_rule`,
@@ -27,6 +27,7 @@ Example:
 """
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from .onnx_export import (
     weights_fingerprint,
 )
 
+
+logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
@@ -75,8 +78,10 @@ def _early_exit_session(ort, folder, stages, session_options, provider):
     """
     The session a sample alone runs: the layer graphs of `folder` nested in one (`early_exit_graph`), built at load so
     that the folder keeps one copy of the layers. Its weights reach ONNX Runtime through a temporary external-data
-    file: given inline, a subgraph's initializers are kept twice (2.2x-2.6x their size on the demo model, against 1x
-    from a file; ONNX Runtime's own beam-search tools move them out of subgraphs for the same reason).
+    file (in `tempfile`'s folder, `TMPDIR`), which ONNX Runtime maps: given inline, a subgraph's initializers are held
+    over again (on the demo model the session grew by 4.8x-6.5x the layer files' size, against 1.3x-1.8x from a file:
+    `benchmarks/results/onnx_memory.md`; ONNX Runtime's own beam-search tools move them out of subgraphs for the same
+    reason, which would cost each `If` every later layer's weights as inputs).
     """
     import onnx
 
@@ -177,7 +182,7 @@ class ORTFastBertForSequenceClassification:
         self._num_layers = config.num_hidden_layers  # fixed by the graphs (checked at load)
         self._layers = [sessions[f"layer_{index}.onnx"] for index in range(self._num_layers)]
         self._full_model = sessions[FULL_MODEL]  # speed 0: one run of the whole model
-        self._early_exit = sessions[EARLY_EXIT]  # a sample alone: one run to its exit
+        self._early_exit = sessions.get(EARLY_EXIT)  # a sample alone: one run to its exit (None: not built)
         for key, value in (manifest.get("calibration") or {}).items():
             setattr(self.config, key, value)  # chosen on these stages' own outputs (`save_calibration`)
 
@@ -208,6 +213,7 @@ class ORTFastBertForSequenceClassification:
         threads: int | None = None,
         session_options=None,
         provider: str = "CPUExecutionProvider",
+        nested_session: bool = True,
         config=None,
         **kwargs,
     ):
@@ -229,6 +235,11 @@ class ORTFastBertForSequenceClassification:
                 process creates any session, and pass options with `use_per_session_threads = False` (every session
                 of the process must then have them).
             provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`).
+            nested_session (`bool`, *optional*, defaults to `True`): build the session a sample alone runs (batch 1,
+                and every sample of an int8 export), the layer graphs nested in `If`s: one session run per sample
+                instead of one per layer reached. It holds one more copy of the layers' weights, mapped from a
+                temporary file written at load (`TMPDIR`; without a usable one, a warning, and the layer sessions
+                serve). False: no such session, no file, the same answers.
             config (*optional*): the FastBERT config, when not read from the folder.
             kwargs: passed to `huggingface_hub.snapshot_download` for a Hub repo (`revision`, `token`, ...).
         """
@@ -274,7 +285,20 @@ class ORTFastBertForSequenceClassification:
                 sessions[name] = ort.InferenceSession(str(path), session_options, providers=[provider])
             except Exception as error:  # ONNX Runtime's errors for a corrupted or foreign file
                 raise ValueError(f"{path} is not a valid ONNX model ({error}): export the model again.") from None
-        sessions[EARLY_EXIT] = _early_exit_session(ort, folder, manifest["stages"], session_options, provider)
+        if nested_session:
+            try:
+                sessions[EARLY_EXIT] = _early_exit_session(ort, folder, manifest["stages"], session_options, provider)
+            except OSError as error:  # no usable temporary folder: a sample alone runs the layer sessions
+                logger.warning(
+                    "The layer graphs were not nested in one session (%s): a sample alone runs one session per layer. "
+                    "Set TMPDIR to a writable folder, or pass nested_session=False to silence this.",
+                    error,
+                )
+            except Exception as error:  # ONNX Runtime's own
+                raise ValueError(
+                    f"The layer graphs of {folder / ONNX_FOLDER} could not be nested in one session ({error}): export "
+                    "the model again, or load it with nested_session=False."
+                ) from None
         return cls(config, sessions, manifest, name_or_path=str(pretrained_model_name_or_path))
 
     # What the pipeline and the `Trainer`-free evaluation code read of a model.
@@ -318,7 +342,7 @@ class ORTFastBertForSequenceClassification:
         Same arguments and outputs as [`FastBertForSequenceClassification.forward`] (no labels, no `inputs_embeds`):
         `input_ids`, `attention_mask`, `token_type_ids` as torch tensors or numpy arrays.
         """
-        unexpected = kwargs and {name for name, value in kwargs.items() if value is not None} - {"return_dict"}
+        unexpected = {name for name, value in kwargs.items() if value is not None} - {"return_dict"}
         if unexpected:
             raise ValueError(f"The ONNX Runtime model takes no {', '.join(sorted(unexpected))}.")
         if input_ids is None:
@@ -377,7 +401,8 @@ class ORTFastBertForSequenceClassification:
         graph_uncertainty = exit_rule == "entropy" and (
             self.config.uncertainty_top_k == self.manifest.get("uncertainty_top_k")
         )
-        if batch_size == 1 and graph_uncertainty and not output_all_logits:  # compared in float32, as below
+        if batch_size == 1 and graph_uncertainty and not output_all_logits and self._early_exit is not None:
+            # Compared in float32 in the graph, as below.
             logits, exit_layer = self._early_exit.run(None, {**feed, "speed": np.array(speed, dtype=np.float32)})
             return logits, exit_layer, None
         logits = np.empty((batch_size, self.config.num_labels), dtype=np.float32)  # (B, C)

@@ -449,12 +449,22 @@ def early_exit_graph(layers: list):
     import onnx
     from onnx import TensorProto, helper
 
+    for index, layer in enumerate(layers):  # what the nesting below does not carry over
+        if layer.functions or layer.graph.sparse_initializer:
+            raise ValueError(f"Layer {index}'s graph has local functions or sparse initializers: it cannot be nested.")
+    token_inputs = [value.name for value in layers[0].graph.input]  # the token ids and mask (and types)
+    for index, layer in enumerate(layers[1:], start=1):
+        if [value.name for value in layer.graph.input] != ["hidden_states", "attention_mask"]:
+            raise ValueError(f"Layer {index}'s graph does not read (hidden_states, attention_mask).")
+
     def add_layer(graph, index):
         """Add layer `index`'s nodes and initializers to `graph`, names prefixed; its inputs read the outer values."""
         prefix = f"layer_{index}/"
-        outer = {name: name for name in ("input_ids", "attention_mask", "token_type_ids")}
+        outer = {"attention_mask": "attention_mask"}
         if index:
             outer["hidden_states"] = f"layer_{index - 1}/next_hidden_states"
+        else:
+            outer.update({name: name for name in token_inputs})
 
         def rename(name):
             return name and outer.get(name, prefix + name)
